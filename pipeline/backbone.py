@@ -1,0 +1,229 @@
+"""Frozen backbones (T5 encoder-decoder, LLaMA decoder-only) and the model that puts DePT in front of them.
+
+`model` strings name where a backbone comes from:
+  - a hub name or a local directory (`t5-base`, `meta-llama/Llama-2-7b-hf`, `./my-model`): `from_pretrained`;
+  - `random:<preset>` (`random:tiny-t5`, `random:t5-base`, `random:llama-7b`, ...): built from a config with
+    random weights, for tests, the quickstart and benchmarks. Tiny presets get a sentencepiece tokenizer trained
+    on text shipped with the package.
+
+Under ZeRO-3 the backbone is created already sharded: a `HfDeepSpeedConfig` is kept alive before
+`from_pretrained` / `from_config`, so transformers builds every parameter inside `deepspeed.zero.Init` and no rank
+ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.dept import DePTPrompt
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+# Geometries by name. Tiny ones take their vocabulary size from the trained tokenizer.
+PRESETS: dict[str, dict] = {
+    "tiny-t5": dict(arch="t5", d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                    dropout_rate=0.0, feed_forward_proj="relu", tie_word_embeddings=True),
+    "tiny-llama": dict(arch="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                       tie_word_embeddings=False),
+    "t5-small": dict(arch="t5", vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
+    "t5-base": dict(arch="t5", vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12),
+    "t5-large": dict(arch="t5", vocab_size=32128, d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_heads=16),
+    "llama-1b": dict(arch="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                     num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=32),
+    "llama-7b": dict(arch="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+}
+RANDOM_PREFIX = "random:"
+
+# The ZeRO-3 hook of transformers: it must stay referenced while models are built (weakref inside).
+_live_hf_ds_config = None
+
+
+@dataclass
+class Backbone:
+    model: nn.Module
+    tokenizer: object
+    is_encoder_decoder: bool
+    d_model: int
+    name: str
+
+
+def is_random(model: str) -> bool:
+    return model.startswith(RANDOM_PREFIX)
+
+
+def build_config(model: str, vocab_size: int, overrides: dict | None = None, special_ids: dict | None = None):
+    """A transformers config for `random:<preset>` with `overrides` (any config field) applied."""
+    from transformers import LlamaConfig, T5Config
+
+    preset_name = model[len(RANDOM_PREFIX):]
+    if preset_name not in PRESETS:
+        raise PipelineError(
+            f"unknown random preset {preset_name!r}: choose one of {', '.join(sorted(PRESETS))} (random:<preset>)"
+        )
+    fields = dict(PRESETS[preset_name])
+    arch = fields.pop("arch")
+    fields.setdefault("vocab_size", vocab_size)
+    fields.update(special_ids or {})
+    fields.update(overrides or {})
+    if fields["vocab_size"] < vocab_size:
+        raise PipelineError(f"preset vocab_size {fields['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+    if arch == "t5":
+        fields.setdefault("decoder_start_token_id", fields.get("pad_token_id", 0))
+        return T5Config(**fields)
+    fields.pop("decoder_start_token_id", None)
+    return LlamaConfig(**fields)
+
+
+def load_tokenizer(model: str, cache_dir: str | Path | None = None):
+    """The model's own tokenizer, or for `random:` presets one trained with sentencepiece (cached)."""
+    from transformers import AutoTokenizer
+
+    if is_random(model):
+        from pipeline.tokenizer import trained_tokenizer
+
+        return trained_tokenizer(cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except OSError as err:
+        raise PipelineError(
+            f"cannot load a tokenizer for model {model!r}: not a local directory with a tokenizer and not "
+            f"reachable on the hub ({str(err).splitlines()[0][:120]}); pass a model directory or random:<preset>"
+        ) from None
+    if tokenizer.pad_token_id is None:  # LLaMA ships without a pad token; padding is masked anyway
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def load_backbone(
+    model: str,
+    ds_config: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    overrides: dict | None = None,
+    trainable: bool = False,
+    cache_dir: str | Path | None = None,
+) -> Backbone:
+    """Load or build the backbone, sharded at creation when `ds_config` is ZeRO-3, frozen unless `trainable`.
+
+    `trainable=True` is the `finetune` method (every backbone parameter trains); DePT and PT keep it frozen.
+    """
+    global _live_hf_ds_config
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    tokenizer = load_tokenizer(model, cache_dir)
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _live_hf_ds_config = HfDeepSpeedConfig(ds_config)  # must outlive from_pretrained / from_config
+    else:
+        _live_hf_ds_config = None
+
+    if is_random(model):
+        special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+        config = build_config(model, len(tokenizer), overrides, special)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        net = auto.from_config(config, dtype=dtype)
+    else:
+        if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
+            raise PipelineError(f"model path {model!r} does not exist: pass an existing model directory")
+        try:
+            config = AutoConfig.from_pretrained(model, **(overrides or {}))
+        except (OSError, ValueError) as err:
+            raise PipelineError(
+                f"unknown model {model!r}: not a local model directory and not found on the hub "
+                f"({str(err).splitlines()[0][:120]}); check the name/path or use random:<preset>"
+            ) from None
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        net = auto.from_pretrained(model, config=config, dtype=dtype)
+
+    for param in net.parameters():
+        param.requires_grad_(trainable)
+    d_model = getattr(net.config, "d_model", None) or net.config.hidden_size
+    return Backbone(net, tokenizer, bool(net.config.is_encoder_decoder), int(d_model), model)
+
+
+def gathered(params):
+    """`deepspeed.zero.GatheredParameters` for ZeRO-3 partitioned parameters, a no-op otherwise."""
+    import contextlib
+
+    params = [p for p in params if p is not None]
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def embedding_rows(backbone: Backbone, token_ids: list[int] | None) -> torch.Tensor:
+    """Rows of the frozen input embedding (all rows when token_ids is None), gathered under ZeRO-3."""
+    weight = backbone.model.get_input_embeddings().weight
+    with gathered([weight]):
+        rows = weight.detach() if token_ids is None else weight.detach()[torch.tensor(token_ids, dtype=torch.long)]
+        return rows.float().clone().cpu()
+
+
+class DePTModel(nn.Module):
+    """A frozen backbone with a `DePTPrompt` in front of it (or none: the `finetune` method).
+
+    T5: the prompt and offset go on the encoder input only. LLaMA: the prompt goes before the tokens (after any
+    left padding), and the labels get -100 over the prompt. Embedding happens by calling the embedding *module*,
+    so ZeRO-3 gathers its weight for the call.
+    """
+
+    def __init__(self, backbone: nn.Module, prompt: DePTPrompt | None, is_encoder_decoder: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.prompt = prompt
+        self.is_encoder_decoder = is_encoder_decoder
+
+    def _inputs(self, input_ids, attention_mask, labels=None):
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        if self.prompt is None:
+            return embeds, attention_mask, labels
+        if self.is_encoder_decoder:
+            embeds, attention_mask, _ = self.prompt(embeds, attention_mask)
+            return embeds, attention_mask, labels
+        return self.prompt(embeds, attention_mask, labels)
+
+    def forward(self, input_ids, attention_mask, labels=None, decoder_input_ids=None):
+        """input_ids/attention_mask: [batch, L]; labels: [batch, T] (T5 targets) or [batch, L] (LLaMA)."""
+        embeds, mask, labels = self._inputs(input_ids, attention_mask, labels)
+        kwargs = {"decoder_input_ids": decoder_input_ids} if decoder_input_ids is not None else {}
+        return self.backbone(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, max_new_tokens: int = 20, synced_gpus: bool = False):
+        """Greedy generation; returns only the new tokens [batch, <= max_new_tokens].
+
+        `synced_gpus` must be True under ZeRO-3 with several ranks: every rank keeps stepping until all are done,
+        otherwise the parameter gathers deadlock.
+        """
+        embeds, mask, _ = self._inputs(input_ids, attention_mask)
+        out = self.backbone.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            num_beams=1, synced_gpus=synced_gpus,
+        )
+        if self.is_encoder_decoder:
+            out = out[:, 1:]  # T5 output starts with the decoder start token
+        return out
+
+
+
+def save_random_backbone(model: str, out_dir: str | Path, seed: int = 0, overrides: dict | None = None) -> Path:
+    """Build `random:<preset>` with a fixed seed and save it (weights + tokenizer) as a local model directory,
+    which `from_pretrained` then loads like any checkpoint (and loads sharded under ZeRO-3)."""
+    from pipeline import atomic
+
+    torch.manual_seed(seed)
+    backbone = load_backbone(model, overrides=overrides)
+    with atomic.replace_dir(out_dir) as tmp:
+        backbone.model.save_pretrained(tmp)
+        backbone.tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

@@ -1,0 +1,135 @@
+"""From text rows to padded tensors: tokenization, collation with dynamic padding, and the training order.
+
+Rows are dicts with `source` and `target` text (the task registry renders them; `read_source_target` reads a
+plain JSONL file of that shape). Tokenization goes through `datasets.map`. Batches are padded to their longest
+input (dynamic padding, the fast default) or to `s` (`pad_to_max_length`, the authors' setting); DePT gives the
+same loss either way because its offset follows each token's position within its own sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+def read_source_target(path: str | Path) -> list[dict]:
+    """A JSONL file with `source` and `target` text columns (extra columns are kept)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"data file {path} does not exist: pass a JSONL file with source/target columns")
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PipelineError(f"{path} line {number} is not valid JSON ({err.msg}): fix or remove that line") from None
+            if not isinstance(row, dict) or not isinstance(row.get("source"), str) or not isinstance(row.get("target"), str):
+                raise PipelineError(f"{path} line {number} needs string 'source' and 'target' fields")
+            row.setdefault("id", number - 1)
+            rows.append(row)
+    if not rows:
+        raise PipelineError(f"{path} holds no examples")
+    return rows
+
+
+def tokenize(rows: list[dict], tokenizer, is_encoder_decoder: bool, max_length: int,
+             max_target_length: int = 32) -> list[dict]:
+    """Token ids per row: `input_ids` (<= max_length), `labels`, and for decoder-only `prompt_ids` (the source
+    alone, for generation). Longer sources are truncated with a warning, never an error."""
+    import datasets
+
+    if not rows:
+        raise PipelineError("no examples to tokenize: the data is empty after filtering")
+    table = datasets.Dataset.from_list([{"source": r["source"], "target": r["target"]} for r in rows])
+    stats = {"truncated": 0}
+
+    def encode(batch):
+        sources = tokenizer(batch["source"], add_special_tokens=True)["input_ids"]
+        targets = tokenizer(batch["target"], add_special_tokens=True)["input_ids"]
+        out = {"input_ids": [], "labels": [], "prompt_ids": []}
+        for src, tgt in zip(sources, targets):
+            tgt = tgt[:max_target_length]
+            stats["truncated"] += len(src) > max_length
+            if is_encoder_decoder:
+                if len(src) > max_length:
+                    src = src[: max_length - 1] + src[-1:]  # keep the closing </s>
+                out["input_ids"].append(src)
+                out["labels"].append(tgt)
+                out["prompt_ids"].append(src)
+            else:
+                src = src[:-1] if src and src[-1] == tokenizer.eos_token_id else src  # the target follows
+                room = max_length - len(tgt)
+                if room < 1:
+                    raise PipelineError(f"max_length {max_length} leaves no room for the source next to a "
+                                        f"{len(tgt)}-token target: raise max_length")
+                src = src[:room]
+                out["input_ids"].append(src + tgt)
+                out["labels"].append([IGNORE] * len(src) + tgt)
+                out["prompt_ids"].append(src)
+        return out
+
+    encoded = table.map(encode, batched=True, remove_columns=["source", "target"], load_from_cache_file=False)
+    result = encoded.to_list()
+    if stats["truncated"]:
+        log.warning("%d of %d inputs are longer than max_length s=%d and were truncated", stats["truncated"],
+                    len(rows), max_length)
+    return result
+
+
+def pad(sequences: list[list[int]], value: int, length: int, left: bool) -> torch.Tensor:
+    out = torch.full((len(sequences), length), value, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        seq = seq[:length]
+        if left:
+            out[i, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        else:
+            out[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return out
+
+
+def collate(examples: list[dict], pad_id: int, is_encoder_decoder: bool, pad_to: int | None = None,
+            for_generation: bool = False) -> dict[str, torch.Tensor]:
+    """Pad a list of tokenized rows. Training batches are right-padded to the longest input (or to `pad_to`).
+
+    `for_generation` uses the source alone (`prompt_ids`) and, for decoder-only models, left padding, so that
+    every sequence ends where generation starts.
+    """
+    key = "prompt_ids" if for_generation else "input_ids"
+    inputs = [e[key] for e in examples]
+    length = pad_to or max(len(x) for x in inputs)
+    left = for_generation and not is_encoder_decoder
+    input_ids = pad(inputs, pad_id, length, left)
+    attention_mask = pad([[1] * len(x) for x in inputs], 0, length, left)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if not for_generation:
+        labels = [e["labels"] for e in examples]
+        label_length = max(len(x) for x in labels) if is_encoder_decoder else length
+        batch["labels"] = pad(labels, IGNORE, label_length, left=False)
+    return batch
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of one epoch: a function of (seed, epoch) only, so a resumed run sees the same data."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def global_batch(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Row indices of the global batch taken at optimizer step `step` (epochs wrap around)."""
+    per_epoch = max(n // batch_size, 1)
+    epoch, within = divmod(step, per_epoch)
+    order = epoch_order(n, seed, epoch)
+    if n < batch_size:  # tiny data (k-shot): repeat the epoch to fill a batch
+        order = (order * (batch_size // n + 1))
+    return order[within * batch_size:(within + 1) * batch_size]

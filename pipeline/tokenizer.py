@@ -1,0 +1,66 @@
+"""A small sentencepiece tokenizer trained on text shipped with the package, for backbones built from a config.
+
+There is no model hub on test machines, so `random:` backbones need a tokenizer that is made locally. It is
+trained once per cache directory (deterministically: same corpus, same options, one thread) and loaded as a
+transformers `T5Tokenizer` (pad 0, eos 1, unk 2), which both tiny T5 and tiny LLaMA backbones use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+VOCAB_SIZE = 1000
+FIELD_NAMES = ("premise", "hypothesis", "sentence", "sentence1", "sentence2", "question", "passage", "context",
+               "answer", "option1", "option2", "word", "text", "review", "paragraph", "choice1", "choice2")
+
+
+def words() -> list[str]:
+    return (ASSETS / "words.txt").read_text().split()
+
+
+def corpus_lines(n_lines: int = 6000, seed: int = 0) -> list[str]:
+    """Deterministic 'field: text' sentences over the shipped word list, with digits and punctuation."""
+    rng = random.Random(seed)
+    vocab = words()
+    punctuation = [".", ",", "?", "!", ";", "'", '"', "(", ")", "-", "*", "#", "_"]
+    lines = []
+    for _ in range(n_lines):
+        parts = []
+        for _ in range(rng.randint(1, 3)):
+            sentence = " ".join(rng.choice(vocab) for _ in range(rng.randint(3, 14)))
+            parts.append(f"{rng.choice(FIELD_NAMES)}: {sentence.capitalize()}{rng.choice(punctuation)}")
+        parts.append(str(rng.randint(0, 2000)) + " " + f"{rng.random() * 5:.1f}")
+        lines.append(" ".join(parts))
+    return lines
+
+
+def trained_tokenizer(cache_dir: str | Path | None = None):
+    """Train (or reuse) the shipped-text tokenizer and return it as a `T5Tokenizer`."""
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    lines = corpus_lines()
+    digest = hashlib.sha256(("\n".join(lines) + f"|{VOCAB_SIZE}").encode()).hexdigest()[:12]
+    cache_root = Path(cache_dir or os.environ.get("DEPT_CACHE", Path.home() / ".cache" / "dept-pipeline"))
+    target = cache_root / f"tokenizer-{digest}"
+    if not (target / "spiece.model").exists():
+        cache_root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="tok-", dir=cache_root))
+        (work / "corpus.txt").write_text("\n".join(lines))
+        spm.SentencePieceTrainer.train(
+            input=str(work / "corpus.txt"), model_prefix=str(work / "spiece"), vocab_size=VOCAB_SIZE,
+            model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=True,
+            character_coverage=1.0, num_threads=1, hard_vocab_limit=False, minloglevel=2,
+        )
+        (work / "corpus.txt").unlink()
+        try:  # several ranks may race here: the first rename wins, the others' identical copies are dropped
+            os.rename(work, target)
+        except OSError:
+            shutil.rmtree(work, ignore_errors=True)
+    return T5Tokenizer.from_pretrained(str(target), extra_ids=0)
