@@ -257,12 +257,14 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train(cfg: TrainConfig, train_rows: list[dict], evaluator: Callable | None = None,
+def train(cfg: TrainConfig, train_rows: list[dict], make_evaluation: Callable[[Backbone], object] | None = None,
           callbacks: list[Callable[[int, dict], None]] = ()) -> dict:
-    """Train on `train_rows` ({source, target} dicts); returns the results dict written to results.json.
+    """Train on `train_rows` ({source, target} dicts); returns {"results" (as in results.json), "engine",
+    "backbone"}.
 
-    `evaluator(model, step) -> dict` (called on every rank; must hold a `score` key, higher is better) runs every
-    `eval_every` steps and at the end; the best-scoring adapter is kept in `best_adapter/`.
+    `make_evaluation(backbone)` gives an object with `validate(module, step) -> dict` (with a `score`, higher is
+    better) and `test(module) -> dict` (e.g. `pipeline.evaluate.Evaluation`), called on every rank: validation
+    every `eval_every` steps and at the end; the best adapter is kept in `best_adapter/` and scores the test split.
     """
     import deepspeed
 
@@ -273,6 +275,7 @@ def train(cfg: TrainConfig, train_rows: list[dict], evaluator: Callable | None =
     trainable, total = count_params(model)
     if rank == 0:
         log.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / max(total, 1))
+    evaluation = make_evaluation(backbone) if make_evaluation else None
     rows = tokenize(train_rows, backbone.tokenizer, backbone.is_encoder_decoder, cfg.max_length,
                     cfg.max_target_length)
 
@@ -285,6 +288,7 @@ def train(cfg: TrainConfig, train_rows: list[dict], evaluator: Callable | None =
     )
     group_names = [g["name"] for g in groups]
     device = engine.device
+    sharding = sharding_report(engine.module.backbone)
 
     checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     start, state = checkpoints.load(engine, rank)
@@ -301,6 +305,7 @@ def train(cfg: TrainConfig, train_rows: list[dict], evaluator: Callable | None =
     window = {"loss": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
     for step in range(start, cfg.steps):
         tick = time.perf_counter()
+        lrs = engine.get_lr()  # the rates this step applies, one per group
         batch_ids = global_batch(len(rows), cfg.batch_size, step, cfg.seed)
         step_loss, tokens = 0.0, 0
         for accum in range(cfg.grad_accum):
@@ -327,7 +332,6 @@ def train(cfg: TrainConfig, train_rows: list[dict], evaluator: Callable | None =
         progress.update(1)
 
         if done % cfg.log_every == 0 or done == cfg.steps:
-            lrs = engine.get_lr()
             record = {"step": done, "loss": window["loss"] / window["steps"],
                       **{f"lr_{name}": lr for name, lr in zip(group_names, lrs)},
                       "tokens_per_s": window["tokens"] / max(window["time"], 1e-9), "peak_mem_mb": peak_memory_mb()}
@@ -340,21 +344,31 @@ def train(cfg: TrainConfig, train_rows: list[dict], evaluator: Callable | None =
             for callback in callbacks:
                 callback(done, record)
 
-        if evaluator and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-            _evaluate_and_keep_best(engine.module, evaluator, done, state, out, backbone, rank, callbacks)
+        if evaluation and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+            _evaluate_and_keep_best(engine.module, evaluation, done, state, out, backbone, rank, callbacks)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
             checkpoints.save(engine, done, rank, state)
             _fault("DEPT_FAULT_KILL_AT_STEP", done, rank)
     progress.close()
 
-    if evaluator and not cfg.eval_every:
-        _evaluate_and_keep_best(engine.module, evaluator, cfg.steps, state, out, backbone, rank, callbacks)
+    if evaluation and not cfg.eval_every:
+        _evaluate_and_keep_best(engine.module, evaluation, cfg.steps, state, out, backbone, rank, callbacks)
     if model.prompt is not None:
         adapters.save_adapter(engine.module.prompt, out / "adapter", backbone.name, rank)
+    probe = probe_loss(engine.module, rows, backbone, pad_to)
+    test = {}
+    if evaluation:
+        if model.prompt is not None and state["best_step"] != cfg.steps:
+            _, best, _ = adapters.read_adapter(out / "best_adapter")
+            adapters.load_into_engine(engine.module.prompt, best)
+        test = _test(engine.module, evaluation, state["best_step"], callbacks)
     results = {
         "config": asdict(cfg), "world_size": world, "trainable_params": trainable, "total_params": total,
         "final_loss": history[-1]["loss"] if history else None, "best_step": state["best_step"],
-        "best_validation": state["best_score"], "evals": state["evals"], "history": history,
+        "best_validation": state["best_score"], "evals": state["evals"], "history": history, "test": test,
+        "validation": next((e for e in state["evals"] if e["step"] == state["best_step"]), {}),
+        "sharding": sharding, "trainable_names": [n for n, p in engine.module.named_parameters() if p.requires_grad],
+        "probe": probe,
     }
     if rank == 0:
         atomic.write_json(out / "results.json", results)
@@ -362,9 +376,45 @@ def train(cfg: TrainConfig, train_rows: list[dict], evaluator: Callable | None =
     return {"results": results, "engine": engine, "backbone": backbone}
 
 
-def _evaluate_and_keep_best(module, evaluator, step, state, out, backbone, rank, callbacks):
+def sharding_report(backbone) -> list[dict]:
+    """Per rank: the share of the backbone it holds (ZeRO-3 partitions: `ds_tensor` vs the full `ds_numel`)."""
+    held = full = 0
+    smallest = largest = None
+    for param in backbone.parameters():
+        total = getattr(param, "ds_numel", param.numel())
+        local = param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
+        held, full = held + local, full + total
+        share = local / total
+        smallest = share if smallest is None else min(smallest, share)
+        largest = share if largest is None else max(largest, share)
+    mine = {"rank": distributed.rank(), "held_elements": held, "full_elements": full, "held_fraction": held / full,
+            "min_param_fraction": smallest, "max_param_fraction": largest}
+    return distributed.gather_objects([mine])
+
+
+@torch.no_grad()
+def probe_loss(module, rows, backbone, pad_to) -> dict:
+    """Eval-mode loss and logits norm on the first 8 training rows: a fingerprint of the trained model that a
+    reloaded adapter must reproduce (computed on every rank with the same batch)."""
     module.eval()
-    metrics = evaluator(module, step)
+    batch = collate(rows[:8], backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder, pad_to)
+    out = module(**{k: v.to(next(module.parameters()).device) for k, v in batch.items()})
+    module.train()
+    return {"loss": out.loss.item(), "logits_norm": out.logits.float().norm().item()}
+
+
+def _test(module, evaluation, best_step, callbacks) -> dict:
+    module.eval()
+    metrics = evaluation.test(module)
+    module.train()
+    for callback in callbacks:
+        callback(best_step or 0, {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    return metrics
+
+
+def _evaluate_and_keep_best(module, evaluation, step, state, out, backbone, rank, callbacks):
+    module.eval()
+    metrics = evaluation.validate(module, step)
     module.train()
     state["evals"].append({"step": step, **metrics})
     for callback in callbacks:

@@ -13,9 +13,10 @@ from pipeline.errors import PipelineError
 _WORD = re.compile(r"\S+")
 
 
-def _word_start(text: str, index: int, span: str) -> int:
+def _word_start(text: str, index: object, span: str) -> int:
     """Character offset of the whitespace-separated word number `index`, checked to start with `span`."""
     starts = [match.start() for match in _WORD.finditer(text)]
+    index = int(index) if str(index).isdigit() else -1  # CSV gives "13"; anything else is no word index
     if not 0 <= index < len(starts) or not text.startswith(span, starts[index]):
         raise PipelineError(f"WSC span {span!r} is not at word {index} of the text {text[:60]!r}...")
     return starts[index]
@@ -29,8 +30,8 @@ def mark_wsc_spans(row: dict) -> dict:
     """
     text = row["text"]
     spans = [
-        (_word_start(text, int(row["span1_index"]), row["span1_text"]), row["span1_text"], "*"),
-        (_word_start(text, int(row["span2_index"]), row["span2_text"]), row["span2_text"], "#"),
+        (_word_start(text, row["span1_index"], row["span1_text"]), row["span1_text"], "*"),
+        (_word_start(text, row["span2_index"], row["span2_text"]), row["span2_text"], "#"),
     ]
     for start, span, mark in sorted(spans, reverse=True):
         end = start + len(span)

@@ -29,7 +29,7 @@ def read_jsonl(path: Path) -> list[dict]:
                     f"{path} line {number} is not valid JSON ({err.msg}): fix or remove that line"
                 ) from None
             if not isinstance(row, dict):
-                raise PipelineError(f"{path} line {number} is not a JSON object: write one {{column: value}} per line")
+                raise PipelineError(f"{path} line {number} must be one JSON object {{column: value}}")
             rows.append(row)
     return rows
 

@@ -96,7 +96,10 @@ class Task:
         """`{"source", "target"}` for one data row, plus `"answers"` (all gold answers) for QA tasks."""
         missing = [column for column in self.required_columns if column not in row]
         if missing:
-            raise PipelineError(f"row lacks column(s) {', '.join(missing)} needed by task {self.name!r}")
+            raise PipelineError(
+                f"row lacks column(s) {', '.join(missing)} needed by task {self.name!r} (it has: {', '.join(row)}); "
+                "rename the data's columns or fix the task's input columns"
+            )
         if self.prepare is not None:
             row = self.prepare(row)
         if self.kind == "qa":

@@ -1,0 +1,581 @@
+"""MLflow tracking from rank 0 only: one parent run per recipe execution, one nested child run per stage.
+
+Only rank 0 talks to MLflow; every other rank holds a tracker whose logging methods do nothing, so several
+ranks never create duplicate runs. The calls that decide control flow (`parent`, `child`, `is_finished`,
+`run_id_for`) are collectives when torch.distributed runs several ranks: rank 0 answers and the answer (or its
+error) is broadcast, so every rank gets the same run id and skips the same finished stages. All ranks must
+therefore make those calls in the same order, with the same `enabled` value.
+
+Runs are found again by the tag `dept.key` (a stable identity of a recipe execution or stage that the caller
+computes): re-running a recipe re-attaches to its runs instead of creating new ones. Everything goes through
+`MlflowClient` with explicit run ids: no global active run, so nesting and re-attaching are explicit.
+
+`import pipeline.tracking` stays cheap: mlflow, pandas and torch are imported inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import posixpath
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+KEY_TAG = "dept.key"
+ROLE_TAG = "dept.role"
+PARENT_TAG = "mlflow.parentRunId"
+GIT_TAG = "dept.git_commit"
+DIRTY_TAG = "dept.git_dirty"
+CONTEXTS = {"training": "training", "train": "training", "validation": "validation", "valid": "validation",
+            "dev": "validation", "eval": "validation", "test": "test"}
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+MAX_KEY_LEN = 250
+_KEY_RE = re.compile(r"^[A-Za-z0-9_.:/=+\-]{1,250}$")
+_BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
+_FILE_STORE_HINT = ("MLflow 3 refuses the plain file store (maintenance mode); use a database store such as "
+                    "sqlite:///ABSOLUTE/PATH/mlflow.db or an http(s) tracking server, or set "
+                    "MLFLOW_ALLOW_FILE_STORE=true to use the file store anyway")
+
+
+# ----------------------------------------------------------------------------------------------- URIs
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_tracking_uri(uri: str | None, workdir: str | os.PathLike) -> str:
+    """Explicit `uri` > env MLFLOW_TRACKING_URI > `sqlite:///<workdir>/mlflow.db` (absolute path).
+
+    Relative sqlite paths become absolute (so ranks and subprocesses with another cwd agree). `file:` URIs and
+    plain paths are refused unless MLFLOW_ALLOW_FILE_STORE=true, as MLflow 3 itself does, but here with a
+    one-line error before anything starts.
+    """
+    chosen = (uri or "").strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not chosen:
+        return f"sqlite:///{Path(workdir).expanduser().resolve() / 'mlflow.db'}"
+    scheme = urllib.parse.urlparse(chosen).scheme.lower()
+    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):  # plain path (or a Windows drive)
+        if not _truthy(os.environ.get("MLFLOW_ALLOW_FILE_STORE")):
+            raise PipelineError(f"tracking URI {chosen!r} is a file store: {_FILE_STORE_HINT}")
+        if scheme == "file":
+            return chosen
+        return Path(chosen).expanduser().resolve().as_uri()
+    if scheme == "sqlite":
+        path = _sqlite_path(chosen)
+        if path is not None and not path.is_absolute():
+            return f"sqlite:///{path.resolve()}"
+    return chosen
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` URI (None for in-memory databases)."""
+    rest = uri.split(":", 1)[1]
+    if not rest.startswith("///"):
+        return None if rest in ("", "//", "///:memory:") else Path(rest.lstrip("/"))
+    path = rest[3:].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path)
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, with one line, when the tracking store cannot be used. Call it before any training.
+
+    http(s): GET `<uri>/health` within `timeout_s`. sqlite: the database's directory is created and must be
+    writable. Other schemes (postgresql, mysql, databricks, ...) are left to MLflow.
+    """
+    scheme = urllib.parse.urlparse(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout_s) as resp:
+                if resp.status != 200:
+                    raise OSError(f"HTTP {resp.status}")
+        except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts and refused connections
+            reason = getattr(exc, "reason", None) or exc
+            raise PipelineError(
+                f"tracking URI {uri} unreachable: GET {url} failed within {timeout_s:g} s ({reason}); start "
+                f"`MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host 127.0.0.1 --port PORT --workers 1 "
+                f"--backend-store-uri sqlite:///PATH/mlflow.db` or unset MLFLOW_TRACKING_URI (a local sqlite store "
+                f"in the output directory is then used)") from None
+    elif scheme == "sqlite":
+        path = _sqlite_path(uri)
+        if path is None:
+            return
+        parent = path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PipelineError(f"tracking URI {uri}: cannot create directory {parent} ({exc}); "
+                                f"choose another --tracking-uri or output directory") from None
+        if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise PipelineError(f"tracking URI {uri}: {path if path.exists() else parent} is not writable; "
+                                f"fix its permissions or choose another --tracking-uri")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> tuple[str, str]:
+    """(commit, dirty) of the repository this package lives in; ("unknown", "unknown") when not in a git checkout.
+
+    Only a checkout that tracks this package counts: an installed copy inside some unrelated repository (a venv
+    inside a project) reports "unknown". dirty: "true" when tracked files differ from HEAD.
+    """
+    here = Path(__file__).resolve()
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(here.parent), *args], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+
+        top = Path(git("rev-parse", "--show-toplevel")).resolve()
+        if not git("ls-files", "--", str(here.parent)):  # this package must be tracked by that repository
+            return "unknown", "unknown"
+        commit = git("rev-parse", "HEAD")
+        dirty = "true" if git("status", "--porcelain", "--untracked-files=no", "--", str(top)) else "false"
+        return commit, dirty
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", "unknown"
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (list, tuple, set)):
+        text = json.dumps(sorted(value) if isinstance(value, set) else list(value), default=str)
+    else:
+        text = str(value)
+    return text if len(text) <= MAX_PARAM_LEN else text[: MAX_PARAM_LEN - 3] + "..."
+
+
+def _name(key: str) -> str:
+    """A valid MLflow param/metric/tag name: bad characters become '_', length capped."""
+    return _BAD_NAME_CHARS.sub("_", str(key))[:MAX_KEY_LEN] or "_"
+
+
+def flatten_params(params: dict, prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}, "c": [1, 2]} -> {"a.b": "1", "c": "[1, 2]"}: what MLflow stores as params."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(flatten_params(value, name))
+        else:
+            out[_name(name)] = _param_value(value)
+    return out
+
+
+def _numeric(value: Any) -> float | None:
+    if isinstance(value, (str, bytes)) or value is None:
+        return None
+    try:
+        return float(value)  # int, float, bool, numpy scalars, 0-d torch tensors
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_key(key: str) -> str:
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise PipelineError(f"tracking key {key!r} is not valid: use 1-250 characters from A-Z a-z 0-9 _ . : / = + - "
+                            f"(e.g. a hash of the resolved recipe and output directory)")
+    return key
+
+
+def _rank_now() -> int:
+    """This process's rank: torch.distributed's when it is up, else the launcher's RANK variable, else 0."""
+    import sys
+
+    if "torch" in sys.modules:
+        from pipeline.distributed import rank
+
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return rank()
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _shared() -> bool:
+    """True when answers must be broadcast from rank 0 (torch.distributed up with several ranks)."""
+    import sys
+
+    if "torch" not in sys.modules:
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# ----------------------------------------------------------------------------------------------- tracker
+
+
+class Tracker:
+    """Parent/child MLflow runs for a recipe, logged from rank 0 only.
+
+    `Tracker(uri, experiment, enabled=False)` and trackers on ranks other than 0 never touch MLflow: logging
+    methods return None, `parent`/`child`/`run_id_for` return rank 0's answer when torch.distributed is up
+    (None otherwise) and `is_finished` rank 0's answer (False otherwise).
+
+    `run_id=None` in the logging methods means the current run: the last child opened and not finished, else
+    the parent. As a context manager, runs still open at exit are finished (FAILED on an exception, KILLED on
+    KeyboardInterrupt).
+    """
+
+    def __init__(self, uri: str | None, experiment: str, enabled: bool = True, rank: int | None = None,
+                 workdir: str | os.PathLike | None = None):
+        self.enabled = bool(enabled)
+        self.rank = _rank_now() if rank is None else int(rank)
+        self.active = self.enabled and self.rank == 0
+        self.experiment = str(experiment)
+        if self.enabled and not self.experiment.strip():
+            raise PipelineError("MLflow experiment name is empty: pass a name such as --experiment dept")
+        self.uri = resolve_tracking_uri(uri, workdir or os.getcwd()) if self.enabled else (uri or "")
+        self._client = None
+        self._experiment_id: str | None = None
+        self._checked = False
+        self.parent_id: str | None = None
+        self._keys: dict[str, str] = {}  # dept.key -> run id, for runs opened by this tracker
+        self._open: list[str] = []  # run ids opened by this tracker and not finished yet (children after parent)
+
+    # -- plumbing
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def _experiment(self) -> str:
+        if self._experiment_id is not None:
+            return self._experiment_id
+        if not self._checked:
+            check_reachable(self.uri)
+            self._checked = True
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            location = None
+            if self.uri.startswith("sqlite:"):
+                path = _sqlite_path(self.uri)
+                if path is not None:  # else MLflow would put artifacts in ./mlruns of whatever cwd this is
+                    location = (path.parent / "mlartifacts").resolve().as_uri()
+            try:
+                self._experiment_id = self.client.create_experiment(self.experiment, artifact_location=location)
+            except MlflowException as exc:  # created meanwhile by another process
+                exp = self.client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    raise PipelineError(f"cannot create MLflow experiment {self.experiment!r} at {self.uri}: "
+                                        f"{exc}") from None
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                raise PipelineError(
+                    f"MLflow experiment {self.experiment!r} (id {exp.experiment_id}) is deleted at {self.uri}: "
+                    f"restore it (`mlflow experiments restore --experiment-id {exp.experiment_id}`) or choose "
+                    f"another experiment name")
+            self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    def _collective(self, fn: Callable, *args, default=None):
+        """fn(*args) on rank 0 when active; its result (or its error) is handed to every rank."""
+        shared = self.enabled and _shared()
+        if self.active:
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                if shared:
+                    from pipeline.distributed import broadcast_object
+
+                    broadcast_object(("error", f"{type(exc).__name__}: {exc}"))
+                raise
+            if shared:
+                from pipeline.distributed import broadcast_object
+
+                broadcast_object(("ok", result))
+            return result
+        if shared:
+            from pipeline.distributed import broadcast_object
+
+            kind, value = broadcast_object(None)
+            if kind == "error":
+                raise PipelineError(f"MLflow tracking failed on rank 0: {value}")
+            return value
+        return default
+
+    def _find(self, key: str, parent_id: str | None = None, role: str | None = None):
+        """The oldest active run of this experiment with tag dept.key == key (under parent_id, of role, if given)."""
+        query = f"tags.`{KEY_TAG}` = '{key}'"
+        if role:
+            query += f" and tags.`{ROLE_TAG}` = '{role}'"
+        if parent_id:
+            query += f" and tags.`{PARENT_TAG}` = '{parent_id}'"
+        runs = self.client.search_runs([self._experiment()], filter_string=query, max_results=10,
+                                       order_by=["attributes.start_time ASC"])
+        return runs[0] if runs else None
+
+    def _open_run(self, key: str, name: str, tags: dict[str, str], parent_id: str | None = None,
+                  params: dict | None = None) -> str:
+        commit, dirty = git_commit()
+        run = self._find(key, parent_id, tags[ROLE_TAG])
+        if run is not None and params:
+            self._new_params(params, run.data.params, run.info.run_id)  # refuse changed params before re-opening
+        if run is None:
+            all_tags = self._context_tags()
+            all_tags.update(tags)
+            all_tags.update({KEY_TAG: key, GIT_TAG: commit, DIRTY_TAG: dirty})
+            if commit != "unknown":
+                all_tags["mlflow.source.git.commit"] = commit
+            if parent_id:
+                all_tags[PARENT_TAG] = parent_id
+            run_id = self.client.create_run(self._experiment(), tags=all_tags, run_name=name).info.run_id
+        else:
+            run_id = run.info.run_id
+            attempts = int(run.data.tags.get("dept.attempts", "1") or 1) + 1
+            self.client.update_run(run_id, status="RUNNING")
+            self._set_tags({GIT_TAG: commit, DIRTY_TAG: dirty, "dept.attempts": str(attempts)}, run_id)
+        self._keys[key] = run_id
+        if run_id not in self._open:
+            self._open.append(run_id)
+        if params:
+            self._log_params(params, run_id)
+        return run_id
+
+    @staticmethod
+    def _context_tags() -> dict[str, str]:
+        """mlflow.user, mlflow.source.name, ... as `mlflow.start_run` would add them (best effort)."""
+        try:
+            from mlflow.tracking.context.registry import resolve_tags
+
+            return {k: str(v) for k, v in resolve_tags({}).items()}
+        except Exception:  # internal API: losing these tags is harmless
+            return {}
+
+    def _current(self, run_id: str | None) -> str | None:
+        if run_id:
+            return run_id
+        if self._open:
+            return self._open[-1]
+        return self.parent_id
+
+    def _set_tags(self, tags: dict, run_id: str) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(_name(k), str(v)[:8000]) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, tags=items[i:i + 100])
+
+    @staticmethod
+    def _new_params(params: dict, existing: dict[str, str], run_id: str) -> dict[str, str]:
+        """The flattened params not logged yet; PipelineError when one was logged with another value."""
+        flat = flatten_params(params)
+        changed = {k: (existing[k], v) for k, v in flat.items() if k in existing and existing[k] != v}
+        if changed:
+            shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(changed.items())[:5])
+            more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
+            raise PipelineError(f"run {run_id} already has different values for params {shown}{more}: MLflow params "
+                                f"cannot change, so use a new output directory for a changed recipe")
+        return {k: v for k, v in flat.items() if k not in existing}
+
+    def _log_params(self, params: dict, run_id: str) -> None:
+        from mlflow.entities import Param
+
+        new = self._new_params(params, self.client.get_run(run_id).data.params, run_id)
+        items = [Param(k, v) for k, v in new.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    # -- runs
+
+    def parent(self, recipe_name: str, key: str) -> str | None:
+        """Start, or re-attach to (status back to RUNNING), the parent run of a recipe execution; its run id."""
+        _check_key(key)
+
+        def open_parent():
+            return self._open_run(key, recipe_name, {ROLE_TAG: "parent", "dept.recipe": recipe_name})
+
+        self.parent_id = self._collective(open_parent)
+        return self.parent_id
+
+    def child(self, name: str, key: str, params: dict | None = None) -> str | None:
+        """Start, or re-attach to, a nested run under the parent and log its params (flattened with dots).
+
+        On re-attach, params already logged with the same value are skipped; a changed value raises
+        PipelineError (MLflow params are immutable: a changed recipe needs a new output directory).
+        """
+        _check_key(key)
+
+        def open_child():
+            if self.parent_id is None:
+                raise RuntimeError("Tracker.child() called before Tracker.parent()")
+            return self._open_run(key, name, {ROLE_TAG: "child", "dept.stage": name}, parent_id=self.parent_id,
+                                  params=params)
+
+        return self._collective(open_child)
+
+    def run_id_for(self, key: str) -> str | None:
+        """The run id with that dept.key (a child of the current parent when there is one), or None."""
+        _check_key(key)
+
+        def lookup():
+            if key in self._keys:
+                return self._keys[key]
+            run = self._find(key, self.parent_id) or (self._find(key) if self.parent_id is None else None)
+            return run.info.run_id if run else None
+
+        return self._collective(lookup)
+
+    def is_finished(self, key: str) -> bool:
+        """True when a run with that key (a child of the current parent, if any) exists and is FINISHED."""
+        _check_key(key)
+
+        def lookup():
+            run = self._find(key, self.parent_id) if self.parent_id else self._find(key)
+            return bool(run and run.info.status == "FINISHED")
+
+        return bool(self._collective(lookup, default=False))
+
+    def finish(self, run_id: str | None = None, status: str = "FINISHED") -> None:
+        """Terminate a run (default: the current one). Finishing the parent also finishes, with the same status,
+        the children this tracker opened and left open."""
+        status = status.upper()
+        if status not in STATUSES:
+            raise PipelineError(f"run status {status!r} is not one of {', '.join(STATUSES)}")
+        run_id = self._current(run_id)
+        if not self.active or run_id is None:
+            return
+        to_close = [run_id]
+        if run_id == self.parent_id:
+            to_close = [r for r in self._open if r != run_id] + [run_id]
+        for rid in to_close:
+            self.client.set_terminated(rid, status=status)
+            if rid in self._open:
+                self._open.remove(rid)
+
+    # -- logging
+
+    def log_params(self, params: dict, run_id: str | None = None) -> None:
+        run_id = self._current(run_id)
+        if self.active and run_id and params:
+            self._log_params(params, run_id)
+
+    def set_tags(self, tags: dict, run_id: str | None = None) -> None:
+        run_id = self._current(run_id)
+        if self.active and run_id and tags:
+            self._set_tags(tags, run_id)
+
+    def log_metrics(self, metrics: dict, step: int, run_id: str | None = None) -> None:
+        """Log the numeric values of `metrics` at `step` (strings, None and other non-numbers are skipped)."""
+        run_id = self._current(run_id)
+        if not (self.active and run_id and metrics):
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = []
+        for key, value in metrics.items():
+            number = _numeric(value)
+            if number is not None:
+                items.append(Metric(_name(key), number, now, int(step)))
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None,
+                     run_id: str | None = None) -> None:
+        """A file lands at `<artifact_path>/<name>`; a directory at `<artifact_path>/<dirname>/...`."""
+        run_id = self._current(run_id)
+        if not (self.active and run_id):
+            return
+        path = Path(path)
+        if path.is_dir():
+            dest = posixpath.join(artifact_path, path.name) if artifact_path else path.name
+            self.client.log_artifacts(run_id, str(path), dest)
+        elif path.is_file():
+            self.client.log_artifact(run_id, str(path), artifact_path)
+        else:
+            raise PipelineError(f"cannot log artifact {path}: no such file or directory")
+
+    def log_dataset(self, rows: list[dict], name: str, context: str, run_id: str | None = None,
+                    source: str | None = None) -> str | None:
+        """Log rows as an MLflow dataset input (from_pandas; digest = sha256 of the rows) with a context tag.
+
+        context: "training", "validation" or "test" (aliases train/valid/dev/eval accepted). Returns the digest.
+        """
+        canonical = CONTEXTS.get(str(context).lower())
+        if canonical is None:
+            raise PipelineError(f"dataset context {context!r} is not one of training, validation, test")
+        run_id = self._current(run_id)
+        if not (self.active and run_id):
+            return None
+        import pandas as pd
+
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        blob = json.dumps(list(rows), sort_keys=True, default=str).encode()
+        digest = hashlib.sha256(blob).hexdigest()[:16]
+        flat = [{k: (json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list, tuple)) else v)
+                 for k, v in row.items()} for row in rows]
+        frame = pd.DataFrame(flat)
+        with warnings.catch_warnings():  # schema-inference hints about integer columns are for model serving
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
+            entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, canonical)])
+        self.client.log_inputs(run_id, datasets=[entity])
+        return digest
+
+    def callback_for(self, run_id: str | None = None) -> Callable[[int, dict], None]:
+        """A `(step, metrics) -> None` for the training loop: logs the numeric metrics at that step.
+
+        A failing MLflow call is logged as a warning and does not stop training (a lost metric point costs less
+        than a lost run); parent/child/finish errors still raise.
+        """
+        run_id = self._current(run_id)
+        if not (self.active and run_id):
+            return lambda step, metrics: None
+        failures = [0]
+
+        def callback(step: int, metrics: dict) -> None:
+            try:
+                self.log_metrics(metrics, step, run_id)
+            except Exception as exc:  # noqa: BLE001 -- see docstring
+                failures[0] += 1
+                if failures[0] <= 3 or math.log2(failures[0]).is_integer():
+                    log.warning("MLflow metric logging failed at step %s (%d failures so far): %s",
+                                step, failures[0], exc)
+
+        return callback
+
+    # -- context manager
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.active or not self._open:
+            return
+        status = "FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
+        for run_id in reversed(list(self._open)):
+            try:
+                self.client.set_terminated(run_id, status=status)
+            except Exception as err:  # noqa: BLE001 -- never hide the original exception
+                log.warning("could not mark MLflow run %s %s: %s", run_id, status, err)
+        self._open.clear()
