@@ -147,3 +147,27 @@ def load_into_engine(prompt_module: DePTPrompt, tensors: dict[str, torch.Tensor]
     with context, torch.no_grad():
         for param, name in zip(params, tensors):
             param.copy_(tensors[name].to(param.dtype))
+
+
+def fit_length(config: DeptConfig, tensors: dict[str, torch.Tensor], max_length: int, policy: str,
+               where: str) -> tuple[DeptConfig, dict[str, torch.Tensor]]:
+    """Adapt A [s, r] to a run with another max length: `error` (default), `truncate` (keep the first rows,
+    when the new s is smaller) or `pad` (append zero rows, i.e. no offset for the new positions)."""
+    import dataclasses
+
+    if config.r == 0 or config.max_length == max_length:
+        return config, tensors
+    old = config.max_length
+    if policy == "error":
+        raise PipelineError(f"adapter {where} has max_length s={old} but this run uses s={max_length}: set "
+                            f"max_length to {old}, or on_length_mismatch to truncate/pad")
+    if policy == "truncate" and max_length > old:
+        raise PipelineError(f"adapter {where}: cannot truncate A from s={old} to a longer s={max_length}; use pad")
+    if policy == "pad" and max_length < old:
+        raise PipelineError(f"adapter {where}: cannot pad A from s={old} to a shorter s={max_length}; use truncate")
+    lora_a = tensors["lora_A"]
+    if policy == "truncate":
+        lora_a = lora_a[:max_length]
+    else:
+        lora_a = torch.cat([lora_a, lora_a.new_zeros(max_length - old, lora_a.shape[1])])
+    return dataclasses.replace(config, max_length=max_length), {**tensors, "lora_A": lora_a.contiguous()}

@@ -18,7 +18,9 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 from pipeline.interop import export_adapter, import_adapter  # light: interop imports torch lazily
 
-DEFAULT_DS_CONFIG = str(Path(__file__).resolve().parent.parent / "ds_configs" / "zero3_cpu.json")
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DS_CONFIG = str(REPO / "ds_configs" / "zero3_cpu.json")
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 
 
 def _setup_logging() -> None:
@@ -184,7 +186,21 @@ def predict(model: str, adapter: str, data: str, output: str, task: str = "", ds
         print(f"predictions in {output}" + (f"; {_main_metrics(metrics)}" if metrics else ""))
 
 
-COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict,
+def run(recipe: str = "", dry_run: bool = False, **overrides) -> None:
+    """Run every stage of a recipe (source pretraining -> few-shot transfer), tracked in MLflow.
+
+    Args:
+        recipe: YAML recipe (default: the shipped recipes/quickstart.yaml).
+        dry_run: validate and print the plan (stages, runs, world size) without training.
+        overrides: `--key=value` for any recipe key, nested with dots (--train.steps=10,
+            --stages.transfer.k=[4,16], --tracking.uri=http://127.0.0.1:5000); they beat the file's values.
+    """
+    from pipeline.runner import run_recipe
+
+    run_recipe(recipe or str(QUICKSTART), overrides, dry_run)
+
+
+COMMANDS = {"run": run, "train": train, "evaluate": evaluate, "predict": predict,
             "import-adapter": import_adapter, "export-adapter": export_adapter}
 
 

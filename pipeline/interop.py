@@ -47,8 +47,9 @@ INIT_NAMES = {"TEXT": "TEXT", "RANDOM": "RANDOM", "SAMPLE_VOCAB": "VOCAB", "VOCA
 MISSING_A_SEED = 0
 # Files an output directory may already hold: it is then an adapter that an import/export may replace.
 REPLACEABLE_FILES = {CONFIG_NAME, AUTHORS_WEIGHTS, PEFT_WEIGHTS, "README.md"}
-# Source config key and what it means, for the shape messages.
-SHAPE_WORDS = {"prompt": ("num_virtual_tokens", "token_dim"), "lora_A": ("max_length", "r"), "lora_B": ("r", "token_dim")}
+# The source config keys that set each tensor's shape, named in shape refusals.
+SHAPE_WORDS = {"prompt": ("num_virtual_tokens", "token_dim"), "lora_A": ("max_length", "r"),
+               "lora_B": ("r", "token_dim")}
 
 
 # --------------------------------------------------------------------------------------------------- import
@@ -206,7 +207,8 @@ def _rename_and_check(state: dict, config: DeptConfig, src: Path, allow_missing_
     if "prompt_embeddings" not in state and config.num_virtual_tokens > 0:
         raise PipelineError(f"{src / AUTHORS_WEIGHTS} lacks prompt_embeddings although {CONFIG_NAME} says "
                             f"num_virtual_tokens={config.num_virtual_tokens}: the adapter is incomplete")
-    missing = [SOURCE_NAMES[ours] for ours in ("lora_A", "lora_B") if ours in expected and SOURCE_NAMES[ours] not in state]
+    missing = [SOURCE_NAMES[ours] for ours in ("lora_A", "lora_B")
+               if ours in expected and SOURCE_NAMES[ours] not in state]
     if missing and not allow_missing_lowrank:
         raise PipelineError(f"{src / AUTHORS_WEIGHTS} lacks {' and '.join(missing)} although {CONFIG_NAME} says "
                             f"r={config.r}: `dept import-adapter {src} OUT_DIR --allow_missing_lowrank` imports it as "

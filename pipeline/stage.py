@@ -113,12 +113,20 @@ def evaluation_for(tasks, held_out, data: DataSpec, tokenizer, is_encoder_decode
     return MixtureEvaluation(evaluations)
 
 
-def run_stage(cfg, data: DataSpec, callbacks=()) -> dict:
-    """Train `cfg` (a TrainConfig) on `data`; returns results (also written to `<output_dir>/results.json`)."""
+def run_stage(cfg, data: DataSpec, callbacks=(), on_data=None) -> dict:
+    """Train `cfg` (a TrainConfig) on `data`; returns train()'s outcome (results also in results.json).
+
+    `on_data(name, split, rows)` is told which rows train and evaluate (the tracker logs them as datasets).
+    """
     from pipeline import atomic
     from pipeline.train import train
 
     tasks, rows, held_out, sizes = prepare(data, cfg.seed)
+    if on_data:
+        on_data("+".join(t.name for t in tasks), "training", rows)
+        for name, (validation, test) in held_out.items():
+            on_data(name, "validation", validation)
+            on_data(name, "test", test)
 
     def make_evaluation(backbone):
         return evaluation_for(tasks, held_out, data, backbone.tokenizer, backbone.is_encoder_decoder, cfg.max_length)

@@ -66,6 +66,8 @@ class TrainConfig:
     init_adapter: str | None = None
     model_overrides: dict | None = None
     on_nonfinite: str = field(default="stop", metadata={"help": "stop | skip a step whose loss is NaN/inf"})
+    on_length_mismatch: str = field(default="error", metadata={"help": "init adapter's s differs: error | truncate | pad A"})
+    save_model: bool = field(default=False, metadata={"help": "finetune: save the trained backbone to <output_dir>/model"})
     comm_timeout_s: float = 1800.0
 
     def __post_init__(self):
@@ -86,6 +88,10 @@ class TrainConfig:
         if self.on_nonfinite == "skip" and self.grad_accum > 1:
             raise PipelineError("on_nonfinite=skip needs grad_accum 1 (a skipped micro-batch would shift "
                                 "DeepSpeed's accumulation boundary): use on_nonfinite=stop")
+        if self.on_length_mismatch not in ("error", "truncate", "pad"):
+            raise PipelineError(f"on_length_mismatch must be error, truncate or pad, got {self.on_length_mismatch!r}")
+        if self.save_model and self.method != "finetune":
+            raise PipelineError("save_model applies to method finetune only (DePT and PT leave the backbone unchanged)")
         if self.method != "finetune" and self.num_virtual_tokens == 0 and self.r == 0:
             raise PipelineError("pt needs num_virtual_tokens (m) > 0: prompt tuning without a prompt trains nothing")
 
@@ -150,6 +156,8 @@ def build_model(cfg: TrainConfig, ds: dict) -> tuple[DePTModel, Backbone]:
     init_prompt_(prompt, None if ids is None else embedding_rows(backbone, ids), cfg.seed)
     if cfg.init_adapter:
         adapter_cfg, tensors, _ = adapters.read_adapter(cfg.init_adapter)
+        adapter_cfg, tensors = adapters.fit_length(adapter_cfg, tensors, cfg.max_length, cfg.on_length_mismatch,
+                                                   cfg.init_adapter)
         adapters.check_fits(adapter_cfg, backbone.d_model, cfg.max_length, cfg.init_adapter)
         if (adapter_cfg.num_virtual_tokens, adapter_cfg.r) != (dept_cfg.num_virtual_tokens, dept_cfg.r):
             raise PipelineError(f"adapter {cfg.init_adapter} has m={adapter_cfg.num_virtual_tokens}, r={adapter_cfg.r} "
@@ -355,6 +363,8 @@ def train(cfg: TrainConfig, train_rows: list[dict], make_evaluation: Callable[[B
         _evaluate_and_keep_best(engine.module, evaluation, cfg.steps, state, out, backbone, rank, callbacks)
     if model.prompt is not None:
         adapters.save_adapter(engine.module.prompt, out / "adapter", backbone.name, rank)
+    if cfg.save_model:
+        save_full_backbone(engine.module.backbone, backbone.tokenizer, out / "model", rank)
     probe = probe_loss(engine.module, rows, backbone, pad_to)
     test = {}
     if evaluation:
@@ -374,6 +384,21 @@ def train(cfg: TrainConfig, train_rows: list[dict], make_evaluation: Callable[[B
         atomic.write_json(out / "results.json", results)
     distributed.barrier()
     return {"results": results, "engine": engine, "backbone": backbone}
+
+
+def save_full_backbone(net, tokenizer, path: Path, rank: int) -> None:
+    """Gather every parameter and save a `from_pretrained` directory on rank 0 (the finetune stage's product).
+    Gathers the whole model at once: fine for the quickstart's tiny models; large models want
+    `stage3_gather_16bit_weights_on_model_save` and `engine.save_16bit_model` instead."""
+    from pipeline.backbone import gathered
+
+    with gathered(list(net.parameters())):
+        if rank == 0:
+            state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            with atomic.replace_dir(path) as tmp:
+                net.save_pretrained(tmp, state_dict=state)
+                tokenizer.save_pretrained(tmp)
+    distributed.barrier()
 
 
 def sharding_report(backbone) -> list[dict]:
