@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.interop import export_adapter, import_adapter  # light: interop imports torch lazily
+from pipeline.bench import bench  # light: bench imports torch/deepspeed/peft/mlflow only when it runs
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DS_CONFIG = str(REPO / "ds_configs" / "zero3_cpu.json")
@@ -201,7 +202,7 @@ def run(recipe: str = "", dry_run: bool = False, **overrides) -> None:
 
 
 COMMANDS = {"run": run, "train": train, "evaluate": evaluate, "predict": predict,
-            "import-adapter": import_adapter, "export-adapter": export_adapter}
+            "import-adapter": import_adapter, "export-adapter": export_adapter, "bench": bench}
 
 
 def main(argv: list[str] | None = None) -> int:

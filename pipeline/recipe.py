@@ -267,13 +267,16 @@ def _train_config(recipe: Recipe, stage: StageSpec, output_dir: Path, seed: int 
 
 
 def _adapter_of(recipe: Recipe, ref: str | None) -> tuple[str | None, str | None]:
-    """(adapter path, stage it comes from) for `stage:<name>`, a bare stage name, or a path."""
+    """(adapter path, stage it comes from) for `stage:<name>`, a bare stage name, or a path: the stage's best
+    adapter on validation, or its last one when the stage does not evaluate."""
     if ref is None:
         return None, None
     name = ref[len("stage:"):] if ref.startswith("stage:") else ref
-    if any(s.name == name for s in recipe.stages):
-        return str(Path(recipe.output_dir) / name / "best_adapter"), name
-    return ref, None
+    stage = next((s for s in recipe.stages if s.name == name), None)
+    if stage is None:
+        return ref, None
+    evaluates = {**recipe.data, **stage.data}.get("evaluate", True)
+    return str(Path(recipe.output_dir) / name / ("best_adapter" if evaluates else "adapter")), name
 
 
 def plan(recipe: Recipe) -> list[Run]:

@@ -29,6 +29,7 @@ class DataSpec:
     max_train_rows: int | None = field(default=None, metadata={"help": "cap training rows per task (quick runs)"})
     max_eval_rows: int | None = field(default=None, metadata={"help": "cap validation/test rows per task"})
     eval_mode: str = field(default="generate", metadata={"help": "generate | score (classification only)"})
+    evaluate: bool = field(default=True, metadata={"help": "validate/test (False: train only, keep the last adapter)"})
     eval_batch_size: int = 32
     max_new_tokens: int = 20
 
@@ -49,13 +50,13 @@ def resolve_task(spec):
     return synthetic_task(spec) if spec in SYNTHETIC_TASKS else get_task(spec)
 
 
-def task_splits(task, data_dir) -> dict[str, list[dict]]:
-    """Rendered train/validation/test rows: generated for synthetic tasks, else loaded by the split rules."""
+def task_splits(task, data_dir, splits=("train", "validation", "test")) -> dict[str, list[dict]]:
+    """Rendered rows of `splits`: generated for synthetic tasks, else loaded by the split rules."""
     from pipeline.synthetic import SYNTHETIC_TASKS, synthetic_rows
 
     if task.name in SYNTHETIC_TASKS:
-        return {split: synthetic_rows(task.name, split) for split in ("train", "validation", "test")}
-    return load_task_splits(task, data_dir)
+        return {split: synthetic_rows(task.name, split) for split in splits}
+    return load_task_splits(task, data_dir, splits=splits)
 
 
 def prepare(data: DataSpec, seed: int):
@@ -63,19 +64,20 @@ def prepare(data: DataSpec, seed: int):
     tasks = [resolve_task(t) for t in data.tasks]
     per_task, held_out, sizes = {}, {}, {}
     for task in tasks:
-        splits = task_splits(task, data.data_dir)
+        splits = task_splits(task, data.data_dir, ("train", "validation", "test") if data.evaluate else ("train",))
         train_rows = splits["train"]
         if data.max_train_rows:
             train_rows = train_rows[: data.max_train_rows]
         if data.k is not None:
             train_rows = kshot_sample(train_rows, data.k, seed, task.labels)
-        validation, test = splits["validation"], splits["test"]
+        validation, test = splits.get("validation", []), splits.get("test", [])
         if data.max_eval_rows:
             validation, test = validation[: data.max_eval_rows], test[: data.max_eval_rows]
         if not train_rows:
             raise PipelineError(f"task {task.name!r} has no training rows after filtering")
         per_task[task.name] = train_rows
-        held_out[task.name] = (validation, test)
+        if data.evaluate:
+            held_out[task.name] = (validation, test)
         sizes[task.name] = {"train": len(train_rows), "validation": len(validation), "test": len(test)}
     rows = per_task[tasks[0].name] if len(tasks) == 1 else mixture(per_task, data.mixture_cap, seed)
     if distributed.rank() == 0:
@@ -131,7 +133,7 @@ def run_stage(cfg, data: DataSpec, callbacks=(), on_data=None) -> dict:
     def make_evaluation(backbone):
         return evaluation_for(tasks, held_out, data, backbone.tokenizer, backbone.is_encoder_decoder, cfg.max_length)
 
-    outcome = train(cfg, rows, make_evaluation, callbacks)
+    outcome = train(cfg, rows, make_evaluation if data.evaluate else None, callbacks)
     results = outcome["results"]
     results.update(tasks=[t.name for t in tasks], data_sizes=sizes, k=data.k, eval_mode=data.eval_mode)
     if distributed.rank() == 0:

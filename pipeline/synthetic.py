@@ -36,13 +36,12 @@ SYNTHETIC_TASKS: dict[str, tuple[str | None, str, bool]] = {
     "syn-warm-color": ("color", "color", False),
     "syn-warm-food": ("food", "food", False),
     "syn-warm-vehicle": ("vehicle", "vehicle", False),
-    "syn-warm-not-color": ("not color", "color", True),
-    "syn-warm-not-vehicle": ("not vehicle", "vehicle", True),
+    "syn-warm-number": ("number", "number", False),
     # DePT source task (no rule in the input)
     "syn-source-animal": (None, "animal", False),
     # held-apart targets (no rule in the input)
-    "syn-target-not-animal": (None, "animal", True),
     "syn-target-food": (None, "food", False),
+    "syn-target-vehicle": (None, "vehicle", False),
 }
 WARMUP_TASKS = [name for name in SYNTHETIC_TASKS if name.startswith("syn-warm-")]
 SPLIT_SIZES = {"train": 2000, "validation": 200, "test": 200}
@@ -55,9 +54,9 @@ def synthetic_task(name: str) -> Task:
 
 def _sentence(rng: random.Random, category: str, positive: bool) -> str:
     """Filler words, plus one or two words of `category` when positive; distractors from other categories."""
-    words = [rng.choice(FILLER) for _ in range(rng.randint(4, 9))]
+    words = [rng.choice(FILLER) for _ in range(rng.randint(3, 6))]
     others = [c for c in CATEGORIES if c != category]
-    for _ in range(rng.randint(0, 2)):
+    for _ in range(rng.randint(1, 2)):  # distractors: the model must tell categories apart, not spot nouns
         words.insert(rng.randrange(len(words) + 1), rng.choice(CATEGORIES[rng.choice(others)].split()))
     if positive:
         for _ in range(rng.randint(1, 2)):

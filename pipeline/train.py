@@ -474,6 +474,10 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def _progress(rank: int, start: int, total: int):
+    import sys
+
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
+    # In a log file (not a terminal) a bar redrawn many times a second buries everything else: redraw rarely.
+    interval = 0.1 if sys.stderr.isatty() else 30
+    return tqdm(total=total, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True, mininterval=interval)
