@@ -111,7 +111,7 @@ def bench(
 
     Writes bench.md (Markdown table + notes), bench.json (every number, per-step times included) and bench.png
     (time and memory vs m; memory over time in scale mode) to OUTPUT_DIR, prints the table, and logs all of it to
-    MLflow when --mlflow_uri is given. Explicit flags override the preset's values. Under ./launch.sh every rank
+    MLflow when --mlflow_uri is given (pipeline.tracking.Tracker; one run per invocation). Explicit flags override the preset's values. Under ./launch.sh every rank
     runs the command; rank 0 writes.
 
     Args:
@@ -788,11 +788,11 @@ def run_compare(settings: dict) -> dict | None:
         "losses": {v.key: v.losses for v in variants}, "real": {v.key: v.real_tokens for v in variants},
         "ru_maxrss_mb": rss_mb(), "min_available_mb": sampler.min_available / 2**20,
     }])
-    if rank != 0:
-        distributed.barrier()
-        return None
-    result = compare_report(settings, variants, per_rank, world, length_info, load_s, d, sampler.total, dtype)
-    write_outputs(settings, result, plot_compare)
+    result = None
+    if rank == 0:
+        result = compare_report(settings, variants, per_rank, world, length_info, load_s, d, sampler.total, dtype)
+        write_outputs(settings, result, plot_compare)
+    track(settings, result)
     distributed.barrier()
     return result
 
@@ -1097,17 +1097,22 @@ def plot_compare(result: dict, path: Path) -> None:
         peaks = [r["step_tensor_peak_mb"] for r in series]
         if all(p is not None for p in peaks):
             ax_m.plot(xs, peaks, style, label=f"{label}: step tensor peak")
-    for r in rows:
+    for r in rows:  # reference rows that have no m axis: horizontal lines, labelled at the left edge
         if r["harness"].startswith("plain") or (r["kind"] == "dept" and r not in main):
             ax_t.axhline(r["step_s"], linestyle=":", linewidth=1, color="grey")
-            ax_t.annotate(r["config"], (0, r["step_s"]), fontsize=7, color="grey", va="bottom")
+            ax_t.text(0.01, r["step_s"], r["config"], transform=ax_t.get_yaxis_transform(), fontsize=7,
+                      color="dimgrey", va="bottom")
     rss = sorted(main, key=lambda r: r["m"])
     if rss:
-        ax_m.plot([r["m"] for r in rss], [r["rss_peak_mb"] for r in rss], "^:", label="RSS peak (process)")
+        ax_r = ax_m.twinx()
+        ax_r.plot([r["m"] for r in rss], [r["rss_peak_mb"] for r in rss], "^:", color="tab:green",
+                  label="RSS peak, process (right axis)")
+        ax_r.set_ylabel("RSS MB")
+        ax_r.legend(fontsize=7, loc="lower right")
     st = result["settings"]
     ax_t.set(xlabel="m (prompt length; r from the budget of l=%d)" % st["pt_tokens"], ylabel="step time, s (median, min-max)",
              title=f"{st['model']}, lengths={st['lengths']}, batch {st['batch_size']}")
-    ax_m.set(xlabel="m", ylabel="MB", title="memory")
+    ax_m.set(xlabel="m", ylabel="step tensor peak MB", title="memory")
     for ax in (ax_t, ax_m):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -1170,6 +1175,7 @@ def run_scale(settings: dict) -> dict | None:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_linear_decay(0, 10**6)))
         init_s = time.perf_counter() - tick
         sharding = sharding_report(engine.module.backbone)
+        sampler.label = "data"
         settings_rows = dict(settings, lengths="padded")
         rows, info = _tokenized_rows(settings_rows, backbone, world)
         micro = settings["batch_size"] // world
@@ -1202,6 +1208,7 @@ def run_scale(settings: dict) -> dict | None:
             "device_total_mb": None if on_cpu else accel.total_memory() / 2**20}
     per_rank = distributed.gather_objects([mine])
     if rank != 0:
+        track(settings, None)
         distributed.barrier()
         return None
     step_times = [max(r["times"][i] for r in per_rank) for i in range(len(times))]
@@ -1226,6 +1233,7 @@ def run_scale(settings: dict) -> dict | None:
     }
     result["notes"] = scale_notes(result, on_cpu)
     write_outputs(settings, result, plot_scale)
+    track(settings, result)
     distributed.barrier()
     return result
 
@@ -1329,8 +1337,6 @@ def write_outputs(settings: dict, result: dict, plot) -> None:
     plot(result, out / "bench.png")
     print(text, flush=True)
     print(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}", flush=True)
-    if settings.get("mlflow_uri"):
-        log_mlflow(settings, result, out)
 
 
 def _metrics(result: dict) -> dict[str, float]:
@@ -1361,31 +1367,34 @@ def _metrics(result: dict) -> dict[str, float]:
     return metrics
 
 
-def log_mlflow(settings: dict, result: dict, out: Path) -> None:
-    """One MLflow run: settings as params, every number as a metric, the table, JSON and plot as artifacts.
+def track(settings: dict, result: dict | None) -> None:
+    """Log the run to MLflow (when --mlflow_uri is set) through `pipeline.tracking.Tracker`: one run with the
+    settings as params, every number as a metric, each target's verdict as a tag, bench.md/json/png as artifacts.
 
-    Uses `pipeline.tracking.Tracker` when that module exists with the methods used here; plain mlflow otherwise."""
-    params = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in _jsonable(settings).items()
-              if k not in ("mlflow_uri",) and v not in (None, "")}
-    metrics = _metrics(result)
-    name = f"bench-{result['mode']}-{settings['model'].replace(':', '-')}"
-    tracker = _tracker(settings)
-    if tracker is not None:
+    Called on every rank (opening the run is a collective under several ranks); only rank 0, which holds
+    `result`, logs."""
+    if not settings.get("mlflow_uri"):
         return
-    import mlflow
+    import hashlib
 
-    mlflow.set_tracking_uri(settings["mlflow_uri"])
-    mlflow.set_experiment(settings["experiment"])
-    with mlflow.start_run(run_name=name) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        mlflow.log_metrics(metrics)
+    from pipeline.tracking import Tracker
+
+    digest = hashlib.sha1(json.dumps(_jsonable(settings), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    key = f"bench.{settings['mode']}.{digest}.{time.time_ns()}"  # a new run per measurement (rank 0's key counts)
+    name = f"bench-{settings['mode']}-{settings['model'].replace(':', '-')}"
+    with Tracker(settings["mlflow_uri"], settings["experiment"]) as tracker:
+        run_id = tracker.parent(name, key)
+        if result is None:
+            return
+        params = {k: v for k, v in _jsonable(settings).items() if k != "mlflow_uri" and v not in (None, "")}
+        tracker.log_params(params, run_id)
+        tracker.set_tags({"dept.bench": result["mode"]}, run_id)
+        tracker.log_metrics(_metrics(result), step=0, run_id=run_id)
         for target in result.get("targets", []):
-            mlflow.set_tag(f"target: {target['name']}"[:250], f"{fmt_ratio(target['value'])} ({target['verdict']})")
+            tracker.set_tags({f"target: {target['name']}": f"{fmt_ratio(target['value'])} vs {target['target']} "
+                                                           f"({target['verdict']})"}, run_id)
+        out = Path(settings["output_dir"])
         for file in ("bench.md", "bench.json", "bench.png"):
-            mlflow.log_artifact(str(out / file))
-        log.info("logged to MLflow run %s (%s)", run.info.run_id, settings["mlflow_uri"])
-
-
-def _tracker(settings: dict):
-    """Hook for pipeline/tracking.py (being written): None until its Tracker is wired in here."""
-    return None
+            tracker.log_artifact(out / file, run_id=run_id)
+        tracker.finish(run_id)
+        log.info("logged to MLflow run %s at %s (experiment %s)", run_id, tracker.uri, settings["experiment"])

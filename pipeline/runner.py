@@ -33,7 +33,7 @@ def describe_plan(recipe: Recipe, runs: list[Run]) -> str:
         mine = [r for r in runs if r.stage == stage.name]
         first = mine[0].train
         what = ", ".join(mine[0].meta.get("tasks", [])) if stage.type == "train" else (
-            f"targets {', '.join(map(str, {r.meta['target'] for r in mine}))}; k {stage.k}; seeds {stage.seeds}"
+            f"targets {', '.join(dict.fromkeys(str(r.meta['target']) for r in mine))}; k {stage.k}; seeds {stage.seeds}"
             + ("; with from-scratch control" if stage.control else ""))
         lines.append(f"  {stage.name} ({stage.type}, {first.method}, model {first.model}): {len(mine)} run(s); {what}; "
                      f"m={first.num_virtual_tokens} r={first.r} s={first.max_length} steps={first.steps} "
@@ -155,7 +155,8 @@ def _markdown(recipe: Recipe, summary: dict) -> str:
     if summary["sources"]:
         lines += ["| stage | tasks | best step | test (main metric and others) |", "|---|---|---|---|"]
         for s in summary["sources"]:
-            test = ", ".join(f"{k} {v:.1f}" for k, v in s["test"].items() if isinstance(v, float) and k != "score")
+            test = ", ".join(f"{k} {v:.1f}" for k, v in s["test"].items()
+                             if isinstance(v, float) and k != "score" and not k.endswith("/score"))
             lines.append(f"| {s['stage']} | {', '.join(s['tasks'])} | {s['best_step']} | {test or '-'} |")
         lines.append("")
     by_stage: dict[str, list] = {}
