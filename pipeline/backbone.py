@@ -117,6 +117,8 @@ def load_backbone(
     global _live_hf_ds_config
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
+        raise PipelineError(f"model path {model!r} does not exist: pass an existing model directory")
     tokenizer = load_tokenizer(model, cache_dir)
     if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -131,8 +133,6 @@ def load_backbone(
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         net = auto.from_config(config, dtype=dtype)
     else:
-        if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
-            raise PipelineError(f"model path {model!r} does not exist: pass an existing model directory")
         try:
             config = AutoConfig.from_pretrained(model, **(overrides or {}))
         except (OSError, ValueError) as err:

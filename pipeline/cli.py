@@ -58,6 +58,7 @@ def train(
     method: str = "dept",
     num_virtual_tokens: int = 60,
     lora_rank: int = 30,
+    budget_tokens: int = 0,
     max_length: int = 256,
     lr_prompt: float = 0.3,
     lr_lowrank: float = 1e-4,
@@ -77,6 +78,8 @@ def train(
     init_adapter: str = "",
     pad_to_max_length: bool = False,
     model_overrides: dict | None = None,
+    on_nonfinite: str = "stop",
+    comm_timeout_s: float = 1800.0,
     overwrite: bool = False,
 ) -> None:
     """Train DePT (or `pt`, or `finetune`) on a task of the registry, a custom task, or a source/target JSONL file.
@@ -94,10 +97,15 @@ def train(
         method: dept | pt | finetune.
         num_virtual_tokens: m, the prompt length; lora_rank: r, the rank of A @ B (the launchers take --r and --m
             as abbreviations of their own flags, hence the long names); max_length: s, the longest input in tokens.
+        budget_tokens: l: choose r so that DePT spends the parameters of prompt tuning with l tokens
+            (r = (l - m) d / (s + d)); overrides lora_rank.
         lr_prompt: learning rate of the prompt; lr_lowrank: of A and B; lr: of the backbone (finetune).
         batch_size: global batch over all ranks and accumulation steps.
         eval_every: validate every N steps (0: once at the end); the best adapter scores the test split.
         eval_mode: generate (greedy decoding) | score (rank the label strings by likelihood).
+        on_nonfinite: stop (default) | skip a step whose loss is NaN/inf; a NaN adapter is never written.
+        comm_timeout_s: a collective waiting longer than this fails (a rank died or hangs) instead of hanging.
+        overwrite: replace a finished run in output_dir (otherwise refused).
     """
     from pipeline.data import read_source_target
     from pipeline.train import TrainConfig, train as run_training
@@ -107,11 +115,13 @@ def train(
         raise PipelineError("train needs exactly one of --task, --custom_task or --train_file")
     _refuse_finished_run(output_dir, overwrite)
     cfg = TrainConfig(model=model, output_dir=output_dir, ds_config=ds_config, method=method,
-                      num_virtual_tokens=num_virtual_tokens, r=lora_rank, max_length=max_length,
+                      num_virtual_tokens=num_virtual_tokens, r=lora_rank, budget_tokens=budget_tokens or None,
+                      max_length=max_length,
                       lr_prompt=lr_prompt, lr_lowrank=lr_lowrank, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                       steps=steps, warmup_steps=warmup_steps, seed=seed, eval_every=eval_every, save_every=save_every,
                       log_every=log_every, prompt_init=prompt_init, init_adapter=init_adapter or None,
-                      pad_to_max_length=pad_to_max_length, model_overrides=model_overrides)
+                      pad_to_max_length=pad_to_max_length, model_overrides=model_overrides,
+                      on_nonfinite=on_nonfinite, comm_timeout_s=comm_timeout_s)
     if train_file:
         result = run_training(cfg, read_source_target(train_file))["results"]
     else:
@@ -214,13 +224,23 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     _setup_logging()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    who = f" (rank {os.environ.get('RANK', '0')})" if world > 1 else ""
     try:
         fire.Fire(COMMANDS, command=argv, name="dept")
     except PipelineError as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error{who}: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # a peer rank died or hangs: gloo/NCCL errors and collective timeouts
+        text = str(err)
+        if debug or world == 1 or not any(w in text.lower() for w in ("timeout", "timed out", "closed by peer",
+                                                                        "connection reset", "nccl", "gloo")):
+            raise
+        print(f"error{who}: lost contact with another rank ({text.splitlines()[0][:160]}); the failed rank's own "
+              "log names the cause; raise comm_timeout_s if steps are just slow", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -54,7 +54,7 @@ def run_recipe(path: str, overrides: dict | None = None, dry_run: bool = False) 
     uri = resolve_tracking_uri(recipe.tracking.uri, Path.cwd()) if recipe.tracking.enabled else None
     if uri:
         check_reachable(uri)  # before any training: a wrong URI fails now, not after hours
-    rank, _ = distributed.init()
+    rank, _ = distributed.init(float(recipe.train.get("comm_timeout_s", 1800.0)))
     if rank == 0:
         print(describe_plan(recipe, runs))
         atomic.write_text(out / "recipe.resolved.yaml", _yaml(resolved_dict(recipe)))

@@ -26,7 +26,7 @@ import torch
 from pipeline import adapters, atomic, distributed
 from pipeline.backbone import Backbone, DePTModel, embedding_rows, load_backbone
 from pipeline.data import collate, global_batch, tokenize
-from pipeline.dept import DePTPrompt, DeptConfig, init_prompt_, prompt_init_ids
+from pipeline.dept import DePTPrompt, DeptConfig, init_prompt_, prompt_init_ids, rank_for_budget
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class TrainConfig:
     method: str = field(default="dept", metadata={"help": "dept | pt (r = 0) | finetune (all weights)"})
     num_virtual_tokens: int = field(default=60, metadata={"help": "m, prompt length"})
     r: int = field(default=30, metadata={"help": "rank of A @ B (ignored, 0, for pt)"})
+    budget_tokens: int | None = field(default=None, metadata={"help": "l: set r to spend the budget of PT with l tokens"})
     max_length: int = field(default=256, metadata={"help": "s, longest input (tokens); rows of A"})
     max_target_length: int = field(default=32, metadata={"help": "longest target (tokens)"})
     lora_alpha: float = 8.0
@@ -93,9 +94,12 @@ class TrainConfig:
         if self.save_model and self.method != "finetune":
             raise PipelineError("save_model applies to method finetune only (DePT and PT leave the backbone unchanged)")
         if self.method != "finetune" and self.num_virtual_tokens == 0 and self.r == 0:
-            raise PipelineError("pt needs num_virtual_tokens (m) > 0: prompt tuning without a prompt trains nothing")
+            raise PipelineError(f"{self.method} with m = 0 and r = 0 has nothing to train: set num_virtual_tokens (m) "
+                                "or, for dept, lora_rank (r) above 0")
 
     def dept_config(self, d_model: int) -> DeptConfig:
+        if self.budget_tokens is not None and self.method == "dept":
+            self.r = rank_for_budget(self.budget_tokens, self.num_virtual_tokens, self.max_length, d_model)
         return DeptConfig(num_virtual_tokens=self.num_virtual_tokens, r=self.r, max_length=self.max_length,
                           d_model=d_model, lora_alpha=self.lora_alpha, prompt_init=self.prompt_init,
                           init_text=self.init_text)
@@ -251,9 +255,16 @@ def set_rng_state(state: dict) -> None:
 
 
 def _fault(variable: str, step: int, rank: int) -> None:
-    """Test hook: SIGKILL rank 0 at a chosen step, to prove that crashes lose nothing."""
-    if rank == 0 and os.environ.get(variable) == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Test hooks that prove crashes lose nothing and failures do not hang: at the step named by `variable`,
+    rank $DEPT_FAULT_RANK (default 0) is SIGKILLed (`*_KILL_*`), raises (`DEPT_FAULT_RAISE_AT_STEP`) or hangs
+    (`DEPT_FAULT_HANG_AT_STEP`)."""
+    if os.environ.get(variable) != str(step) or rank != int(os.environ.get("DEPT_FAULT_RANK", "0")):
+        return
+    if "HANG" in variable:
+        time.sleep(10**6)
+    if "RAISE" in variable:
+        raise RuntimeError(f"injected failure on rank {rank} at step {step}")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def peak_memory_mb() -> float:
@@ -356,7 +367,8 @@ def train(cfg: TrainConfig, train_rows: list[dict], make_evaluation: Callable[[B
             _evaluate_and_keep_best(engine.module, evaluation, done, state, out, backbone, rank, callbacks)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
             checkpoints.save(engine, done, rank, state)
-            _fault("DEPT_FAULT_KILL_AT_STEP", done, rank)
+        for hook in ("DEPT_FAULT_KILL_AT_STEP", "DEPT_FAULT_RAISE_AT_STEP", "DEPT_FAULT_HANG_AT_STEP"):
+            _fault(hook, done, rank)
     progress.close()
 
     if evaluation and not cfg.eval_every:
