@@ -30,6 +30,7 @@ PEFT, matplotlib and MLflow are imported when the command runs.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -204,6 +205,12 @@ def resolve_settings(preset: str, explicit: dict) -> dict:
     if settings["lengths"] not in LENGTHS:
         raise PipelineError(f"lengths must be one of {', '.join(LENGTHS)}, got {settings['lengths']!r}")
     settings["refs"] = parse_refs(settings["refs"])
+    if "peft" in settings["refs"] and importlib.util.find_spec("peft") is None:
+        if "refs" in explicit and explicit["refs"] is not None:
+            raise PipelineError("the peft reference row needs the peft package: pip install peft, or leave peft out "
+                                "of --refs")
+        settings["refs"].remove("peft")
+        log.warning("peft is not installed: the PEFT reference row is left out (pip install peft to include it)")
     if not Path(settings["ds_config"]).is_file():
         raise PipelineError(f"DeepSpeed config {settings['ds_config']} does not exist: pass one of ds_configs/*.json")
     return settings
@@ -507,7 +514,10 @@ def plan_variants(settings: dict, d_model: int) -> list[Variant]:
     rows: list[Variant] = []
     for m in settings["ms"]:
         r = rank_for_budget(l, m, s, d_model)
-        r = min(r, s, d_model)
+        if r > min(s, d_model):
+            log.warning("m=%d: the budget of l=%d gives r=%d > min(s, d) = %d; r is capped (fewer parameters than PT)",
+                        m, l, r, min(s, d_model))
+            r = min(s, d_model)
         if m == 0 and r == 0:
             raise PipelineError(f"m=0 gets rank r=0 at l={l}, s={s}, d={d_model}: nothing to train; drop 0 from --ms "
                                 "or raise --pt_tokens")
@@ -1108,17 +1118,19 @@ def plot_compare(result: dict, path: Path) -> None:
         peaks = [r["step_tensor_peak_mb"] for r in series]
         if all(p is not None for p in peaks):
             ax_m.plot(xs, peaks, style, label=f"{label}: step tensor peak")
-    for r in rows:  # reference rows that have no m axis: horizontal lines, labelled at the left edge
-        if r["harness"].startswith("plain") or (r["kind"] == "dept" and r not in main):
-            ax_t.axhline(r["step_s"], linestyle=":", linewidth=1, color="grey")
-            ax_t.text(0.01, r["step_s"], r["config"], transform=ax_t.get_yaxis_transform(), fontsize=7,
-                      color="dimgrey", va="bottom")
+    refs = [r for r in rows if r["harness"].startswith("plain") or (r["kind"] == "dept" and r not in main)]
+    for i, r in enumerate(refs):  # rows without an m axis: horizontal lines, labels staggered so they don't overlap
+        ax_t.axhline(r["step_s"], linestyle=":", linewidth=1, color="grey")
+        ax_t.text(0.01 + 0.33 * (i % 3), r["step_s"], r["config"], transform=ax_t.get_yaxis_transform(),
+                  fontsize=6.5, color="dimgrey", va="bottom")
     rss = sorted(main, key=lambda r: r["m"])
     if rss:
         ax_r = ax_m.twinx()
         ax_r.plot([r["m"] for r in rss], [r["rss_peak_mb"] for r in rss], "^:", color="tab:green",
                   label="RSS peak, process (right axis)")
         ax_r.set_ylabel("RSS MB")
+        ax_r.set_ylim(0, 1.5 * max(r["rss_peak_mb"] or 0 for r in rss) + 1)  # below the legends
+        ax_r.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax_r.legend(fontsize=7, loc="lower right")
     st = result["settings"]
     ax_t.set(xlabel="m (prompt length; r from the budget of l=%d)" % st["pt_tokens"], ylabel="step time, s (median, min-max)",

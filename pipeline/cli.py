@@ -77,6 +77,7 @@ def train(
     prompt_init: str = "TEXT",
     init_adapter: str = "",
     pad_to_max_length: bool = False,
+    group_by_length: bool = False,
     model_overrides: dict | None = None,
     on_nonfinite: str = "stop",
     comm_timeout_s: float = 1800.0,
@@ -120,7 +121,8 @@ def train(
                       lr_prompt=lr_prompt, lr_lowrank=lr_lowrank, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                       steps=steps, warmup_steps=warmup_steps, seed=seed, eval_every=eval_every, save_every=save_every,
                       log_every=log_every, prompt_init=prompt_init, init_adapter=init_adapter or None,
-                      pad_to_max_length=pad_to_max_length, model_overrides=model_overrides,
+                      pad_to_max_length=pad_to_max_length, group_by_length=group_by_length,
+                      model_overrides=model_overrides,
                       on_nonfinite=on_nonfinite, comm_timeout_s=comm_timeout_s)
     if train_file:
         result = run_training(cfg, read_source_target(train_file))["results"]

@@ -45,22 +45,26 @@ def read_source_target(path: str | Path) -> list[dict]:
 
 def tokenize(rows: list[dict], tokenizer, is_encoder_decoder: bool, max_length: int,
              max_target_length: int = 32) -> list[dict]:
-    """Token ids per row: `input_ids` (<= max_length), `labels`, and for decoder-only `prompt_ids` (the source
-    alone, for generation). Longer sources are truncated with a warning, never an error."""
+    """Token ids per row: `input_ids` (<= max_length), `labels`, and `prompt_ids` (the source alone, for
+    generation). Longer sources are truncated with a warning, never an error.
+
+    Runs through `datasets.map`, cached on disk (`pipeline.cache`, tokenized/) keyed by the texts, the tokenizer and
+    the lengths, so every later stage, seed and rank reuses the work.
+    """
     import datasets
 
     if not rows:
         raise PipelineError("no examples to tokenize: the data is empty after filtering")
-    table = datasets.Dataset.from_list([{"source": r["source"], "target": r["target"]} for r in rows])
-    stats = {"truncated": 0}
+    texts = [{"source": r["source"], "target": r["target"]} for r in rows]
+    table = datasets.Dataset.from_list(texts)
 
     def encode(batch):
         sources = tokenizer(batch["source"], add_special_tokens=True)["input_ids"]
         targets = tokenizer(batch["target"], add_special_tokens=True)["input_ids"]
-        out = {"input_ids": [], "labels": [], "prompt_ids": []}
+        out = {"input_ids": [], "labels": [], "prompt_ids": [], "truncated": []}
         for src, tgt in zip(sources, targets):
             tgt = tgt[:max_target_length]
-            stats["truncated"] += len(src) > max_length
+            out["truncated"].append(len(src) > max_length)
             if is_encoder_decoder:
                 if len(src) > max_length:
                     src = src[: max_length - 1] + src[-1:]  # keep the closing </s>
@@ -79,12 +83,28 @@ def tokenize(rows: list[dict], tokenizer, is_encoder_decoder: bool, max_length: 
                 out["prompt_ids"].append(src)
         return out
 
-    encoded = table.map(encode, batched=True, remove_columns=["source", "target"], load_from_cache_file=False)
+    cache = _cache_file(texts, tokenizer, is_encoder_decoder, max_length, max_target_length)
+    encoded = table.map(encode, batched=True, remove_columns=["source", "target"], cache_file_name=cache,
+                        load_from_cache_file=True, desc="tokenize")
     result = encoded.to_list()
-    if stats["truncated"]:
-        log.warning("%d of %d inputs are longer than max_length s=%d and were truncated", stats["truncated"],
-                    len(rows), max_length)
+    truncated = sum(r.pop("truncated") for r in result)
+    if truncated:
+        log.warning("%d of %d inputs are longer than max_length s=%d and were truncated", truncated, len(rows),
+                    max_length)
     return result
+
+
+def _cache_file(texts, tokenizer, is_encoder_decoder, max_length, max_target_length) -> str:
+    import hashlib
+
+    from pipeline.cache import cache_root
+
+    identity = json.dumps([type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
+                           tokenizer.pad_token_id, tokenizer.eos_token_id, is_encoder_decoder, max_length,
+                           max_target_length, texts], sort_keys=True)
+    folder = cache_root() / "tokenized"
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.arrow")
 
 
 def pad(sequences: list[list[int]], value: int, length: int, left: bool) -> torch.Tensor:
@@ -119,17 +139,31 @@ def collate(examples: list[dict], pad_id: int, is_encoder_decoder: bool, pad_to:
     return batch
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled order of one epoch: a function of (seed, epoch) only, so a resumed run sees the same data."""
+def epoch_order(n: int, seed: int, epoch: int, lengths: list[int] | None = None, batch_size: int = 1) -> list[int]:
+    """The shuffled order of one epoch: a function of (seed, epoch) only, so a resumed run sees the same data.
+
+    With `lengths` (length-grouped batches), rows of similar length end up in the same batch: the shuffled order is
+    cut into chunks of 50 batches, each chunk sorted by length, and the batches then shuffled again, so that
+    dynamic padding wastes little while batch composition stays random.
+    """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
+    order = torch.randperm(n, generator=generator).tolist()
+    if lengths is None or batch_size <= 1:
+        return order
+    chunk = batch_size * 50
+    grouped = []
+    for start in range(0, n, chunk):
+        grouped += sorted(order[start:start + chunk], key=lambda i: -lengths[i])
+    batches = [grouped[i:i + batch_size] for i in range(0, len(grouped), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [i for b in shuffled for i in batches[b]]
 
 
-def global_batch(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+def global_batch(n: int, batch_size: int, step: int, seed: int, lengths: list[int] | None = None) -> list[int]:
     """Row indices of the global batch taken at optimizer step `step` (epochs wrap around)."""
     per_epoch = max(n // batch_size, 1)
     epoch, within = divmod(step, per_epoch)
-    order = epoch_order(n, seed, epoch)
+    order = epoch_order(n, seed, epoch, lengths, batch_size)
     if n < batch_size:  # tiny data (k-shot): repeat the epoch to fill a batch
         order = (order * (batch_size // n + 1))
     return order[within * batch_size:(within + 1) * batch_size]

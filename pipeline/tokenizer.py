@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pipeline.cache import cache_root
+
 ASSETS = Path(__file__).parent / "assets"
 VOCAB_SIZE = 1000
 FIELD_NAMES = ("premise", "hypothesis", "sentence", "sentence1", "sentence2", "question", "passage", "context",
@@ -47,11 +49,11 @@ def trained_tokenizer(cache_dir: str | Path | None = None):
 
     lines = corpus_lines()
     digest = hashlib.sha256(("\n".join(lines) + f"|{VOCAB_SIZE}").encode()).hexdigest()[:12]
-    cache_root = Path(cache_dir or os.environ.get("DEPT_CACHE", Path.home() / ".cache" / "dept-pipeline"))
-    target = cache_root / f"tokenizer-{digest}"
+    root = Path(cache_dir) if cache_dir else cache_root()
+    target = root / f"tokenizer-{digest}"
     if not (target / "spiece.model").exists():
-        cache_root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="tok-", dir=cache_root))
+        root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="tok-", dir=root))
         (work / "corpus.txt").write_text("\n".join(lines))
         spm.SentencePieceTrainer.train(
             input=str(work / "corpus.txt"), model_prefix=str(work / "spiece"), vocab_size=VOCAB_SIZE,

@@ -63,7 +63,8 @@ class TrainConfig:
     eval_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 2
-    pad_to_max_length: bool = False
+    pad_to_max_length: bool = field(default=False, metadata={"help": "pad every input to s (the authors' setting)"})
+    group_by_length: bool = field(default=False, metadata={"help": "batch rows of similar length together"})
     init_adapter: str | None = None
     model_overrides: dict | None = None
     on_nonfinite: str = field(default="stop", metadata={"help": "stop | skip a step whose loss is NaN/inf"})
@@ -148,8 +149,7 @@ def warmup_then_linear_decay(warmup: int, total: int) -> Callable[[int], float]:
 def build_model(cfg: TrainConfig, ds: dict) -> tuple[DePTModel, Backbone]:
     """Backbone (sharded at creation under ZeRO-3, frozen unless finetune) plus an initialised DePT module."""
     torch.manual_seed(cfg.seed)  # random: backbones are initialised identically on every rank and world size
-    backbone = load_backbone(cfg.model, ds, ds_dtype(ds), cfg.model_overrides, trainable=cfg.method == "finetune",
-                             cache_dir=os.environ.get("DEPT_CACHE"))
+    backbone = load_backbone(cfg.model, ds, ds_dtype(ds), cfg.model_overrides, trainable=cfg.method == "finetune")
     if cfg.method == "finetune":
         return DePTModel(backbone.model, None, backbone.is_encoder_decoder), backbone
     dept_cfg = cfg.dept_config(backbone.d_model)
@@ -317,6 +317,7 @@ def train(cfg: TrainConfig, train_rows: list[dict], make_evaluation: Callable[[B
         log.info("resumed from step %d", start)
 
     micro = cfg.batch_size // (world * cfg.grad_accum)
+    lengths = [len(r["input_ids"]) for r in rows] if cfg.group_by_length else None
     pad_to = cfg.max_length if cfg.pad_to_max_length else None
     pad_id = backbone.tokenizer.pad_token_id
     engine.train()
@@ -325,7 +326,7 @@ def train(cfg: TrainConfig, train_rows: list[dict], make_evaluation: Callable[[B
     for step in range(start, cfg.steps):
         tick = time.perf_counter()
         lrs = engine.get_lr()  # the rates this step applies, one per group
-        batch_ids = global_batch(len(rows), cfg.batch_size, step, cfg.seed)
+        batch_ids = global_batch(len(rows), cfg.batch_size, step, cfg.seed, lengths)
         step_loss, tokens = 0.0, 0
         for accum in range(cfg.grad_accum):
             first = (accum * world + rank) * micro

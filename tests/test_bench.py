@@ -1,0 +1,87 @@
+"""`dept bench`: the compare table on a tiny geometry, end to end in a subprocess (real DeepSpeed engine, real RTE
+lengths, PEFT reference, MLflow), and its --help."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import run
+from pipeline.dept import count_trainable, rank_for_budget
+
+MEASURED = ("step_s", "step_min_s", "step_max_s", "tokens_per_s", "step_tensor_peak_mb", "rss_peak_mb", "infer_s",
+            "epoch_s", "enc_tokens")
+
+
+def test_bench_help_documents_the_flags():
+    proc = run(["bench", "--help"])
+    text = proc.stdout + proc.stderr
+    for flag in ("--preset", "--mode", "--model", "--ms", "--pt_tokens", "--max_length", "--batch_size", "--steps",
+                 "--warmup", "--lengths", "--refs", "--output_dir", "--ds_config", "--mlflow_uri", "--seed",
+                 "--hidden", "--layers", "--intermediate"):
+        assert flag in text, f"{flag} missing from dept bench --help"
+    assert "paper" in text and "scale" in text and "rank_for_budget" in text
+
+
+@pytest.mark.slow
+def test_bench_compare_tiny_writes_table_json_plot_and_mlflow_run(tmp_path):
+    out = tmp_path / "bench"
+    db = tmp_path / "ml" / "mlflow.db"
+    proc = run(["bench", "--model", "random:tiny-t5", "--ms", "40,100", "--pt_tokens", "100", "--max_length", "48",
+                "--batch_size", "4", "--steps", "2", "--warmup", "1", "--lengths", "rte", "--infer_repeats", "1",
+                "--output_dir", str(out), "--mlflow_uri", f"sqlite:///{db}"], timeout=300)
+
+    for name in ("bench.md", "bench.json", "bench.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The Markdown table (also printed) has every column, one line per configuration, and the target rows.
+    table = (out / "bench.md").read_text()
+    assert table in proc.stdout
+    header = next(line for line in table.splitlines() if line.startswith("| configuration"))
+    for column in ("step s (median)", "step s (min .. max)", "tokens/s", "time / PT l", "time / bare same length",
+                   "step tensor peak MB", "RSS peak MB", "inference s (median)", "epoch est. s", "m", "r"):
+        assert f"| {column} |" in header, column
+    assert "## Targets" in table and "pipeline overhead" in table and "PEFT" in table
+
+    result = json.loads((out / "bench.json").read_text())
+    rows = {row["key"]: row for row in result["rows"]}
+    # two configurations at the budget of l = 100, plus the reference rows (bare at both lengths, padded PT,
+    # PT and bare without engine, PEFT)
+    r = rank_for_budget(100, 40, 48, 64)  # 34 for tiny-t5 (d = 64) at s = 48
+    assert {f"dept_m40_r{r}", "pt_l100", "pt_l100_pad48", "bare_p40", "bare_p100", "eager_bare_p100", "eager_pt_l100",
+            "peft_pt_l100"} == set(rows)
+    assert rows[f"dept_m40_r{r}"]["trainable"] == count_trainable(40, r, 48, 64) <= rows["pt_l100"]["trainable"] == 6400
+    for key, row in rows.items():
+        assert row["loss_finite"], key
+        assert len(row["times_s"]) == 2, key
+        for column in MEASURED:
+            value = row[column]
+            assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, column, value)
+    # DePT rows are compared with PT and with the bare backbone at the same total length, from paired rounds
+    assert rows[f"dept_m40_r{r}"]["x_pt"]["median"] > 0 and rows[f"dept_m40_r{r}"]["x_bare_same_len"]["n"] == 2
+    assert rows["pt_l100"]["enc_tokens"] == rows["bare_p100"]["enc_tokens"]
+    assert rows["pt_l100_pad48"]["enc_tokens"] == 100 + 48
+    targets = {t["key"]: t for t in result["targets"]}
+    assert {"time.dept_m40_over_pt", "overhead.pt_l100_pct", "peft.our_pt_vs_peft_pct"} <= set(targets)
+    assert all(t["verdict"] in ("meets", "misses", "n/a") for t in targets.values())
+    assert result["lengths"]["source"].startswith("rte train")
+
+    # One MLflow run with the numbers as metrics and the three files as artifacts.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("dept-bench")
+    (ml_run,) = client.search_runs([experiment.experiment_id])
+    assert ml_run.info.status == "FINISHED"
+    assert ml_run.data.metrics["pt_l100.step_s"] == pytest.approx(rows["pt_l100"]["step_s"])
+    assert {a.path for a in client.list_artifacts(ml_run.info.run_id)} == {"bench.md", "bench.json", "bench.png"}
+
+
+def test_bench_rejects_bad_flags():
+    proc = run(["bench", "--ms", "0,120", "--pt_tokens", "100"], check=False)
+    assert proc.returncode == 2 and "0..l" in proc.stderr
+    proc = run(["bench", "--preset", "nope"], check=False)
+    assert proc.returncode == 2 and "paper" in proc.stderr
