@@ -54,13 +54,16 @@ FILLER_ID = 5  # token id of the extra inputs of bare rows (content does not cha
 
 # Values a preset sets; explicit flags win over a preset, a preset over the mode's defaults.
 COMPARE_DEFAULTS = dict(model="random:t5-base", ms="0,20,40,60,80,100", pt_tokens=100, max_length=256, batch_size=8,
+                        grad_accum=1,
                         steps=5, warmup=1, lengths="padded", refs="bare,eager,peft,padded", infer_tokens=2,
                         infer_repeats=3, ds_config=str(DS_CONFIGS / "zero3_cpu.json"))
-SCALE_DEFAULTS = dict(model="random:llama-7b", ms="60", pt_tokens=100, max_length=64, batch_size=0, steps=3,
+SCALE_DEFAULTS = dict(model="random:llama-7b", ms="60", pt_tokens=100, max_length=64, batch_size=0, grad_accum=1, steps=3,
                       warmup=1, lengths="padded", refs="", infer_tokens=0, infer_repeats=0,
                       ds_config=str(DS_CONFIGS / "zero3_cpu_bf16.json"))
+# Batch 32 as 4 micro-batches of 8 (8 of 4 for t5-large): the activations of 32 x 356 tokens at once would take
+# ~18 GB for T5-base in fp32 (scaled from T5-small's measured step peak), too close to a 24 GB machine's RAM.
 PAPER = dict(mode="compare", model="random:t5-base", ms="0,20,40,60,80,100", pt_tokens=100, max_length=256,
-             batch_size=32, steps=5, warmup=1, lengths="padded")
+             batch_size=32, grad_accum=4, steps=5, warmup=1, lengths="padded")
 PRESETS: dict[str, dict] = {
     # The paper's efficiency setting: T5-base geometry, l = 100, s = 256, every input padded to s, batch 32.
     "paper": dict(PAPER),
@@ -69,7 +72,7 @@ PRESETS: dict[str, dict] = {
     "paper-boolq": dict(PAPER, lengths="boolq"),
     # "DePT's advantage grows with model size": the same table on the other T5 geometries.
     "paper-t5-small": dict(PAPER, model="random:t5-small"),
-    "paper-t5-large": dict(PAPER, model="random:t5-large"),
+    "paper-t5-large": dict(PAPER, model="random:t5-large", grad_accum=8),
     # Scale mode (run under ./launch.sh; bf16 on CPU). `scale-dev` is the small geometry for trying it out.
     "scale-dev": dict(mode="scale", model="random:llama-7b", hidden=256, layers=4, intermediate=688),
     "scale-llama-1b": dict(mode="scale", model="random:llama-1b"),
@@ -86,6 +89,7 @@ def bench(
     pt_tokens: int | None = None,
     max_length: int | None = None,
     batch_size: int | None = None,
+    grad_accum: int | None = None,
     steps: int | None = None,
     warmup: int | None = None,
     lengths: str | None = None,
@@ -128,6 +132,8 @@ def bench(
             the deepspeed launcher would take --l for its own --launcher.
         max_length: s, the longest input and the rows of A (default 256 compare, 64 scale).
         batch_size: global batch over all ranks (default 8 compare, 1 per rank in scale mode, 32 in the paper presets).
+        grad_accum: micro-batches per step and rank; a step = grad_accum forward/backward passes, then one optimizer
+            step (default 1; the paper presets use 4, t5-large 8, so that batch 32 fits in 24 GB of RAM).
         steps: timed steps (rounds) per configuration (default 5 compare, 3 scale).
         warmup: untimed rounds before them (default 1).
         lengths: padded (every input padded to s, the paper's setting), rte or boolq (dynamic padding to the longest
@@ -159,7 +165,7 @@ def bench(
     """
     os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # torch.profiler's per-start/stop lines on stderr
     explicit = dict(mode=mode, model=model, ms=ms, pt_tokens=pt_tokens, max_length=max_length,
-                    batch_size=batch_size, steps=steps, warmup=warmup, lengths=lengths, refs=refs,
+                    batch_size=batch_size, grad_accum=grad_accum, steps=steps, warmup=warmup, lengths=lengths, refs=refs,
                     infer_tokens=infer_tokens, infer_repeats=infer_repeats, ds_config=ds_config, hidden=hidden,
                     layers=layers, intermediate=intermediate, heads=heads)
     settings = resolve_settings(preset, explicit)
@@ -193,7 +199,7 @@ def resolve_settings(preset: str, explicit: dict) -> dict:
     settings["ms"] = parse_ints(settings["ms"], "ms")
     if mode == "scale":
         settings["ms"] = settings["ms"][:1]
-    for name in ("pt_tokens", "max_length", "steps"):
+    for name in ("pt_tokens", "max_length", "steps", "grad_accum"):
         settings[name] = _int(settings[name], name, minimum=1)
     for name in ("batch_size", "warmup", "infer_tokens", "infer_repeats"):
         settings[name] = _int(settings[name], name, minimum=0)
@@ -628,7 +634,8 @@ def run_compare(settings: dict) -> dict | None:
     bare_cls, bench_cls = _torch_modules()
     s, l = settings["max_length"], settings["pt_tokens"]
     tcfg = TrainConfig(model=settings["model"], output_dir=settings["output_dir"], ds_config=settings["ds_config"],
-                       method="dept", max_length=s, batch_size=settings["batch_size"], lr_prompt=settings["lr_prompt"],
+                       method="dept", max_length=s, batch_size=settings["batch_size"], grad_accum=settings["grad_accum"],
+                       lr_prompt=settings["lr_prompt"],
                        lr_lowrank=settings["lr_lowrank"], steps=10**6, warmup_steps=0, seed=settings["seed"],
                        model_overrides=settings["overrides"])
     ds = load_ds_config(settings["ds_config"], tcfg, world)
@@ -706,46 +713,55 @@ def run_compare(settings: dict) -> dict | None:
 
         pad_id = backbone.tokenizer.pad_token_id
         is_ed = backbone.is_encoder_decoder
-        micro = settings["batch_size"] // world
+        accum = settings["grad_accum"]
+        micro = settings["batch_size"] // (world * accum)
 
-        def step_fn(v: Variant, batch: dict):
-            if v.harness == "engine":
+        def step_fn(v: Variant, batches: list[dict]):
+            """One optimizer step over this rank's micro-batches; returns the mean loss (a tensor)."""
+            if v.harness == "engine":  # DeepSpeed steps the optimizer at the accumulation boundary
                 def run():
-                    out = engine(variant=v.module, **batch)
-                    engine.backward(out.loss)
-                    engine.step()
-                    return out.loss
-            elif v.kind == "peft":
-                def run():
-                    out = peft_model(**batch)
-                    out.loss.backward()
-                    peft_opt.step()
-                    peft_opt.zero_grad(set_to_none=True)
-                    return out.loss
-            else:
-                def run():
-                    out = eager_model(v.module, **batch)
-                    out.loss.backward()
-                    eager_opt.step()
-                    eager_opt.zero_grad(set_to_none=True)
-                    return out.loss
+                    total = 0.0
+                    for batch in batches:
+                        out = engine(variant=v.module, **batch)
+                        engine.backward(out.loss)
+                        engine.step()
+                        total = total + out.loss.detach() / len(batches)
+                    return total
+                return run
+            model, opt = (peft_model, peft_opt) if v.kind == "peft" else (eager_model, eager_opt)
+            call = (lambda batch: model(**batch)) if v.kind == "peft" else (lambda batch: model(v.module, **batch))
+
+            def run():
+                total = 0.0
+                for batch in batches:
+                    loss = call(batch).loss
+                    (loss / len(batches)).backward()
+                    total = total + loss.detach() / len(batches)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return total
             return run
 
-        def rank_slice(step: int) -> list[int]:
+        def rank_slice(step: int) -> list[list[int]]:
+            """This rank's micro-batches of global batch `step` (the layout of train.py)."""
             ids = global_batch(len(rows), settings["batch_size"], step, settings["seed"])
-            return ids[rank * micro:(rank + 1) * micro]
+            return [ids[(a * world + rank) * micro:(a * world + rank + 1) * micro] for a in range(accum)]
+
+        def tensors(parts: list[list[int]], v: Variant, generation: bool = False):
+            made = [_batch(rows, ids, v, pad_id, is_ed, generation) for ids in parts]
+            batches = [{k: t.to(device) for k, t in b.items()} for b, _, _ in made]
+            return batches, sum(real for _, real, _ in made), statistics.fmean(w for _, _, w in made)
 
         # Round-robin: each round one step of every configuration on the same batch, starting position rotating.
         total_rounds = settings["warmup"] + settings["steps"]
         n = len(variants)
         for round_index in range(total_rounds):
-            ids = rank_slice(round_index)
+            parts = rank_slice(round_index)
             timed = round_index >= settings["warmup"]
             for j in range(n):
                 v = variants[(round_index + j) % n]
-                batch, real, width = _batch(rows, ids, v, pad_id, is_ed)
-                batch = {k: t.to(device) for k, t in batch.items()}
-                run = step_fn(v, batch)
+                batches, real, width = tensors(parts, v)
+                run = step_fn(v, batches)
                 sampler.label = v.key
                 _sync()
                 start = time.perf_counter()
@@ -762,12 +778,11 @@ def run_compare(settings: dict) -> dict | None:
                 log.info("round %d/%d done%s", round_index + 1, total_rounds, "" if timed else " (warm-up)")
 
         if settings["memory_profile"]:
-            ids = rank_slice(0)
+            parts = rank_slice(0)
             for v in variants:
-                batch, _, _ = _batch(rows, ids, v, pad_id, is_ed)
-                batch = {k: t.to(device) for k, t in batch.items()}
+                batches, _, _ = tensors(parts, v)
                 sampler.label = v.key
-                v.step_peak_mb, v.alloc_peak_mb = tensor_peak(step_fn(v, batch))
+                v.step_peak_mb, v.alloc_peak_mb = tensor_peak(step_fn(v, batches))
                 sampler.label = "between"
 
         if settings["infer_repeats"]:
@@ -776,15 +791,12 @@ def run_compare(settings: dict) -> dict | None:
                 eager_model.eval()
             if peft_model is not None:
                 peft_model.eval()
-            ids = rank_slice(0)
+            parts = rank_slice(0)[:1]  # one evaluation batch: this rank's first micro-batch
             for repeat in range(settings["infer_repeats"]):
                 for j in range(n):
                     v = variants[(repeat + j) % n]
                     gen = settings["infer_tokens"] > 0
-                    batch, _, _ = _batch(rows, ids, v, pad_id, is_ed, generation=gen)
-                    if not gen:
-                        batch, _, _ = _batch(rows, ids, v, pad_id, is_ed)
-                    batch = {k: t.to(device) for k, t in batch.items()}
+                    (batch,), _, _ = tensors(parts, v, generation=gen)
                     sampler.label = v.key
                     _sync()
                     start = time.perf_counter()
@@ -1002,7 +1014,8 @@ def compare_notes(settings, info, world, on_cpu) -> list[str]:
     s, l = settings["max_length"], settings["pt_tokens"]
     notes = [
         f"Backbone {settings['model']} with random weights{' and overrides ' + json.dumps(settings['overrides']) if settings['overrides'] else ''}; "
-        f"l={l}, s={s}, global batch {settings['batch_size']} over {world} rank(s); DeepSpeed config "
+        f"l={l}, s={s}, global batch {settings['batch_size']} over {world} rank(s) x {settings['grad_accum']} "
+        f"micro-batch(es) per step; DeepSpeed config "
         f"{Path(settings['ds_config']).name}.",
         f"Lengths: {settings['lengths']} ({'every input padded to s' if settings['lengths'] == 'padded' else 'each batch padded to its longest input'}); "
         f"data {info['source']}; tokenizer {info['tokenizer']}: median {info['median']}, p90 {info['p90']}, max "
@@ -1035,7 +1048,7 @@ def compare_notes(settings, info, world, on_cpu) -> list[str]:
          if on_cpu else
          "Memory: 'step tensor peak MB' = the accelerator allocator's max_memory_allocated during one extra step "
          "minus memory_allocated before it; 'RSS peak MB' = host resident memory while the configuration ran."),
-        (f"Inference = one evaluation batch (this rank's {settings['batch_size'] // max(world, 1)} rows), "
+        (f"Inference = one evaluation batch (this rank's {settings['batch_size'] // (world * settings['grad_accum'])} rows), "
          + (f"exactly {settings['infer_tokens']} greedy tokens generated (min_new_tokens = max_new_tokens)"
             if settings["infer_tokens"] else "one eval-mode forward pass with the targets")
          + f", median of {settings['infer_repeats']} interleaved repeats."),
@@ -1061,6 +1074,10 @@ def fmt(value, digits: int = 3) -> str:
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     return f"{value:.{digits}g}"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3g} B" if n >= 1e9 else f"{n / 1e6:.3g} M"
 
 
 def fmt_ratio(value: dict | None) -> str:
@@ -1179,6 +1196,8 @@ def run_scale(settings: dict) -> dict | None:
                       batch_size=settings["batch_size"], lr_prompt=settings["lr_prompt"],
                       lr_lowrank=settings["lr_lowrank"], steps=10**6, warmup_steps=0, seed=settings["seed"],
                       model_overrides=settings["overrides"])
+    if settings["grad_accum"] != 1:
+        raise PipelineError("scale mode takes one micro-batch per step: leave --grad_accum at 1")
     ds = load_ds_config(settings["ds_config"], cfg, world)
     accel = get_accelerator()
     on_cpu = accel.device_name() == "cpu"
@@ -1243,7 +1262,7 @@ def run_scale(settings: dict) -> dict | None:
         "model": settings["model"], "overrides": settings["overrides"], "d_model": d,
         "layers": getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None),
         "intermediate": getattr(config, "intermediate_size", None) or getattr(config, "d_ff", None),
-        "total_params": total, "trainable_params": trainable, "m": m, "r": r, "max_length": s,
+        "backbone_params": total - trainable, "trainable_params": trainable, "m": m, "r": r, "max_length": s,
         "batch_size": settings["batch_size"], "dtype": str(ds_dtype_name(ds)),
         "load_s": load_s, "engine_init_s": init_s, "step_s": step["median"], "step_min_s": step["min"],
         "step_max_s": step["max"], "times_s": step_times,
@@ -1287,7 +1306,7 @@ def scale_notes(result: dict, on_cpu: bool) -> list[str]:
 def scale_markdown(result: dict) -> str:
     gb = 1024
     lines = [f"# dept bench --mode scale: {result['model']} {json.dumps(result['overrides']) if result['overrides'] else ''}",
-             "", f"{result['total_params'] / 1e9:.3f} B parameters (d={result['d_model']}, {result['layers']} layers, "
+             "", f"{_count(result['backbone_params'])} backbone parameters (d={result['d_model']}, {result['layers']} layers, "
              f"intermediate {result['intermediate']}), {result['dtype']}, {result['world_size']} rank(s), DePT m="
              f"{result['m']} r={result['r']} ({result['trainable_params']:,} trainable), batch {result['batch_size']} "
              f"x {result['max_length']} tokens.", "",
@@ -1307,7 +1326,7 @@ def scale_markdown(result: dict) -> str:
               f"| engine init s | {fmt(result['engine_init_s'])} |",
               f"| step s (median) | {fmt(result['step_s'])} |",
               f"| step s (min .. max) | {fmt(result['step_min_s'])} .. {fmt(result['step_max_s'])} |",
-              f"| tokens/s | {fmt(result['tokens_per_s'])} |",
+              f"| tokens/s (batch x s, padded) | {fmt(result['tokens_per_s'])} |",
               f"| total RAM GB | {fmt(result['total_ram_mb'] / gb)} |",
               f"| system peak used GB | {fmt(result['peak_used_mb'] / gb)} |",
               f"| headroom GB (total - peak used) | {fmt(result['headroom_mb'] / gb)} |",
@@ -1336,7 +1355,7 @@ def plot_scale(result: dict, path: Path) -> None:
                     ax.annotate(t[3], (t[0], 0), fontsize=7, rotation=90, va="bottom", color="grey")
                     last = t[3]
     ax.axhline(result["total_ram_mb"] / 1024, color="red", linewidth=1, label="total RAM")
-    ax.set(xlabel="s since start", ylabel="GB", title=f"{result['total_params'] / 1e9:.2f} B params on "
+    ax.set(xlabel="s since start", ylabel="GB", title=f"{_count(result['backbone_params'])} params on "
            f"{result['world_size']} rank(s): memory over time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -1381,7 +1400,7 @@ def _metrics(result: dict) -> dict[str, float]:
             if target["value"]:
                 put(f"target.{target['key']}", target["value"]["median"])
     else:
-        for key in ("load_s", "engine_init_s", "step_s", "tokens_per_s", "total_params", "peak_used_mb",
+        for key in ("load_s", "engine_init_s", "step_s", "tokens_per_s", "backbone_params", "peak_used_mb",
                     "headroom_mb", "total_ram_mb"):
             put(key, result[key])
         for r in result["ranks"]:

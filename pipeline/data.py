@@ -22,22 +22,16 @@ IGNORE = -100
 
 def read_source_target(path: str | Path) -> list[dict]:
     """A JSONL file with `source` and `target` text columns (extra columns are kept)."""
+    from pipeline.tasks.readers import read_jsonl
+
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"data file {path} does not exist: pass a JSONL file with source/target columns")
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PipelineError(f"{path} line {number} is not valid JSON ({err.msg}): fix or remove that line") from None
-            if not isinstance(row, dict) or not isinstance(row.get("source"), str) or not isinstance(row.get("target"), str):
-                raise PipelineError(f"{path} line {number} needs string 'source' and 'target' fields")
-            row.setdefault("id", number - 1)
-            rows.append(row)
+    rows = read_jsonl(path)
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row.get("source"), str) or not isinstance(row.get("target"), str):
+            raise PipelineError(f"{path} row {number} needs string 'source' and 'target' fields")
+        row.setdefault("id", number - 1)
     if not rows:
         raise PipelineError(f"{path} holds no examples")
     return rows

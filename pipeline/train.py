@@ -323,6 +323,7 @@ def train(cfg: TrainConfig, train_rows: list[dict], make_evaluation: Callable[[B
     engine.train()
     progress = _progress(rank, start, cfg.steps)
     window = {"loss": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
+    nan_fault_step = int(os.environ.get("DEPT_FAULT_NAN_AT_STEP", "0"))
     for step in range(start, cfg.steps):
         tick = time.perf_counter()
         lrs = engine.get_lr()  # the rates this step applies, one per group
@@ -335,11 +336,14 @@ def train(cfg: TrainConfig, train_rows: list[dict], make_evaluation: Callable[[B
             tokens += int(batch["attention_mask"].sum()) + micro * (cfg.num_virtual_tokens if model.prompt else 0)
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = engine(**batch).loss
+            if step + 1 == nan_fault_step:  # test hook: a NaN loss on demand
+                loss = loss * float("nan")
             if distributed.any_rank(not torch.isfinite(loss).item()):
                 if cfg.on_nonfinite == "stop":
                     raise PipelineError(f"non-finite loss at step {step + 1}: lower the learning rates or use "
                                         "on_nonfinite=skip; the last good adapter and checkpoint are kept")
                 log.warning("non-finite loss at step %d: step skipped", step + 1)
+                state.setdefault("skipped_steps", []).append(step + 1)
                 break
             engine.backward(loss)
             engine.step()
@@ -390,6 +394,7 @@ def train(cfg: TrainConfig, train_rows: list[dict], make_evaluation: Callable[[B
         "final_loss": history[-1]["loss"] if history else None, "best_step": state["best_step"],
         "best_validation": state["best_score"], "evals": state["evals"], "history": history, "test": test,
         "validation": next((e for e in state["evals"] if e["step"] == state["best_step"]), {}),
+        "skipped_steps": state.get("skipped_steps", []),
         "sharding": sharding, "trainable_names": [n for n, p in engine.module.named_parameters() if p.requires_grad],
         "probe": probe,
     }

@@ -64,6 +64,8 @@ case("no data source", "exactly one of --task")(lambda c: task_train(c))
 case("two data sources", "exactly one of --task")(lambda c: task_train(c, "--task", "rte", "--train_file", str(c["data"])))
 case("missing train file", "does not exist")(lambda c: train(c)[:6] + [str(c["tmp"] / "nope.jsonl")] + train(c)[7:])
 case("corrupt JSONL line", "line 3")(lambda c: train(c)[:6] + [str(c["corrupt"])] + train(c)[7:])
+case("missing split file", "validation")(lambda c: task_train(c, "--task", "qqp"))  # shipped QQP has no validation
+case("empty data", "no rows")(lambda c: task_train(c, "--custom_task", str(c["custom_empty"])))
 case("unknown task", "unknown task")(lambda c: task_train(c, "--task", "rtee"))
 case("k larger than a class allows", "but the data has only")(lambda c: task_train(c, "--task", "cb", "--k", "999"))
 case("k smaller than the classes", "smaller than the 3 classes")(lambda c: task_train(c, "--task", "cb", "--k", "2"))
@@ -135,6 +137,10 @@ def shared(tiny_models, tmp_path_factory):
 
     (root / "custom_missing_column.yaml").write_text(yaml.safe_dump({**base, "input_columns": ["review"]}))
     (root / "custom_bad_label.yaml").write_text(yaml.safe_dump({**base, "label_words": {1: "neg", 5: "pos"}}))
+    empty_csv = root / "empty.csv"
+    empty_csv.write_text("text,stars\n")
+    (root / "custom_empty.yaml").write_text(yaml.safe_dump(
+        {**base, "data_files": {"train": str(empty_csv), "validation": str(csv_file)}}))
     (root / "custom_unknown_key.yaml").write_text(yaml.safe_dump({**base, "colour": "blue"}))
     (root / "recipe_unknown_key.yaml").write_text(yaml.safe_dump(
         {"name": "x", "model": "random:tiny-t5", "output_dir": str(root / "never"), "stages": [{"name": "a", "tasx": ["rte"]}]}))
@@ -142,7 +148,7 @@ def shared(tiny_models, tmp_path_factory):
             "tampered": tampered, "corrupt": corrupt, "bad_json": root / "bad.json", "bad_yaml": root / "bad.yaml",
             "not_mapping": root / "not_mapping.yaml", "no_source": root / "no_source.jsonl", "lora_dir": lora,
             "custom_missing_column": root / "custom_missing_column.yaml",
-            "custom_bad_label": root / "custom_bad_label.yaml", "custom_unknown_key": root / "custom_unknown_key.yaml",
+            "custom_bad_label": root / "custom_bad_label.yaml", "custom_empty": root / "custom_empty.yaml", "custom_unknown_key": root / "custom_unknown_key.yaml",
             "recipe_unknown_key": root / "recipe_unknown_key.yaml"}
 
 

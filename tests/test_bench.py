@@ -85,3 +85,19 @@ def test_bench_rejects_bad_flags():
     assert proc.returncode == 2 and "0..l" in proc.stderr
     proc = run(["bench", "--preset", "nope"], check=False)
     assert proc.returncode == 2 and "paper" in proc.stderr
+
+
+@pytest.mark.slow
+def test_bench_scale_two_ranks_reports_half_of_the_backbone_per_rank(tmp_path):
+    out = tmp_path / "scale"
+    run(["bench", "--mode", "scale", "--model", "random:tiny-llama", "--hidden", "128", "--layers", "2",
+         "--intermediate", "256", "--ds_config", "ds_configs/zero3_cpu.json", "--steps", "1", "--warmup", "0",
+         "--max_length", "32", "--output_dir", str(out)], nproc=2, launcher="deepspeed", timeout=300)
+    result = json.loads((out / "bench.json").read_text())
+    assert result["world_size"] == 2 and result["d_model"] == 128 and result["layers"] == 2
+    assert [s["rank"] for s in result["sharding"]] == [0, 1]
+    assert all(s["held_fraction"] == pytest.approx(0.5, abs=0.01) for s in result["sharding"])
+    assert sum(r["held_param_bytes"] for r in result["ranks"]) == pytest.approx(4 * result["backbone_params"], rel=0.01)
+    assert result["loss_finite"] and result["step_s"] > 0 and result["load_s"] > 0
+    assert 0 < result["peak_used_mb"] <= result["total_ram_mb"] and result["headroom_mb"] > 0
+    assert "headroom" in (out / "bench.md").read_text() and (out / "bench.png").is_file()

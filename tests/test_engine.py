@@ -112,8 +112,9 @@ def test_killed_run_resumes_to_the_same_adapter_and_loss_curve(tiny_models, toy_
     run(args, nproc=2, launcher="deepspeed")
     run(train_args(tiny_models["t5"], toy_task, tmp_path / "straight", *extra), nproc=2, launcher="deepspeed")
 
-    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    # equal to float precision (MKL's CPU kernels can differ in the last bit between processes; see test_reliability)
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-6, abs=1e-7)
     _, resumed, _ = adapters.read_adapter(tmp_path / "resumed" / "adapter")
     _, straight, _ = adapters.read_adapter(tmp_path / "straight" / "adapter")
     for name in straight:
-        assert torch.equal(resumed[name], straight[name]), name
+        torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-7, msg=name)

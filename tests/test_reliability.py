@@ -44,10 +44,12 @@ def test_repeated_kills_including_during_a_checkpoint_write(tiny_models, toy_tas
     run(args(tiny_models["t5"], toy_task, tmp_path / "straight", "--save_every", "2", steps=14), nproc=2,
         launcher="deepspeed")
     killed_result, straight = read_results(out), read_results(tmp_path / "straight")
-    assert [h["loss"] for h in killed_result["history"]] == [h["loss"] for h in straight["history"]]
+    assert [h["loss"] for h in killed_result["history"]] == pytest.approx(
+        [h["loss"] for h in straight["history"]], rel=1e-6, abs=1e-7)  # float precision: see the determinism test
     _, a, _ = adapters.read_adapter(out / "adapter")
     _, b, _ = adapters.read_adapter(tmp_path / "straight" / "adapter")
-    assert all(torch.equal(a[k], b[k]) for k in b)
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
     kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert len(kept) == 2 and all((out / "checkpoints" / k / "complete").exists() for k in kept)  # pruned to 2
     print(f"kills survived: at step {first_kill}, and during the checkpoint write of step {torn}")
@@ -70,21 +72,25 @@ def test_a_failed_or_hung_rank_ends_the_job_in_bounded_time(fault, tiny_models, 
     print(f"{fault}: 2-rank job ended {elapsed:.0f} s after start (comm timeout 20 s)")
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_adapter(tiny_models, tmp_path):
-    from conftest import write_toy_task
-
-    data = write_toy_task(tmp_path / "toy.jsonl", n=32)
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_loss_stops_or_skips_and_never_writes_a_nan_adapter(policy, tiny_models, tmp_path):
     out = tmp_path / "run"
     proc = run(["train", "--model", str(tiny_models["t5"]), "--task", "rte", "--output_dir", str(out),
                 "--num_virtual_tokens", "4", "--lora_rank", "2", "--max_length", "32", "--batch_size", "8",
-                "--steps", "6", "--warmup_steps", "0", "--eval_every", "1", "--eval_mode", "score",
-                "--max_eval_rows", "8", "--lr_prompt", "1e30"], check=False)
-    del data
-    assert proc.returncode == 2
-    assert "non-finite loss at step" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (out / "adapter").exists() and not (out / "results.json").exists()
-    config, tensors, meta = adapters.read_adapter(out / "best_adapter")
-    assert all(torch.isfinite(t).all() for t in tensors.values())
+                "--steps", "6", "--warmup_steps", "0", "--eval_every", "2", "--eval_mode", "score",
+                "--max_eval_rows", "8", "--on_nonfinite", policy], check=False,
+               env={"DEPT_FAULT_NAN_AT_STEP": "3"})
+    if policy == "stop":
+        assert proc.returncode == 2
+        assert "non-finite loss at step 3" in proc.stderr and "Traceback" not in proc.stderr
+        assert not (out / "adapter").exists() and not (out / "results.json").exists()
+    else:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert read_results(out)["skipped_steps"] == [3]
+        _, final, _ = adapters.read_adapter(out / "adapter")
+        assert all(torch.isfinite(t).all() for t in final.values())
+    _, best, meta = adapters.read_adapter(out / "best_adapter")  # written at step 2, before the fault
+    assert all(torch.isfinite(t).all() for t in best.values())
 
 
 def test_same_seeds_give_the_same_results_on_re_run(tiny_models, tmp_path):
@@ -96,8 +102,12 @@ def test_same_seeds_give_the_same_results_on_re_run(tiny_models, tmp_path):
         result = read_results(tmp_path / name)
         return [h["loss"] for h in result["history"]], result["evals"], result["test"]
 
-    assert train_rte("one-a", 1) == train_rte("one-b", 1)
-    two_a, two_b = train_rte("two-a", 2), train_rte("two-b", 2)
-    assert two_a == two_b
-    preds = [json.loads((tmp_path / n / "results.json").read_text())["test"] for n in ("one-a", "two-a")]
+    # Losses agree to float precision, not always bitwise: MKL's CPU matmul picks kernels by buffer alignment, which
+    # varies between processes (seen: one step's loss differing in the 7th digit, all later steps bitwise equal).
+    # Evaluations and test metrics must be identical.
+    for nproc in (1, 2):
+        first, second = train_rte(f"{nproc}-a", nproc), train_rte(f"{nproc}-b", nproc)
+        assert first[0] == pytest.approx(second[0], rel=1e-6, abs=1e-7)
+        assert first[1:] == second[1:]
+    preds = [json.loads((tmp_path / n / "results.json").read_text())["test"] for n in ("1-a", "2-a")]
     assert preds[0]["n"] == preds[1]["n"] == 16

@@ -61,7 +61,9 @@ def test_predict_and_evaluate_reuse_the_adapter(tiny_models, tmp_path):
     assert evaluated["accuracy"] == pytest.approx(read_results(tmp_path / "run")["test"]["accuracy"])
 
 
-def test_custom_csv_task_trains_and_evaluates(tiny_models, tmp_path):
+def test_custom_csv_task_declared_in_a_recipe_trains_and_evaluates(tiny_models, tmp_path):
+    import yaml
+
     for split, n in (("train", 40), ("validation", 12)):
         with open(tmp_path / f"{split}.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["review_text", "stars"])
@@ -69,14 +71,16 @@ def test_custom_csv_task_trains_and_evaluates(tiny_models, tmp_path):
             for i in range(n):
                 writer.writerow({"review_text": ("great fun film" if i % 2 else "awful boring film") + f" {i}",
                                  "stars": 5 if i % 2 else 1})
-    spec = tmp_path / "task.yaml"
-    spec.write_text(
-        "name: stars\n"
-        f"data_files: {{train: {tmp_path / 'train.csv'}, validation: {tmp_path / 'validation.csv'}}}\n"
-        "input_columns: [review_text]\nlabel_column: stars\nlabel_words: {1: negative, 5: positive}\n"
-        "template: 'review: {review_text}'\nmetric: accuracy\n")
-    run(["train", "--model", str(tiny_models["t5"]), "--custom_task", str(spec), "--output_dir", str(tmp_path / "run"),
-         "--num_virtual_tokens", "4", "--lora_rank", "2", "--max_length", "32", "--batch_size", "8", "--steps", "8",
-         "--warmup_steps", "2", "--eval_mode", "score"])
-    result = read_results(tmp_path / "run")
+    task = {"name": "stars", "data_files": {"train": str(tmp_path / "train.csv"),
+                                            "validation": str(tmp_path / "validation.csv")},
+            "input_columns": ["review_text"], "label_column": "stars", "label_words": {1: "negative", 5: "positive"},
+            "template": "review: {review_text}", "metric": "accuracy"}
+    recipe = {"name": "custom", "model": str(tiny_models["t5"]), "output_dir": str(tmp_path / "out"),
+              "dept": {"num_virtual_tokens": 4, "r": 2, "max_length": 32},
+              "train": {"batch_size": 8, "steps": 8, "warmup_steps": 2}, "data": {"eval_mode": "score"},
+              "tracking": {"enabled": False}, "stages": [{"name": "stars", "tasks": [task]}]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run(["run", str(tmp_path / "recipe.yaml")])
+    result = read_results(tmp_path / "out" / "stars")
     assert result["tasks"] == ["stars"] and result["test"]["n"] == 6 and result["validation"]["n"] == 6
+    assert set(result["test"]) >= {"accuracy", "invalid"}
