@@ -96,7 +96,7 @@ def read_adapter(path: str | Path) -> tuple[DeptConfig, dict[str, torch.Tensor],
 
 def expected_shapes(config: DeptConfig) -> dict[str, tuple[int, ...]]:
     m, r, s, d = config.num_virtual_tokens, config.r, config.max_length, config.d_model
-    shapes = {"prompt": (m, d)}
+    shapes = {"prompt": (m, d)} if m > 0 else {}
     if r > 0:
         shapes.update(lora_A=(s, r), lora_B=(r, d))
     return shapes

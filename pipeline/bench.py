@@ -54,11 +54,10 @@ FILLER_ID = 5  # token id of the extra inputs of bare rows (content does not cha
 
 # Values a preset sets; explicit flags win over a preset, a preset over the mode's defaults.
 COMPARE_DEFAULTS = dict(model="random:t5-base", ms="0,20,40,60,80,100", pt_tokens=100, max_length=256, batch_size=8,
-                        grad_accum=1,
-                        steps=5, warmup=1, lengths="padded", refs="bare,eager,peft,padded", infer_tokens=2,
-                        infer_repeats=3, ds_config=str(DS_CONFIGS / "zero3_cpu.json"))
-SCALE_DEFAULTS = dict(model="random:llama-7b", ms="60", pt_tokens=100, max_length=64, batch_size=0, grad_accum=1, steps=3,
-                      warmup=1, lengths="padded", refs="", infer_tokens=0, infer_repeats=0,
+                        grad_accum=1, steps=5, warmup=1, lengths="padded", refs="bare,eager,peft,padded",
+                        infer_tokens=2, infer_repeats=3, ds_config=str(DS_CONFIGS / "zero3_cpu.json"))
+SCALE_DEFAULTS = dict(model="random:llama-7b", ms="60", pt_tokens=100, max_length=64, batch_size=0, grad_accum=1,
+                      steps=3, warmup=1, lengths="padded", refs="", infer_tokens=0, infer_repeats=0,
                       ds_config=str(DS_CONFIGS / "zero3_cpu_bf16.json"))
 # Batch 32 as 4 micro-batches of 8 (8 of 4 for t5-large): the activations of 32 x 356 tokens at once would take
 # ~18 GB for T5-base in fp32 (scaled from T5-small's measured step peak), too close to a 24 GB machine's RAM.
@@ -131,7 +130,8 @@ def bench(
         pt_tokens: l, the vanilla prompt length that sets the budget (default 100). Named pt_tokens, not l, since
             the deepspeed launcher would take --l for its own --launcher.
         max_length: s, the longest input and the rows of A (default 256 compare, 64 scale).
-        batch_size: global batch over all ranks (default 8 compare, 1 per rank in scale mode, 32 in the paper presets).
+        batch_size: global batch over all ranks (default 8 compare, 1 per rank in scale mode, 32 in the
+            paper presets).
         grad_accum: micro-batches per step and rank; a step = grad_accum forward/backward passes, then one optimizer
             step (default 1; the paper presets use 4, t5-large 8, so that batch 32 fits in 24 GB of RAM).
         steps: timed steps (rounds) per configuration (default 5 compare, 3 scale).
@@ -165,7 +165,8 @@ def bench(
     """
     os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # torch.profiler's per-start/stop lines on stderr
     explicit = dict(mode=mode, model=model, ms=ms, pt_tokens=pt_tokens, max_length=max_length,
-                    batch_size=batch_size, grad_accum=grad_accum, steps=steps, warmup=warmup, lengths=lengths, refs=refs,
+                    batch_size=batch_size, grad_accum=grad_accum, steps=steps, warmup=warmup, lengths=lengths,
+                    refs=refs,
                     infer_tokens=infer_tokens, infer_repeats=infer_repeats, ds_config=ds_config, hidden=hidden,
                     layers=layers, intermediate=intermediate, heads=heads)
     settings = resolve_settings(preset, explicit)
@@ -634,8 +635,8 @@ def run_compare(settings: dict) -> dict | None:
     bare_cls, bench_cls = _torch_modules()
     s, l = settings["max_length"], settings["pt_tokens"]
     tcfg = TrainConfig(model=settings["model"], output_dir=settings["output_dir"], ds_config=settings["ds_config"],
-                       method="dept", max_length=s, batch_size=settings["batch_size"], grad_accum=settings["grad_accum"],
-                       lr_prompt=settings["lr_prompt"],
+                       method="dept", max_length=s, batch_size=settings["batch_size"],
+                       grad_accum=settings["grad_accum"], lr_prompt=settings["lr_prompt"],
                        lr_lowrank=settings["lr_lowrank"], steps=10**6, warmup_steps=0, seed=settings["seed"],
                        model_overrides=settings["overrides"])
     ds = load_ds_config(settings["ds_config"], tcfg, world)
@@ -671,10 +672,6 @@ def run_compare(settings: dict) -> dict | None:
             vocab = backbone.model.get_input_embeddings().num_embeddings
             ids = prompt_init_ids(cfg, backbone.tokenizer, vocab, settings["seed"])
             init_prompt_(prompt, None if ids is None else embedding_rows(backbone, ids), settings["seed"])
-            if v.m == 0:
-                # DePTPrompt keeps a 0-element `prompt` parameter when m = 0, which ZeRO-3 cannot gather over
-                # several ranks (torch.cat of no partitions); m = 0 never reads it, so it goes.
-                prompt.register_parameter("prompt", None)
             prompts[v.module] = prompt
         model = bench_cls(backbone.model, prompts, backbone.is_encoder_decoder)
         for name, prompt in prompts.items():
@@ -800,7 +797,7 @@ def run_compare(settings: dict) -> dict | None:
                     sampler.label = v.key
                     _sync()
                     start = time.perf_counter()
-                    _infer(v, batch, engine.module, eager_model, peft_model, settings["infer_tokens"], world, is_ed)
+                    _infer(v, batch, engine.module, eager_model, peft_model, settings["infer_tokens"], world)
                     _sync()
                     v.infer.append(time.perf_counter() - start)
                     sampler.label = "between"
@@ -850,7 +847,7 @@ def _peft(plain, l: int, seed: int):
     return get_peft_model(plain.model, config)
 
 
-def _infer(v: Variant, batch, engine_module, eager_model, peft_model, new_tokens: int, world: int, is_ed: bool):
+def _infer(v: Variant, batch, engine_module, eager_model, peft_model, new_tokens: int, world: int):
     """One evaluation batch: `new_tokens` greedy tokens (exactly that many), or one eval forward when 0."""
     import torch
 
@@ -916,7 +913,8 @@ def compare_report(settings, variants, per_rank, world, length_info, load_s, d_m
         x_bare = paired(v.times, same.times) if same is not None and same is not v and v.kind != "bare" else None
         mean_step = step["mean"]
         table.append({
-            "key": v.key, "config": v.label, "harness": "DeepSpeed ZeRO-3" if v.harness == "engine" else "plain PyTorch",
+            "key": v.key, "config": v.label,
+            "harness": "DeepSpeed ZeRO-3" if v.harness == "engine" else "plain PyTorch",
             "kind": v.kind, "m": v.m, "r": v.r, "trainable": v.trainable, "pad_to": v.pad_to,
             "enc_tokens": statistics.fmean(v.enc_tokens) if v.enc_tokens else None,
             "step_s": step["median"], "step_min_s": step["min"], "step_max_s": step["max"], "step_mean_s": mean_step,
@@ -1012,12 +1010,15 @@ def compare_targets(settings, variants, pt, bare, eager_pt, eager_bare, peft) ->
 
 def compare_notes(settings, info, world, on_cpu) -> list[str]:
     s, l = settings["max_length"], settings["pt_tokens"]
+    overrides = f" and overrides {json.dumps(settings['overrides'])}" if settings["overrides"] else ""
+    padding = "every input padded to s" if settings["lengths"] == "padded" else "each batch padded to its longest input"
+    rows_per_eval = settings["batch_size"] // (world * settings["grad_accum"])
     notes = [
-        f"Backbone {settings['model']} with random weights{' and overrides ' + json.dumps(settings['overrides']) if settings['overrides'] else ''}; "
+        f"Backbone {settings['model']} with random weights{overrides}; "
         f"l={l}, s={s}, global batch {settings['batch_size']} over {world} rank(s) x {settings['grad_accum']} "
         f"micro-batch(es) per step; DeepSpeed config "
         f"{Path(settings['ds_config']).name}.",
-        f"Lengths: {settings['lengths']} ({'every input padded to s' if settings['lengths'] == 'padded' else 'each batch padded to its longest input'}); "
+        f"Lengths: {settings['lengths']} ({padding}); "
         f"data {info['source']}; tokenizer {info['tokenizer']}: median {info['median']}, p90 {info['p90']}, max "
         f"{info['max']} tokens, {100 * info['at_s_fraction']:.0f}% at s (truncated); {info['batches_per_epoch']} "
         "batches per epoch.",
@@ -1048,7 +1049,7 @@ def compare_notes(settings, info, world, on_cpu) -> list[str]:
          if on_cpu else
          "Memory: 'step tensor peak MB' = the accelerator allocator's max_memory_allocated during one extra step "
          "minus memory_allocated before it; 'RSS peak MB' = host resident memory while the configuration ran."),
-        (f"Inference = one evaluation batch (this rank's {settings['batch_size'] // (world * settings['grad_accum'])} rows), "
+        (f"Inference = one evaluation batch (this rank's {rows_per_eval} rows), "
          + (f"exactly {settings['infer_tokens']} greedy tokens generated (min_new_tokens = max_new_tokens)"
             if settings["infer_tokens"] else "one eval-mode forward pass with the targets")
          + f", median of {settings['infer_repeats']} interleaved repeats."),
@@ -1106,7 +1107,8 @@ def compare_markdown(result: dict) -> str:
                 cells.append(fmt(row[c]) if not isinstance(row[c], str) else row[c])
         lines.append("| " + " | ".join(cells) + " |")
     if result["targets"]:
-        lines += ["", "## Targets", "", "| question | value: median [min .. max] | target | verdict |", "|---|---|---|---|"]
+        lines += ["", "## Targets", "", "| question | value: median [min .. max] | target | verdict |",
+                  "|---|---|---|---|"]
         for t in result["targets"]:
             lines.append(f"| {t['name']} | {fmt_ratio(t['value'])} | {t['target']} | {t['verdict']} |")
     lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
@@ -1120,8 +1122,8 @@ def plot_compare(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    main = [r for r in rows if r["kind"] == "dept" and r["harness"].startswith("DeepSpeed")
-            and r["pad_to"] == (result["settings"]["max_length"] if result["settings"]["lengths"] == "padded" else None)]
+    pad_main = result["settings"]["max_length"] if result["settings"]["lengths"] == "padded" else None
+    main = [r for r in rows if r["kind"] == "dept" and r["harness"].startswith("DeepSpeed") and r["pad_to"] == pad_main]
     bare = [r for r in rows if r["kind"] == "bare" and r["harness"].startswith("DeepSpeed")]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     for series, label, style in ((main, "DePT / PT (engine)", "o-"), (bare, "bare backbone, input L+m", "s--")):
@@ -1150,7 +1152,8 @@ def plot_compare(result: dict, path: Path) -> None:
         ax_r.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax_r.legend(fontsize=7, loc="lower right")
     st = result["settings"]
-    ax_t.set(xlabel="m (prompt length; r from the budget of l=%d)" % st["pt_tokens"], ylabel="step time, s (median, min-max)",
+    ax_t.set(xlabel=f"m (prompt length; r from the budget of l={st['pt_tokens']})",
+             ylabel="step time, s (median, min-max)",
              title=f"{st['model']}, lengths={st['lengths']}, batch {st['batch_size']}")
     ax_m.set(xlabel="m", ylabel="step tensor peak MB", title="memory")
     for ax in (ax_t, ax_m):
@@ -1258,7 +1261,8 @@ def run_scale(settings: dict) -> dict | None:
     total_ram = per_rank[0]["total_ram_mb"]
     min_avail = min(r["min_available_mb"] for r in per_rank)
     result = {
-        "mode": "scale", "settings": _jsonable(settings), "world_size": world, "device": "cpu" if on_cpu else "accelerator",
+        "mode": "scale", "settings": _jsonable(settings), "world_size": world,
+        "device": "cpu" if on_cpu else "accelerator",
         "model": settings["model"], "overrides": settings["overrides"], "d_model": d,
         "layers": getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None),
         "intermediate": getattr(config, "intermediate_size", None) or getattr(config, "d_ff", None),
@@ -1305,8 +1309,10 @@ def scale_notes(result: dict, on_cpu: bool) -> list[str]:
 
 def scale_markdown(result: dict) -> str:
     gb = 1024
-    lines = [f"# dept bench --mode scale: {result['model']} {json.dumps(result['overrides']) if result['overrides'] else ''}",
-             "", f"{_count(result['backbone_params'])} backbone parameters (d={result['d_model']}, {result['layers']} layers, "
+    overrides = json.dumps(result["overrides"]) if result["overrides"] else ""
+    lines = [f"# dept bench --mode scale: {result['model']} {overrides}",
+             "", f"{_count(result['backbone_params'])} backbone parameters (d={result['d_model']}, "
+             f"{result['layers']} layers, "
              f"intermediate {result['intermediate']}), {result['dtype']}, {result['world_size']} rank(s), DePT m="
              f"{result['m']} r={result['r']} ({result['trainable_params']:,} trainable), batch {result['batch_size']} "
              f"x {result['max_length']} tokens.", "",

@@ -99,14 +99,17 @@ def rank_for_budget(l: int, m: int, s: int, d: int) -> int:
 class DePTPrompt(nn.Module):
     """Trainable DePT tensors and the forward that applies them to already-embedded tokens.
 
-    Parameters: `prompt` [m, d], `lora_A` [s, r], `lora_B` [r, d] (the last two absent when r = 0).
+    Parameters: `prompt` [m, d] (absent when m = 0), `lora_A` [s, r], `lora_B` [r, d] (absent when r = 0).
     """
 
     def __init__(self, config: DeptConfig):
         super().__init__()
         self.config = config
         m, r, s, d = config.num_virtual_tokens, config.r, config.max_length, config.d_model
-        self.prompt = nn.Parameter(torch.zeros(m, d))
+        if m > 0:
+            self.prompt = nn.Parameter(torch.zeros(m, d))
+        else:  # no 0-element parameter: ZeRO-3 on several ranks cannot partition one
+            self.register_parameter("prompt", None)
         if r > 0:
             self.lora_A = nn.Parameter(torch.empty(s, r))
             self.lora_B = nn.Parameter(torch.zeros(r, d))

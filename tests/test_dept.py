@@ -162,3 +162,14 @@ def test_length_grouped_batches_keep_every_row_and_group_lengths():
         return sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches) / len(batches)
 
     assert spread(grouped) < spread(plain) / 4
+
+
+def test_m0_has_no_prompt_parameter_and_round_trips(tmp_path):
+    from pipeline import adapters
+
+    module = DePTPrompt(DeptConfig(num_virtual_tokens=0, r=4, max_length=16, d_model=8))
+    assert module.prompt is None and [n for n, _ in module.named_parameters()] == ["lora_A", "lora_B"]
+    embeds, mask, _ = module(torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.long))
+    assert embeds.shape == (2, 5, 8)
+    adapters.save_adapter(module, tmp_path / "a", "x")
+    assert set(adapters.read_adapter(tmp_path / "a")[1]) == {"lora_A", "lora_B"}
