@@ -38,7 +38,28 @@ def init(timeout_s: float = 1800) -> tuple[int, int]:
         if threads:  # the deepspeed launcher does not limit threads per rank; torchrun sets 1
             torch.set_num_threads(int(threads))
         deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
+        _unlink_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _unlink_shm_buffer() -> None:
+    """Remove this rank's DeepSpeed CPU all-reduce buffer from /dev/shm once every rank has mapped it.
+
+    DeepSpeed's CPU accelerator creates `/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>` (66 MB)
+    and never deletes it: every multi-rank run leaked 2 x 66 MB of RAM (seen: 4.8 GB after a test session). The
+    mappings stay valid after the unlink; the memory is freed when the processes exit.
+    """
+    import torch.distributed as dist
+
+    if dist.get_world_size() == 1:
+        return
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    dist.barrier()  # every rank has opened every buffer during init
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except OSError:
+        pass
 
 
 def rank() -> int:

@@ -22,10 +22,9 @@ from pipeline.tasks.readers import read_rows
 
 def inference_ds_config(path: str, world: int) -> dict:
     """The DeepSpeed config with a trivial batch geometry (DeepSpeed insists on one even without training)."""
-    file = Path(path)
-    if not file.is_file():
-        raise PipelineError(f"DeepSpeed config {path} does not exist: pass one of ds_configs/*.json")
-    ds = json.loads(file.read_text())
+    from pipeline.train import read_ds_config
+
+    ds = read_ds_config(path)
     ds.update(train_batch_size=world, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
     return ds
 

@@ -106,15 +106,20 @@ class TrainConfig:
                           init_text=self.init_text)
 
 
-def load_ds_config(path: str, cfg: TrainConfig, world: int) -> dict:
-    """The user's DeepSpeed JSON with batch geometry and clipping filled in from the run's config."""
+def read_ds_config(path: str) -> dict:
+    """The user's DeepSpeed JSON, checked to exist and parse."""
     file = Path(path)
     if not file.is_file():
         raise PipelineError(f"DeepSpeed config {path} does not exist: pass one of ds_configs/*.json")
     try:
-        ds = json.loads(file.read_text())
+        return json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise PipelineError(f"DeepSpeed config {path} is not valid JSON ({err.msg}, line {err.lineno})") from None
+
+
+def load_ds_config(path: str, cfg: TrainConfig, world: int) -> dict:
+    """The user's DeepSpeed JSON with batch geometry and clipping filled in from the run's config."""
+    ds = read_ds_config(path)
     per_step = world * cfg.grad_accum
     if cfg.batch_size % per_step:
         raise PipelineError(f"batch_size {cfg.batch_size} is not divisible by world_size {world} x grad_accum "
