@@ -1040,7 +1040,7 @@ def compare_notes(settings, info, world, on_cpu) -> list[str]:
         "seq2seq default (2) also prompts the decoder, i.e. twice the parameters and not the same budget."
         if _arch(settings["model"]) != "llama" else "PEFT PromptTuning (CAUSAL_LM) with l tokens.",
         "tokens/s = real (non-pad) source tokens of the global batch (mean over rounds) / median step time.",
-        (f"Memory: 'step tensor peak MB' = the highest amount of CPU tensor memory one training step held above "
+        ("Memory: 'step tensor peak MB' = the highest amount of CPU tensor memory one training step held above "
          "what was live when it started (torch.profiler memory events: allocations minus frees, in order; "
          "activations, gathered ZeRO-3 parameters, gradients, optimizer temporaries), from one extra untimed step; "
          "'RSS peak MB' = the process's resident memory, sampled every 10 ms while that configuration ran "

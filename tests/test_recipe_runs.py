@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO, free_port, run
+from conftest import free_port, run
 
 pytestmark = pytest.mark.slow
 
