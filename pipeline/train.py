@@ -377,7 +377,8 @@ def train(cfg: TrainConfig, train_rows: list[dict], make_evaluation: Callable[[B
             _evaluate_and_keep_best(engine.module, evaluation, done, state, out, backbone, rank, callbacks)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
             checkpoints.save(engine, done, rank, state)
-        for hook in ("DEPT_FAULT_KILL_AT_STEP", "DEPT_FAULT_RAISE_AT_STEP", "DEPT_FAULT_HANG_AT_STEP"):
+            _fault("DEPT_FAULT_KILL_AT_STEP", done, rank)  # a kill right after a complete checkpoint
+        for hook in ("DEPT_FAULT_RAISE_AT_STEP", "DEPT_FAULT_HANG_AT_STEP"):
             _fault(hook, done, rank)
     progress.close()
 
