@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -93,10 +93,6 @@ class Run:
 
 # -- loading and validation --------------------------------------------------------------------------------
 
-def _type_name(expected) -> str:
-    return getattr(expected, "__name__", str(expected))
-
-
 def _check_value(value, annotation: str, path: str):
     """Check a YAML value against a dataclass field's annotation (as a string: `from __future__` annotations)."""
     ann = annotation.replace(" ", "")
@@ -129,8 +125,7 @@ def _build(cls, raw, path: str):
     for name, spec in known.items():
         if name in raw:
             values[name] = _check_value(raw[name], str(spec.type), f"{path}.{name}")
-        elif spec.default is spec.default_factory is None or (
-                spec.default.__class__.__name__ == "_MISSING_TYPE" and spec.default_factory.__class__.__name__ == "_MISSING_TYPE"):
+        elif spec.default is MISSING and spec.default_factory is MISSING:
             raise PipelineError(f"{path}.{name}: required key is missing")
     return cls(**values)
 
