@@ -91,13 +91,39 @@ def test_bench_rejects_bad_flags():
 def test_bench_scale_two_ranks_reports_half_of_the_backbone_per_rank(tmp_path):
     out = tmp_path / "scale"
     run(["bench", "--mode", "scale", "--model", "random:tiny-llama", "--hidden", "128", "--layers", "2",
-         "--intermediate", "256", "--ds_config", "ds_configs/zero3_cpu.json", "--steps", "1", "--warmup", "0",
+         "--intermediate", "256", "--steps", "2", "--warmup", "0",
          "--max_length", "32", "--output_dir", str(out)], nproc=2, launcher="deepspeed", timeout=300)
     result = json.loads((out / "bench.json").read_text())
     assert result["world_size"] == 2 and result["d_model"] == 128 and result["layers"] == 2
     assert [s["rank"] for s in result["sharding"]] == [0, 1]
     assert all(s["held_fraction"] == pytest.approx(0.5, abs=0.01) for s in result["sharding"])
-    assert sum(r["held_param_bytes"] for r in result["ranks"]) == pytest.approx(4 * result["backbone_params"], rel=0.01)
+    # the scale default is bf16 (ds_configs/zero3_cpu_bf16.json): 2 bytes per parameter, half on each rank
+    assert result["dtype"] == "bfloat16"
+    assert sum(r["held_param_bytes"] for r in result["ranks"]) == pytest.approx(2 * result["backbone_params"], rel=0.01)
+    assert len(result["times_s"]) == 2
     assert result["loss_finite"] and result["step_s"] > 0 and result["load_s"] > 0
     assert 0 < result["peak_used_mb"] <= result["total_ram_mb"] and result["headroom_mb"] > 0
     assert "headroom" in (out / "bench.md").read_text() and (out / "bench.png").is_file()
+
+
+def test_data_tokenizer_trains_on_every_text_field_and_is_cached(tmp_path):
+    """`--tokenizer data-32k` (here with a smaller vocabulary): a SentencePiece trained on <task>/<split>.jsonl
+    text, coarser than the 1,000-piece test tokenizer on the same kind of text, reused from the cache."""
+    from pipeline.errors import PipelineError
+    from pipeline.tokenizer import corpus_lines, data_tokenizer, trained_tokenizer
+
+    lines = corpus_lines(4000, seed=1)
+    rows = [{"idx": i, "sentence1": a, "sentence2": b, "label": 0} for i, (a, b) in enumerate(zip(lines, lines[1:]))]
+    (tmp_path / "data" / "rte").mkdir(parents=True)
+    (tmp_path / "data" / "rte" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = data_tokenizer(tmp_path / "data", 4000, tmp_path / "cache")
+    (folder,) = (tmp_path / "cache").glob("data-tokenizer-4000-*")
+    stamp = (folder / "spiece.model").stat().st_mtime_ns
+    again = data_tokenizer(tmp_path / "data", 4000, tmp_path / "cache")
+    assert (folder / "spiece.model").stat().st_mtime_ns == stamp
+    text = " ".join(corpus_lines(20, seed=2))
+    ids = tok(text)["input_ids"]
+    assert ids == again(text)["input_ids"] and len(tok) > 1000
+    assert len(ids) < len(trained_tokenizer(tmp_path / "cache")(text)["input_ids"])
+    with pytest.raises(PipelineError, match="no <task>/<split>.jsonl"):
+        data_tokenizer(tmp_path / "empty", 4000, tmp_path / "cache")

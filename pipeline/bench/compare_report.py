@@ -1,0 +1,280 @@
+"""The compare mode's report: table rows, the issue's targets as paired ratios, notes, Markdown and the plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from pipeline.bench.measure import on_cpu, paired, summary
+from pipeline.bench.output import fmt, fmt_ratio, jsonable
+from pipeline.bench.settings import arch_of
+
+COLUMNS = ["config", "harness", "m", "r", "trainable", "enc_tokens", "step_s", "step_range_s", "tokens_per_s",
+           "x_pt", "x_bare_same_len", "step_tensor_peak_mb", "rss_peak_mb", "infer_s", "epoch_s"]
+HEADERS = {"config": "configuration", "harness": "harness", "m": "m", "r": "r", "trainable": "trainable params",
+           "enc_tokens": "input tokens (m + L)", "step_s": "step s (median)", "step_range_s": "step s (min .. max)",
+           "tokens_per_s": "tokens/s", "x_pt": "time / PT l", "x_bare_same_len": "time / bare same length",
+           "step_tensor_peak_mb": "step tensor peak MB", "rss_peak_mb": "RSS peak MB",
+           "infer_s": "inference s (median)", "epoch_s": "epoch est. s"}
+
+
+
+def compare_report(settings, variants, per_rank, world, length_info, load_s, d_model, total_ram, dtype) -> dict:
+    """Everything measured, the table rows, the paired ratios and the targets of the issue."""
+    # A step ends when the slowest rank ends: per step, the max over ranks.
+    for v in variants:
+        v.times = [max(r["times"][v.key][i] for r in per_rank) for i in range(len(v.times))]
+        v.infer = [max(r["infer"][v.key][i] for r in per_rank) for i in range(len(v.infer))]
+        peaks = [r["step_peak"][v.key] for r in per_rank if r["step_peak"][v.key] is not None]
+        v.step_peak_mb = max(peaks) if peaks else None
+        v.rss_peak_mb = max(r["rss_peak"][v.key] for r in per_rank)
+        v.real_tokens = [sum(r["real"][v.key][i] for r in per_rank) for i in range(len(v.real_tokens))]
+    by_key = {v.key: v for v in variants}
+    l, s = settings["pt_tokens"], settings["max_length"]
+    pad_main = s if settings["lengths"] == "padded" else None
+    pt = next((v for v in variants if v.harness == "engine" and v.m == l and v.r == 0 and v.pad_to == pad_main), None)
+    bare = {v.m: v for v in variants if v.kind == "bare" and v.harness == "engine"}
+    eager_pt = by_key.get(f"eager_pt_l{l}")
+    eager_bare = by_key.get(f"eager_bare_p{l}")
+    peft = by_key.get(f"peft_pt_l{l}")
+
+    def baseline_pt(v):
+        if v.harness == "eager":
+            return eager_pt if v.kind != "bare" else eager_bare
+        return bare.get(l) if v.kind == "bare" else pt
+
+    table = []
+    for v in variants:
+        step = summary(v.times)
+        x_pt = paired(v.times, baseline_pt(v).times) if baseline_pt(v) not in (None, v) else None
+        same = eager_bare if v.harness == "eager" and v.kind != "bare" else bare.get(v.m)
+        x_bare = paired(v.times, same.times) if same is not None and same is not v and v.kind != "bare" else None
+        mean_step = step["mean"]
+        table.append({
+            "key": v.key, "config": v.label,
+            "harness": "DeepSpeed ZeRO-3" if v.harness == "engine" else "plain PyTorch",
+            "kind": v.kind, "m": v.m, "r": v.r, "trainable": v.trainable, "pad_to": v.pad_to,
+            "enc_tokens": statistics.fmean(v.enc_tokens) if v.enc_tokens else None,
+            "step_s": step["median"], "step_min_s": step["min"], "step_max_s": step["max"], "step_mean_s": mean_step,
+            "tokens_per_s": statistics.fmean(v.real_tokens) / step["median"] if v.times and step["median"] else None,
+            "x_pt": x_pt, "x_bare_same_len": x_bare,
+            "step_tensor_peak_mb": v.step_peak_mb, "rss_peak_mb": v.rss_peak_mb,
+            "alloc_peak_mb": v.alloc_peak_mb,
+            "infer_s": summary(v.infer)["median"], "infer_range_s": [summary(v.infer)["min"], summary(v.infer)["max"]],
+            "epoch_s": mean_step * length_info["batches_per_epoch"] if mean_step else None,
+            "times_s": v.times, "infer_times_s": v.infer, "losses": v.losses,
+            "loss_finite": all(math.isfinite(x) for x in v.losses),
+        })
+    targets = compare_targets(settings, variants, pt, bare, eager_pt, eager_bare, peft)
+    cpu = on_cpu()
+    return {
+        "mode": "compare", "settings": jsonable(settings), "world_size": world, "d_model": d_model,
+        "dtype": str(dtype).replace("torch.", ""), "device": "cpu" if cpu else "accelerator",
+        "load_s": load_s, "lengths": length_info, "rows": table, "targets": targets,
+        "total_ram_mb": total_ram / 2**20,
+        "ranks": [{"rank": r["rank"], "ru_maxrss_mb": r["ru_maxrss_mb"], "min_available_mb": r["min_available_mb"]}
+                  for r in per_rank],
+        "notes": compare_notes(settings, length_info, world, cpu),
+    }
+
+
+
+def compare_targets(settings, variants, pt, bare, eager_pt, eager_bare, peft) -> list[dict]:
+    """The questions of the issue, one row each: `value` = median of the ratios of steps taken in the same round
+    (with min and max over rounds), the target, and whether it is met. `key` names the MLflow metric."""
+    l = settings["pt_tokens"]
+    out = []
+
+    def dept_at(m):
+        return next((v for v in variants if v.harness == "engine" and v.kind == "dept" and v.m == m
+                     and v.pad_to == (pt.pad_to if pt else None)), None)
+
+    def add(key, name, value, target, ok, note=""):
+        verdict = "n/a" if value is None or value.get("median") is None or ok is None else ("meets" if ok else "misses")
+        out.append({"key": key, "name": name, "value": value, "target": target, "verdict": verdict, "note": note})
+
+    def at_most(value, limit):
+        return value["median"] is not None and value["median"] <= limit
+
+    # The paper's two settings at l = 100 (m = 60, r = 30 and m = 40, r = 45); scaled with l otherwise.
+    m60, m40 = round(0.6 * l), round(0.4 * l)
+    for m, limit, gap_target in ((m60, 0.87, 2.0), (m40, 0.80, None)):
+        dept = dept_at(m)
+        if dept is None or pt is None or dept is pt:
+            continue
+        ratio = paired(dept.times, pt.times)
+        add(f"time.dept_m{m}_over_pt", f"step time DePT m={m} r={dept.r} / PT l={l}", ratio, f"<= {limit:.2f}",
+            at_most(ratio, limit))
+        if m in bare and l in bare:
+            floor = paired(bare[m].times, bare[l].times)
+            add(f"time.bare_p{m}_over_bare_p{l}", f"bare backbone, input L+{m} / L+{l} (the floor for the ratio "
+                "above)", floor, "reference", None, "what the shorter input alone saves")
+            gap = summary([100 * (a / b - c / e) for a, b, c, e in
+                           zip(dept.times, pt.times, bare[m].times, bare[l].times) if b and e])
+            add(f"gap.dept_m{m}_minus_bare_points", f"DePT m={m} ratio minus bare ratio (points)", gap,
+                "<= +2" if gap_target is not None else "reference",
+                at_most(gap, gap_target) if gap_target is not None else None)
+        if dept.step_peak_mb and pt.step_peak_mb:
+            mem = {"median": dept.step_peak_mb / pt.step_peak_mb, "min": None, "max": None, "n": 1}
+            add(f"memory.dept_m{m}_over_pt", f"step tensor peak DePT m={m} / PT l={l}", mem,
+                "reference (paper: > 20% less)", None, "one profiled step each")
+    for v in [pt, dept_at(m60), dept_at(m40)]:
+        if v is not None and v.m in bare and v.kind == "dept":
+            overhead = summary([100 * (a / b - 1) for a, b in zip(v.times, bare[v.m].times) if b])
+            add(f"overhead.{v.key}_pct", f"pipeline overhead: {v.label} vs bare backbone at the same length (%)",
+                overhead, "<= 5%", at_most(overhead, 5.0),
+                "both through the same DeepSpeed engine, so this is the DePT module and its optimizer step")
+    if eager_pt is not None and peft is not None:
+        ratio = summary([100 * (a / b - 1) for a, b in zip(eager_pt.times, peft.times) if b])
+        add("peft.our_pt_vs_peft_pct", f"our PT l={l} vs PEFT PT l={l}, both without engine (%)", ratio,
+            "within +-5%", ratio["median"] is not None and abs(ratio["median"]) <= 5.0,
+            "PEFT with num_transformer_submodules=1")
+    if pt is not None and peft is not None:
+        add("peft.our_pt_engine_over_peft", f"our PT l={l} through DeepSpeed ZeRO-3 / PEFT PT l={l} in a plain loop",
+            paired(pt.times, peft.times), "reference", None, "what a user sees, engine cost included")
+    if bare.get(l) is not None and eager_bare is not None:
+        add("engine.bare_engine_over_plain", f"ZeRO-3 engine cost: bare L+{l} through the engine / without",
+            paired(bare[l].times, eager_bare.times), "reference", None)
+    padded = next((v for v in variants if v.key == f"pt_l{l}_pad{settings['max_length']}"), None)
+    dept60 = dept_at(m60)
+    if padded is not None and dept60 is not None:
+        per_round = paired(dept60.times, padded.times)
+        ratio = {"median": sum(dept60.times) / sum(padded.times), "min": per_round["min"], "max": per_round["max"],
+                 "n": len(dept60.times)}
+        add(f"epoch.dept_m{m60}_dynamic_over_pt_padded", f"epoch time DePT m={m60} ({settings['lengths']} lengths, "
+            f"dynamic padding) / PT l={l} padded to s={settings['max_length']}", ratio, "< 0.5 expected",
+            ratio["median"] < 0.5, "sum over the same sampled batches of the epoch order; [min .. max] per batch")
+    return out
+
+
+
+def compare_notes(settings, info, world, cpu: bool) -> list[str]:
+    s, l = settings["max_length"], settings["pt_tokens"]
+    overrides = f" and overrides {json.dumps(settings['overrides'])}" if settings["overrides"] else ""
+    padding = "every input padded to s" if settings["lengths"] == "padded" else "each batch padded to its longest input"
+    rows_per_eval = settings["batch_size"] // (world * settings["grad_accum"])
+    notes = [
+        f"Backbone {settings['model']} with random weights{overrides}; "
+        f"l={l}, s={s}, global batch {settings['batch_size']} over {world} rank(s) x {settings['grad_accum']} "
+        f"micro-batch(es) per step; DeepSpeed config "
+        f"{Path(settings['ds_config']).name}.",
+        f"Lengths: {settings['lengths']} ({padding}); "
+        f"data {info['source']}; tokenizer {info['tokenizer']}: median {info['median']}, p90 {info['p90']}, max "
+        f"{info['max']} tokens, {100 * info['at_s_fraction']:.0f}% at s (truncated); {info['batches_per_epoch']} "
+        "batches per epoch.",
+        f"Timing: {settings['warmup']} warm-up + {settings['steps']} timed rounds; each round runs one step of every "
+        "configuration (round-robin, starting position rotating) on the same batch, the next batch of the epoch "
+        "order. step s = forward + backward + optimizer step, median over rounds (min-max beside it); with several "
+        "ranks a step's time is that of the slowest rank. Ratios (time / PT l, time / bare, targets) are medians of "
+        "ratios taken within each round, i.e. of steps run side by side.",
+        "Rows through DeepSpeed ZeRO-3 share one engine over one sharded backbone (all prompt modules in one "
+        "module tree), so the optimizer step covers every configuration's few trainable tensors (< 0.1% of a "
+        "step at T5-base size) and ZeRO-3's prefetch trace is rebuilt when the module order changes between "
+        "rounds; the bare rows pay both the same way, so the pipeline-overhead ratio isolates the DePT module.",
+        "bare = the backbone alone, fed an input of the same total length (m extra tokens in place of the prompt) "
+        "with one trainable [d] vector added to the input embeddings, so that its backward pass also reaches "
+        "the input: the floor for any prompt method. Engine bare rows give the pipeline overhead (same engine); "
+        "the no-engine rows (bare, our PT module, PEFT) run a plain PyTorch loop (AdamW) on a copy of the same "
+        "weights and the same batches: our PT vs PEFT is compared there, like for like.",
+        f"PEFT PromptTuning uses num_transformer_submodules=1: prompts on the encoder only, {l} x d parameters. PEFT's "
+        "seq2seq default (2) also prompts the decoder, i.e. twice the parameters and not the same budget."
+        if arch_of(settings["model"]) != "llama" else "PEFT PromptTuning (CAUSAL_LM) with l tokens.",
+        "tokens/s = real (non-pad) source tokens of the global batch (mean over rounds) / median step time.",
+        ("Memory: 'step tensor peak MB' = the highest amount of CPU tensor memory one training step held above "
+         "what was live when it started (torch.profiler memory events: allocations minus frees, in order; "
+         "activations, gathered ZeRO-3 parameters, gradients, optimizer temporaries), from one extra untimed step; "
+         "'RSS peak MB' = the process's resident memory, sampled every 10 ms while that configuration ran "
+         "(process-wide: the model, the plain copy, and pages the allocator keeps after earlier configurations, so "
+         "it differs little between rows). Max over ranks."
+         if cpu else
+         "Memory: 'step tensor peak MB' = the accelerator allocator's max_memory_allocated during one extra step "
+         "minus memory_allocated before it; 'RSS peak MB' = host resident memory while the configuration ran."),
+        (f"Inference = one evaluation batch (this rank's {rows_per_eval} rows), "
+         + (f"exactly {settings['infer_tokens']} greedy tokens generated (min_new_tokens = max_new_tokens)"
+            if settings["infer_tokens"] else "one eval-mode forward pass with the targets")
+         + f", median of {settings['infer_repeats']} interleaved repeats."),
+        "epoch est. s = mean step time over the sampled batches x batches per epoch.",
+    ]
+    if not settings["tokenizer"] and settings["model"].startswith("random:") and settings["lengths"] != "padded":
+        notes.append("The random: presets' 1,000-piece test tokenizer makes English text about 3x longer than T5's "
+                     "32k SentencePiece; pass --tokenizer (a T5 tokenizer directory) for T5's real lengths.")
+    return notes
+
+
+
+def compare_markdown(result: dict) -> str:
+    st = result["settings"]
+    lines = [f"# dept bench: {st['model']}, l={st['pt_tokens']}, s={st['max_length']}, "
+             f"lengths={st['lengths']}, batch {st['batch_size']}, {result['world_size']} rank(s), {result['dtype']}",
+             "", "| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in result["rows"]:
+        cells = []
+        for c in COLUMNS:
+            if c == "step_range_s":
+                cells.append(f"{fmt(row['step_min_s'])} .. {fmt(row['step_max_s'])}")
+            elif c in ("x_pt", "x_bare_same_len"):
+                cells.append(fmt_ratio(row[c]))
+            elif c == "enc_tokens":
+                cells.append(fmt(row[c], 4))
+            else:
+                cells.append(fmt(row[c]) if not isinstance(row[c], str) else row[c])
+        lines.append("| " + " | ".join(cells) + " |")
+    if result["targets"]:
+        lines += ["", "## Targets", "", "| question | value: median [min .. max] | target | verdict |",
+                  "|---|---|---|---|"]
+        for t in result["targets"]:
+            lines.append(f"| {t['name']} | {fmt_ratio(t['value'])} | {t['target']} | {t['verdict']} |")
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+
+def plot_compare(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    pad_main = result["settings"]["max_length"] if result["settings"]["lengths"] == "padded" else None
+    main = [r for r in rows if r["kind"] == "dept" and r["harness"].startswith("DeepSpeed") and r["pad_to"] == pad_main]
+    bare = [r for r in rows if r["kind"] == "bare" and r["harness"].startswith("DeepSpeed")]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for series, label, style in ((main, "DePT / PT (engine)", "o-"), (bare, "bare backbone, input L+m", "s--")):
+        series = sorted(series, key=lambda r: r["m"])
+        if not series:
+            continue
+        xs = [r["m"] for r in series]
+        med = [r["step_s"] for r in series]
+        err = [[r["step_s"] - r["step_min_s"] for r in series], [r["step_max_s"] - r["step_s"] for r in series]]
+        ax_t.errorbar(xs, med, yerr=err, fmt=style, capsize=3, label=label)
+        peaks = [r["step_tensor_peak_mb"] for r in series]
+        if all(p is not None for p in peaks):
+            ax_m.plot(xs, peaks, style, label=f"{label}: step tensor peak")
+    refs = [r for r in rows if r["harness"].startswith("plain") or (r["kind"] == "dept" and r not in main)]
+    for i, r in enumerate(refs):  # rows without an m axis: horizontal lines, labels staggered so they don't overlap
+        ax_t.axhline(r["step_s"], linestyle=":", linewidth=1, color="grey")
+        ax_t.text(0.01 + 0.33 * (i % 3), r["step_s"], r["config"], transform=ax_t.get_yaxis_transform(),
+                  fontsize=6.5, color="dimgrey", va="bottom")
+    rss = sorted(main, key=lambda r: r["m"])
+    if rss:
+        ax_r = ax_m.twinx()
+        ax_r.plot([r["m"] for r in rss], [r["rss_peak_mb"] for r in rss], "^:", color="tab:green",
+                  label="RSS peak, process (right axis)")
+        ax_r.set_ylabel("RSS MB")
+        ax_r.set_ylim(0, 1.5 * max(r["rss_peak_mb"] or 0 for r in rss) + 1)  # below the legends
+        ax_r.ticklabel_format(axis="y", useOffset=False, style="plain")
+        ax_r.legend(fontsize=7, loc="lower right")
+    st = result["settings"]
+    ax_t.set(xlabel=f"m (prompt length; r from the budget of l={st['pt_tokens']})",
+             ylabel="step time, s (median, min-max)",
+             title=f"{st['model']}, lengths={st['lengths']}, batch {st['batch_size']}")
+    ax_m.set(xlabel="m", ylabel="step tensor peak MB", title="memory")
+    for ax in (ax_t, ax_m):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,121 @@
+"""`dept bench` output: bench.md / bench.json / bench.png written atomically, number formatting, MLflow logging."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+log = logging.getLogger("pipeline.bench")
+
+
+def jsonable(settings: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
+
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if value == 0:
+        return "0"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+
+def count_label(n: int) -> str:
+    return f"{n / 1e9:.3g} B" if n >= 1e9 else f"{n / 1e6:.3g} M"
+
+
+
+def fmt_ratio(value: dict | None) -> str:
+    if not value or value.get("median") is None:
+        return "-"
+    if value.get("min") is None:
+        return fmt(value["median"])
+    return f"{fmt(value['median'])} [{fmt(value['min'])} .. {fmt(value['max'])}]"
+
+
+
+def write_outputs(settings: dict, result: dict, markdown, plot) -> None:
+    """bench.md (`markdown(result)`), bench.json and bench.png (`plot(result, path)`) in the output directory, written
+    atomically; the table on stdout (rank 0)."""
+    from pipeline import atomic
+
+    out = Path(settings["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(result)
+    atomic.write_text(out / "bench.md", text)
+    atomic.write_text(out / "bench.json", json.dumps(result, indent=1, default=str) + "\n")
+    plot(result, out / "bench.png")
+    print(text, flush=True)
+    print(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}", flush=True)
+
+
+
+def _metrics(result: dict) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+
+    def put(name, value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            metrics[name] = float(value)
+
+    if result["mode"] == "compare":
+        for row in result["rows"]:
+            for col in ("step_s", "step_min_s", "step_max_s", "tokens_per_s", "step_tensor_peak_mb", "rss_peak_mb",
+                        "infer_s", "epoch_s", "enc_tokens"):
+                put(f"{row['key']}.{col}", row[col])
+            for col in ("x_pt", "x_bare_same_len"):
+                if row[col]:
+                    put(f"{row['key']}.{col}", row[col]["median"])
+        for target in result["targets"]:
+            if target["value"]:
+                put(f"target.{target['key']}", target["value"]["median"])
+    else:
+        for key in ("load_s", "engine_init_s", "step_s", "tokens_per_s", "backbone_params", "peak_used_mb",
+                    "headroom_mb", "total_ram_mb"):
+            put(key, result[key])
+        for r in result["ranks"]:
+            put(f"rank{r['rank']}.held_param_bytes", r["held_param_bytes"])
+            put(f"rank{r['rank']}.ru_maxrss_mb", r["ru_maxrss_mb"])
+    return metrics
+
+
+
+def track(settings: dict, result: dict | None) -> None:
+    """Log the run to MLflow (when --mlflow_uri is set) through `pipeline.tracking.Tracker`: one run with the
+    settings as params, every number as a metric, each target's verdict as a tag, bench.md/json/png as artifacts.
+
+    Called on every rank (opening the run is a collective under several ranks); only rank 0, which holds
+    `result`, logs."""
+    if not settings.get("mlflow_uri"):
+        return
+    import hashlib
+
+    from pipeline.tracking import Tracker
+
+    digest = hashlib.sha1(json.dumps(jsonable(settings), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    key = f"bench.{settings['mode']}.{digest}.{time.time_ns()}"  # a new run per measurement (rank 0's key counts)
+    name = f"bench-{settings['mode']}-{settings['model'].replace(':', '-')}"
+    with Tracker(settings["mlflow_uri"], settings["experiment"]) as tracker:
+        run_id = tracker.parent(name, key)
+        if result is None:
+            return
+        params = {k: v for k, v in jsonable(settings).items() if k != "mlflow_uri" and v not in (None, "")}
+        tracker.log_params(params, run_id)
+        tracker.set_tags({"dept.bench": result["mode"]}, run_id)
+        tracker.log_metrics(_metrics(result), step=0, run_id=run_id)
+        for target in result.get("targets", []):
+            tracker.set_tags({f"target.{target['key']}": f"{target['name']}: {fmt_ratio(target['value'])} vs "
+                                                          f"{target['target']} ({target['verdict']})"}, run_id)
+        out = Path(settings["output_dir"])
+        for file in ("bench.md", "bench.json", "bench.png"):
+            tracker.log_artifact(out / file, run_id=run_id)
+        tracker.finish(run_id)
+        log.info("logged to MLflow run %s at %s (experiment %s)", run_id, tracker.uri, settings["experiment"])
