@@ -68,7 +68,7 @@ def data_tokenizer(data_dir: str | Path, vocab_size: int = 32000, cache_dir: str
                 row = json.loads(line)
                 lines += [value for value in row.values() if isinstance(value, str) and len(value) > 1]
     return _sentencepiece(lines, vocab_size, f"data-tokenizer-{vocab_size}", cache_dir,
-                          input_sentence_size=300000, shuffle_input_sentence=True)
+                          input_sentence_size=1_000_000, shuffle_input_sentence=False)  # the first 1M: deterministic
 
 
 def _sentencepiece(lines: list[str], vocab_size: int, name: str, cache_dir: str | Path | None, **options):

@@ -113,3 +113,17 @@ def test_config_records_checksum_and_shape_fields(tmp_path):
     for key in ("method", "num_virtual_tokens", "r", "max_length", "scale", "prompt_init", "backbone", "d_model",
                 "weights_sha256"):
         assert key in meta
+
+
+def test_atomic_files_and_adapter_dirs_get_umask_permissions(tmp_path):
+    """mkstemp/mkdtemp would leave results 0600 and adapters 0700, unreadable to a shared group."""
+    import stat
+
+    atomic.write_text(tmp_path / "results.json", "{}")
+    adapters.save_adapter(make(), tmp_path / "adapter", "random:tiny-t5")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o777 & ~mask
+    for file in (tmp_path / "adapter").iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) & 0o444 == 0o444 & ~mask, file

@@ -30,7 +30,8 @@ def test_bench_compare_tiny_writes_table_json_plot_and_mlflow_run(tmp_path):
     out = tmp_path / "bench"
     db = tmp_path / "ml" / "mlflow.db"
     proc = run(["bench", "--model", "random:tiny-t5", "--ms", "40,100", "--pt_tokens", "100", "--max_length", "48",
-                "--batch_size", "4", "--steps", "2", "--warmup", "1", "--lengths", "rte", "--infer_repeats", "1",
+                "--batch_size", "4", "--steps", "2", "--warmup", "1", "--lengths", "rte", "--group_by_length",
+                "--infer_repeats", "1",
                 "--output_dir", str(out), "--mlflow_uri", f"sqlite:///{db}"], timeout=300)
 
     for name in ("bench.md", "bench.json", "bench.png"):
@@ -45,6 +46,7 @@ def test_bench_compare_tiny_writes_table_json_plot_and_mlflow_run(tmp_path):
                    "step tensor peak MB", "RSS peak MB", "inference s (median)", "epoch est. s", "m", "r"):
         assert f"| {column} |" in header, column
     assert "## Targets" in table and "pipeline overhead" in table and "PEFT" in table
+    assert "batches of similar lengths" in table
 
     result = json.loads((out / "bench.json").read_text())
     rows = {row["key"]: row for row in result["rows"]}

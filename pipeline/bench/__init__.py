@@ -55,6 +55,7 @@ def bench(
     refs: str | list | tuple | None = None,
     infer_tokens: int | None = None,
     infer_repeats: int | None = None,
+    group_by_length: bool = False,
     memory_profile: bool = True,
     tokenizer: str | None = None,
     data_dir: str = "",
@@ -104,6 +105,8 @@ def bench(
         infer_tokens: inference = one evaluation batch with this many greedy tokens generated (min = max, so every
             configuration generates the same number); 0 = one eval-mode forward pass instead (default 2).
         infer_repeats: inference timings per configuration, interleaved (default 3; 0 skips inference).
+        group_by_length: batch rows of similar length together (the epoch order of `dept train --group_by_length`:
+            chunks of 50 batches sorted by length, batches shuffled), so that dynamic padding wastes little.
         memory_profile: take one extra untimed step per configuration to measure the peak of its tensors (on CPU
             from the torch.profiler memory events, on GPU from the allocator's peak). Default on.
         tokenizer: tokenizer whose token counts set the lengths (hub name or local directory; its token ids are
@@ -132,7 +135,7 @@ def bench(
                     infer_tokens=infer_tokens, infer_repeats=infer_repeats, ds_config=ds_config, hidden=hidden,
                     layers=layers, intermediate=intermediate, heads=heads, tokenizer=tokenizer)
     settings = resolve_settings(preset, explicit)
-    settings.update(memory_profile=bool(memory_profile), data_dir=data_dir,
+    settings.update(memory_profile=bool(memory_profile), group_by_length=bool(group_by_length), data_dir=data_dir,
                     output_dir=output_dir, lr_prompt=float(lr_prompt), lr_lowrank=float(lr_lowrank),
                     mlflow_uri=mlflow_uri, experiment=experiment, seed=int(seed), preset=preset)
     settings["overrides"] = model_overrides(settings, overrides)

@@ -335,9 +335,11 @@ def run_compare(settings: dict) -> dict | None:
                 return total
             return run
 
+        grouped_lengths = [len(r["input_ids"]) for r in rows] if settings["group_by_length"] else None
+
         def rank_slice(step: int) -> list[list[int]]:
             """This rank's micro-batches of global batch `step` (the layout of train.py)."""
-            ids = global_batch(len(rows), settings["batch_size"], step, settings["seed"])
+            ids = global_batch(len(rows), settings["batch_size"], step, settings["seed"], grouped_lengths)
             return [ids[(a * world + rank) * micro:(a * world + rank + 1) * micro] for a in range(accum)]
 
         def tensors(parts: list[list[int]], v: Variant, generation: bool = False):

@@ -154,6 +154,8 @@ def compare_notes(settings, info, world, cpu: bool) -> list[str]:
     s, l = settings["max_length"], settings["pt_tokens"]
     overrides = f" and overrides {json.dumps(settings['overrides'])}" if settings["overrides"] else ""
     padding = "every input padded to s" if settings["lengths"] == "padded" else "each batch padded to its longest input"
+    if settings["group_by_length"]:
+        padding += ", batches of similar lengths (--group_by_length, as `dept train --group_by_length`)"
     rows_per_eval = settings["batch_size"] // (world * settings["grad_accum"])
     notes = [
         f"Backbone {settings['model']} with random weights{overrides}; "
