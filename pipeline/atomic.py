@@ -22,8 +22,9 @@ def _umask() -> int:
 
 
 # mkstemp/mkdtemp create 0600/0700 entries; results and adapters get the permissions a plain open() would give.
-FILE_MODE = 0o666 & ~_umask()
-DIR_MODE = 0o777 & ~_umask()
+_MASK = _umask()
+FILE_MODE = 0o666 & ~_MASK
+DIR_MODE = 0o777 & ~_MASK
 
 
 def _fsync_dir(path: Path) -> None:

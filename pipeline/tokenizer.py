@@ -8,7 +8,6 @@ transformers `T5Tokenizer` (pad 0, eos 1, unk 2), which both tiny T5 and tiny LL
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -61,12 +60,10 @@ def data_tokenizer(data_dir: str | Path, vocab_size: int = 32000, cache_dir: str
     if not files:
         raise PipelineError(f"no <task>/<split>.jsonl files under {data_dir}: point --data_dir or $DEPT_DATA_DIR at "
                             "the task data to train a data tokenizer")
-    lines = []
-    for file in files:
-        with open(file, encoding="utf-8") as handle:
-            for line in handle:
-                row = json.loads(line)
-                lines += [value for value in row.values() if isinstance(value, str) and len(value) > 1]
+    from pipeline.tasks.readers import read_jsonl  # names a corrupt line by file and number
+
+    lines = [value for file in files for row in read_jsonl(file) for value in row.values()
+             if isinstance(value, str) and len(value) > 1]
     return _sentencepiece(lines, vocab_size, f"data-tokenizer-{vocab_size}", cache_dir,
                           input_sentence_size=1_000_000, shuffle_input_sentence=False)  # the first 1M: deterministic
 

@@ -129,3 +129,7 @@ def test_data_tokenizer_trains_on_every_text_field_and_is_cached(tmp_path):
     assert len(ids) < len(trained_tokenizer(tmp_path / "cache")(text)["input_ids"])
     with pytest.raises(PipelineError, match="no <task>/<split>.jsonl"):
         data_tokenizer(tmp_path / "empty", 4000, tmp_path / "cache")
+    (tmp_path / "data" / "cb").mkdir()
+    (tmp_path / "data" / "cb" / "train.jsonl").write_text('{"premise": "ok"}\n{"premise": \n')
+    with pytest.raises(PipelineError, match=r"cb/train.jsonl line 2 is not valid JSON"):
+        data_tokenizer(tmp_path / "data", 4000, tmp_path / "cache")
