@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import atomic
-from pipeline.backbone import gathered
-from pipeline.dept import DePTPrompt, DeptConfig
+from pipeline.dept import DeptConfig, DePTPrompt
+from pipeline.engine import gathered
 from pipeline.errors import PipelineError
 
 CONFIG_NAME = "adapter_config.json"
@@ -63,14 +63,10 @@ def write_adapter(tensors: dict[str, torch.Tensor], config: DeptConfig, path: st
 
 
 def read_adapter(path: str | Path) -> tuple[DeptConfig, dict[str, torch.Tensor], dict]:
-    """Read and verify an adapter directory: (config, tensors, raw json). A PEFT-style directory (the DePT
-    authors' released adapters) is imported on the fly by `interop`, refusing one that lacks A/B."""
+    """Read and verify an adapter directory of this pipeline: (config, tensors, raw json).
+    `interop.read_any_adapter` also accepts the DePT authors' released format."""
     path = Path(path)
     atomic.recover_dir(path)
-    from pipeline import interop  # imported here: interop builds on this module
-
-    if interop.is_peft_style_dir(path):
-        return interop.import_authors_adapter(path)
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not path.is_dir():
         raise PipelineError(f"adapter {path} does not exist: pass a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -129,24 +125,6 @@ def load_into(prompt_module: DePTPrompt, tensors: dict[str, torch.Tensor]) -> No
     with torch.no_grad():
         for name, tensor in tensors.items():
             getattr(prompt_module, name).copy_(tensor)
-
-
-def load_into_engine(prompt_module: DePTPrompt, tensors: dict[str, torch.Tensor]) -> None:
-    """Overwrite the DePT tensors of a live (possibly ZeRO-3 partitioned) model, e.g. with the best adapter
-    before the test evaluation. Collective: call on every rank. Not for further training (the optimizer keeps
-    its own fp32 copy)."""
-    import contextlib
-
-    check_shapes(tensors, prompt_module.config, "adapter")
-    params = [getattr(prompt_module, name) for name in tensors]
-    context = contextlib.nullcontext()
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        context = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-    with context, torch.no_grad():
-        for param, name in zip(params, tensors):
-            param.copy_(tensors[name].to(param.dtype))
 
 
 def fit_length(config: DeptConfig, tensors: dict[str, torch.Tensor], max_length: int, policy: str,

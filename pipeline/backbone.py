@@ -1,4 +1,4 @@
-"""Frozen backbones (T5 encoder-decoder, LLaMA decoder-only) and the model that puts DePT in front of them.
+"""Backbones (T5 encoder-decoder, LLaMA decoder-only): load by name, path or preset, sharded at creation, frozen.
 
 `model` strings name where a backbone comes from:
   - a hub name or a local directory (`t5-base`, `meta-llama/Llama-2-7b-hf`, `./my-model`): `from_pretrained`;
@@ -6,9 +6,8 @@
     random weights, for tests, the quickstart and benchmarks. Tiny presets get a sentencepiece tokenizer trained
     on text shipped with the package.
 
-Under ZeRO-3 the backbone is created already sharded: a `HfDeepSpeedConfig` is kept alive before
-`from_pretrained` / `from_config`, so transformers builds every parameter inside `deepspeed.zero.Init` and no rank
-ever holds the whole model.
+Under ZeRO-3 the backbone is created already sharded (`engine.sharded_construction`): transformers builds every
+parameter partitioned and no rank ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.dept import DePTPrompt
+from pipeline.engine import gathered, sharded_construction
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -42,12 +41,11 @@ PRESETS: dict[str, dict] = {
 }
 RANDOM_PREFIX = "random:"
 
-# The ZeRO-3 hook of transformers: it must stay referenced while models are built (weakref inside).
-_live_hf_ds_config = None
-
 
 @dataclass
 class Backbone:
+    """A loaded backbone: the transformers model and what the pipeline needs to know about it."""
+
     model: nn.Module
     tokenizer: object
     is_encoder_decoder: bool
@@ -108,40 +106,37 @@ def load_backbone(
     dtype: torch.dtype = torch.float32,
     overrides: dict | None = None,
     trainable: bool = False,
+    seed: int = 0,
     cache_dir: str | Path | None = None,
 ) -> Backbone:
     """Load or build the backbone, sharded at creation when `ds_config` is ZeRO-3, frozen unless `trainable`.
 
     `trainable=True` is the `finetune` method (every backbone parameter trains); DePT and PT keep it frozen.
+    `seed` fixes the weights of a `random:<preset>` backbone: training and inference pass the job's seed, so an
+    adapter is always scored on the backbone it was trained on (and every rank builds the same weights).
     """
-    global _live_hf_ds_config
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
         raise PipelineError(f"model path {model!r} does not exist: pass an existing model directory")
     tokenizer = load_tokenizer(model, cache_dir)
-    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        _live_hf_ds_config = HfDeepSpeedConfig(ds_config)  # must outlive from_pretrained / from_config
-    else:
-        _live_hf_ds_config = None
-
-    if is_random(model):
-        special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-        config = build_config(model, len(tokenizer), overrides, special)
-        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        net = auto.from_config(config, dtype=dtype)
-    else:
-        try:
-            config = AutoConfig.from_pretrained(model, **(overrides or {}))
-        except (OSError, ValueError) as err:
-            raise PipelineError(
-                f"unknown model {model!r}: not a local model directory and not found on the hub "
-                f"({str(err).splitlines()[0][:120]}); check the name/path or use random:<preset>"
-            ) from None
-        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        net = auto.from_pretrained(model, config=config, dtype=dtype)
+    with sharded_construction(ds_config):
+        if is_random(model):
+            special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+            config = build_config(model, len(tokenizer), overrides, special)
+            auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+            torch.manual_seed(seed)
+            net = auto.from_config(config, dtype=dtype)
+        else:
+            try:
+                config = AutoConfig.from_pretrained(model, **(overrides or {}))
+            except (OSError, ValueError) as err:
+                raise PipelineError(
+                    f"unknown model {model!r}: not a local model directory and not found on the hub "
+                    f"({str(err).splitlines()[0][:120]}); check the name/path or use random:<preset>"
+                ) from None
+            auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+            net = auto.from_pretrained(model, config=config, dtype=dtype)
 
     for param in net.parameters():
         param.requires_grad_(trainable)
@@ -173,18 +168,6 @@ def column_major_output_grads(net: nn.Module) -> None:
             module.register_forward_hook(hook)
 
 
-def gathered(params):
-    """`deepspeed.zero.GatheredParameters` for ZeRO-3 partitioned parameters, a no-op otherwise."""
-    import contextlib
-
-    params = [p for p in params if p is not None]
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
-
-
 def embedding_rows(backbone: Backbone, token_ids: list[int] | None) -> torch.Tensor:
     """Rows of the frozen input embedding (all rows when token_ids is None), gathered under ZeRO-3."""
     weight = backbone.model.get_input_embeddings().weight
@@ -193,61 +176,29 @@ def embedding_rows(backbone: Backbone, token_ids: list[int] | None) -> torch.Ten
         return rows.float().clone().cpu()
 
 
-class DePTModel(nn.Module):
-    """A frozen backbone with a `DePTPrompt` in front of it (or none: the `finetune` method).
-
-    T5: the prompt and offset go on the encoder input only. LLaMA: the prompt goes before the tokens (after any
-    left padding), and the labels get -100 over the prompt. Embedding happens by calling the embedding *module*,
-    so ZeRO-3 gathers its weight for the call.
-    """
-
-    def __init__(self, backbone: nn.Module, prompt: DePTPrompt | None, is_encoder_decoder: bool):
-        super().__init__()
-        self.backbone = backbone
-        self.prompt = prompt
-        self.is_encoder_decoder = is_encoder_decoder
-
-    def _inputs(self, input_ids, attention_mask, labels=None):
-        embeds = self.backbone.get_input_embeddings()(input_ids)
-        if self.prompt is None:
-            return embeds, attention_mask, labels
-        if self.is_encoder_decoder:
-            embeds, attention_mask, _ = self.prompt(embeds, attention_mask)
-            return embeds, attention_mask, labels
-        return self.prompt(embeds, attention_mask, labels)
-
-    def forward(self, input_ids, attention_mask, labels=None, decoder_input_ids=None):
-        """input_ids/attention_mask: [batch, L]; labels: [batch, T] (T5 targets) or [batch, L] (LLaMA)."""
-        embeds, mask, labels = self._inputs(input_ids, attention_mask, labels)
-        kwargs = {"decoder_input_ids": decoder_input_ids} if decoder_input_ids is not None else {}
-        return self.backbone(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
-
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask, max_new_tokens: int = 20, synced_gpus: bool = False):
-        """Greedy generation; returns only the new tokens [batch, <= max_new_tokens].
-
-        `synced_gpus` must be True under ZeRO-3 with several ranks: every rank keeps stepping until all are done,
-        otherwise the parameter gathers deadlock.
-        """
-        embeds, mask, _ = self._inputs(input_ids, attention_mask)
-        out = self.backbone.generate(
-            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            num_beams=1, synced_gpus=synced_gpus,
-        )
-        if self.is_encoder_decoder:
-            out = out[:, 1:]  # T5 output starts with the decoder start token
-        return out
-
-
-
 def save_random_backbone(model: str, out_dir: str | Path, seed: int = 0, overrides: dict | None = None) -> Path:
     """Build `random:<preset>` with a fixed seed and save it (weights + tokenizer) as a local model directory,
     which `from_pretrained` then loads like any checkpoint (and loads sharded under ZeRO-3)."""
     from pipeline import atomic
 
-    torch.manual_seed(seed)
-    backbone = load_backbone(model, overrides=overrides)
+    backbone = load_backbone(model, overrides=overrides, seed=seed)
     with atomic.replace_dir(out_dir) as tmp:
         backbone.model.save_pretrained(tmp)
         backbone.tokenizer.save_pretrained(tmp)
     return Path(out_dir)
+
+
+def save_backbone(backbone: Backbone, path: str | Path, rank: int) -> None:
+    """Gather every parameter and save a `from_pretrained` directory on rank 0 (a finetune stage's product).
+    Collective. Gathers the whole model at once: fine for small models; large ones want DeepSpeed's
+    `stage3_gather_16bit_weights_on_model_save` path instead."""
+    from pipeline import atomic, distributed
+
+    net = backbone.model
+    with gathered(list(net.parameters())):
+        if rank == 0:
+            state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            with atomic.replace_dir(path) as tmp:
+                net.save_pretrained(tmp, state_dict=state)
+                backbone.tokenizer.save_pretrained(tmp)
+    distributed.barrier()

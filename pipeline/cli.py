@@ -1,235 +1,320 @@
-"""`dept`: the command line, straight from typed function signatures (python-fire).
+"""`dept`: the command line. Every command's flags and `--help` are derived from the typed configuration
+(pipeline/config.py); python-fire dispatches the command once the flags have passed a strict check.
 
-    dept train --model random:tiny-t5 --train_file data.jsonl --output_dir runs/x     # one process
-    ./launch.sh train --model random:tiny-t5 --train_file data.jsonl --output_dir runs/x   # all local ranks
-    dept COMMAND --help
+    dept run quickstart                                   # a shipped recipe, one process
+    dept run recipes/fewshot_small.yaml train.steps=10    # overrides: --train.steps=10 or train.steps=10
+    ./launch.sh run quickstart --output_dir=runs/qs2      # every local rank (2 CPU ranks without GPUs)
+    dept train --model random:tiny-t5 --task rte --output_dir runs/x --steps 50 --warmup_steps 5
+    dept COMMAND --help ; dept --version
 
-Bad input ends with one line on stderr (`error: ...`) and exit status 2; `--debug` shows the traceback.
+Unknown flags, stray words and bad values are refused before anything runs: one line on stderr (`error: ...`, with
+a "did you mean" for near misses), exit status 2; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
 
+from pipeline import __version__
+from pipeline.config import (
+    EvaluateArgs,
+    ExportAdapterArgs,
+    ImportAdapterArgs,
+    JobConfig,
+    PredictArgs,
+    RecipeSpec,
+    RunArgs,
+    build,
+    coerce,
+    describe,
+    did_you_mean,
+    flat_fields,
+    from_flags,
+)
 from pipeline.errors import PipelineError
-from pipeline.interop import export_adapter, import_adapter  # light: interop imports torch lazily
-from pipeline.bench import bench  # light: bench imports torch/deepspeed/peft/mlflow only when it runs
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DS_CONFIG = str(REPO / "ds_configs" / "zero3_cpu.json")
-QUICKSTART = REPO / "recipes" / "quickstart.yaml"
-
-
-def _setup_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+CLI_ONLY_TRAIN = {"overwrite": "replace a finished job in output_dir (otherwise refused)",
+                  "custom_task": "a custom task YAML file (or mapping): name, data_files, input_columns, label_column, "
+                                 "metric [, template, label_words]"}
+GLOBAL_FLAGS = ("debug", "local_rank", "help")
 
 
-def _refuse_finished_run(output_dir: str, overwrite: bool) -> None:
-    """A finished run is never overwritten silently; an unfinished one resumes from its checkpoint."""
-    results = Path(output_dir) / "results.json"
-    if results.exists() and not overwrite:
-        raise PipelineError(f"{output_dir} already holds a finished run (results.json): pass --overwrite to "
-                            "replace it or choose another --output_dir")
-    if results.exists() and overwrite and int(os.environ.get("RANK", "0")) == 0:
-        import shutil
-
-        shutil.rmtree(output_dir)
+# ----------------------------------------------------------------------------------------------- commands
 
 
-def train(
-    model: str,
-    output_dir: str,
-    task: str = "",
-    train_file: str = "",
-    custom_task: dict | str | None = None,
-    data_dir: str = "",
-    k: int = 0,
-    ds_config: str = DEFAULT_DS_CONFIG,
-    method: str = "dept",
-    num_virtual_tokens: int = 60,
-    lora_rank: int = 30,
-    budget_tokens: int = 0,
-    max_length: int = 256,
-    lr_prompt: float = 0.3,
-    lr_lowrank: float = 1e-4,
-    lr: float = 1e-4,
-    batch_size: int = 32,
-    grad_accum: int = 1,
-    steps: int = 1000,
-    warmup_steps: int = 500,
-    seed: int = 42,
-    eval_every: int = 0,
-    eval_mode: str = "generate",
-    max_eval_rows: int = 0,
-    max_train_rows: int = 0,
-    save_every: int = 0,
-    log_every: int = 10,
-    prompt_init: str = "TEXT",
-    init_adapter: str = "",
-    pad_to_max_length: bool = False,
-    group_by_length: bool = False,
-    model_overrides: dict | None = None,
-    on_nonfinite: str = "stop",
-    comm_timeout_s: float = 1800.0,
-    overwrite: bool = False,
-) -> None:
-    """Train DePT (or `pt`, or `finetune`) on a task of the registry, a custom task, or a source/target JSONL file.
+def run(recipe: str = "quickstart", **flags) -> None:
+    from pipeline.runner import run_recipe
 
-    Args:
-        model: hub name, local model directory, or random:<preset> (random:tiny-t5, random:tiny-llama, ...).
-        output_dir: run directory; an unfinished run there resumes from its last checkpoint.
-        task: a registered task (rte, mnli, boolq, ...; comma-separated for a source mixture).
-        train_file: instead of a task, a JSONL with source/target text columns (no evaluation).
-        custom_task: instead of a task, a dict or YAML/JSON file: name, data_files, input_columns, label_column,
-            label_words, template, metric.
-        data_dir: local root of <task>/<split>.jsonl files (default: $DEPT_DATA_DIR, else the hub).
-        k: k-shot: train on k class-balanced rows drawn with the seed (0 = all rows).
-        ds_config: DeepSpeed JSON (ds_configs/zero3_cpu.json on CPU, zero3_gpu_bf16.json on GPUs).
-        method: dept | pt | finetune.
-        num_virtual_tokens: m, the prompt length; lora_rank: r, the rank of A @ B (the launchers take --r and --m
-            as abbreviations of their own flags, hence the long names); max_length: s, the longest input in tokens.
-        budget_tokens: l: choose r so that DePT spends the parameters of prompt tuning with l tokens
-            (r = (l - m) d / (s + d)); overrides lora_rank.
-        lr_prompt: learning rate of the prompt; lr_lowrank: of A and B; lr: of the backbone (finetune).
-        batch_size: global batch over all ranks and accumulation steps.
-        eval_every: validate every N steps (0: once at the end); the best adapter scores the test split.
-        eval_mode: generate (greedy decoding) | score (rank the label strings by likelihood).
-        on_nonfinite: stop (default) | skip a step whose loss is NaN/inf; a NaN adapter is never written.
-        comm_timeout_s: a collective waiting longer than this fails (a rank died or hangs) instead of hanging.
-        overwrite: replace a finished run in output_dir (otherwise refused).
-    """
-    from pipeline.data import read_source_target
-    from pipeline.train import TrainConfig, train as run_training
+    own = {k: flags.pop(k) for k in ("dry_run", "rerun_changed") if k in flags}
+    args = build(RunArgs, {"recipe": recipe, **own}, "run")
+    run_recipe(args.recipe, flags, dry_run=args.dry_run, rerun_changed=args.rerun_changed)
 
-    sources = [bool(task), bool(train_file), custom_task is not None]
-    if sum(sources) != 1:
-        raise PipelineError("train needs exactly one of --task, --custom_task or --train_file")
-    _refuse_finished_run(output_dir, overwrite)
-    cfg = TrainConfig(model=model, output_dir=output_dir, ds_config=ds_config, method=method,
-                      num_virtual_tokens=num_virtual_tokens, r=lora_rank, budget_tokens=budget_tokens or None,
-                      max_length=max_length,
-                      lr_prompt=lr_prompt, lr_lowrank=lr_lowrank, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-                      steps=steps, warmup_steps=warmup_steps, seed=seed, eval_every=eval_every, save_every=save_every,
-                      log_every=log_every, prompt_init=prompt_init, init_adapter=init_adapter or None,
-                      pad_to_max_length=pad_to_max_length, group_by_length=group_by_length,
-                      model_overrides=model_overrides,
-                      on_nonfinite=on_nonfinite, comm_timeout_s=comm_timeout_s)
-    if train_file:
-        result = run_training(cfg, read_source_target(train_file))["results"]
-    else:
-        from pipeline.stage import DataSpec, run_stage
 
-        tasks = [_load_custom_task(custom_task)] if custom_task is not None else _task_list(task)
-        data = DataSpec(tasks=tasks, data_dir=data_dir or None, k=k or None, eval_mode=eval_mode,
-                        max_eval_rows=max_eval_rows or None, max_train_rows=max_train_rows or None)
-        result = run_stage(cfg, data)["results"]
-    if int(os.environ.get("RANK", "0")) == 0:
-        summary = f"done: final loss {result['final_loss']:.4f}"
+def train(**flags) -> None:
+    from pipeline import distributed
+    from pipeline.job import run_job
+
+    overwrite = coerce(flags.pop("overwrite", False), bool, "--overwrite")
+    if "custom_task" in flags:
+        if "task" in flags:
+            raise PipelineError("give --task or --custom_task, not both")
+        flags["task"] = [_custom_task(flags.pop("custom_task"))]
+    cfg = from_flags(JobConfig, flags, "train")
+    prepare_output_dir(cfg, overwrite)
+    result = run_job(cfg)
+    if distributed.rank() == 0:
+        line = f"done: final loss {result['final_loss']:.4f}"
         if result.get("test"):
-            summary += f"; best step {result['best_step']}, test {_main_metrics(result['test'])}"
-        print(f"{summary}; results in {Path(output_dir) / 'results.json'}")
+            line += f"; best step {result['best_step']}, test {_main_metrics(result['test'])}"
+        print(f"{line}; results in {Path(cfg.output_dir) / 'results.json'}")
 
 
-def _task_list(task) -> list[str]:
-    return [t.strip() for t in (task.split(",") if isinstance(task, str) else task) if t.strip()]
+def evaluate(**flags) -> None:
+    import json
+
+    from pipeline import distributed
+    from pipeline.inference import evaluate_adapter
+
+    metrics = evaluate_adapter(from_flags(EvaluateArgs, flags, "evaluate"))
+    if distributed.rank() == 0:
+        print(json.dumps(metrics, indent=2))
 
 
-def _load_custom_task(spec) -> dict:
-    """A custom task given inline (dict) or as a YAML/JSON file path."""
-    if isinstance(spec, dict):
-        return spec
-    path = Path(str(spec))
-    if not path.is_file():
-        raise PipelineError(f"custom_task {spec!r} is neither a dict nor an existing YAML/JSON file")
-    import yaml
+def predict(**flags) -> None:
+    from pipeline import distributed
+    from pipeline.inference import metrics_path
+    from pipeline.inference import predict as run_prediction
 
-    loaded = yaml.safe_load(path.read_text())
-    if not isinstance(loaded, dict):
-        raise PipelineError(f"custom_task file {path} must hold a mapping (name, data_files, input_columns, ...)")
-    return loaded
+    args = from_flags(PredictArgs, flags, "predict")
+    metrics = run_prediction(args)
+    if distributed.rank() == 0:
+        extra = f"; {_main_metrics(metrics)} (in {metrics_path(args.output)})" if metrics else ""
+        print(f"predictions in {args.output}{extra}")
+
+
+def import_adapter(src: str, out: str, **flags) -> None:
+    from pipeline.interop import import_authors_adapter
+
+    args = build(ImportAdapterArgs, {"src": src, "out": out, **flags}, "import-adapter")
+    config, _, meta = import_authors_adapter(args.src, args.out, args.allow_missing_lowrank)
+    note = " (A/B missing: zero offset, behaves as prompt tuning)" if meta.get("lowrank_missing") else ""
+    print(f"imported {args.src} -> {args.out}: m={config.num_virtual_tokens}, r={config.r}, "
+          f"s={config.max_length}, d={config.d_model}, backbone {meta.get('backbone') or '?'}{note}")
+
+
+def export_adapter(adapter: str, out: str, **flags) -> None:
+    from pipeline.interop import export_peft
+
+    args = build(ExportAdapterArgs, {"adapter": adapter, "out": out, **flags}, "export-adapter")
+    written = export_peft(args.adapter, args.out, args.base_model)
+    print(f"exported {args.adapter} -> {written} (PEFT PROMPT_TUNING)")
+
+
+def bench(**flags) -> None:
+    from pipeline.bench import bench as run_bench
+
+    run_bench(**flags)
+
+
+def _custom_task(value) -> dict:
+    from pipeline.tasks.specs import read_task_file
+
+    if isinstance(value, dict):
+        return value
+    return read_task_file(str(value))
 
 
 def _main_metrics(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.2f}" for k, v in metrics.items() if isinstance(v, float) and k != "score")
 
 
-def evaluate(model: str, adapter: str, task: str, split: str = "test", ds_config: str = DEFAULT_DS_CONFIG,
-             data_dir: str = "", batch_size: int = 32, mode: str = "generate", max_rows: int = 0) -> None:
-    """Score an adapter on a task's split (made by the paper's split rules) and print the metrics as JSON.
-
-    Args:
-        model: the backbone the adapter was trained on (hub name, local dir or random:<preset>).
-        adapter: adapter directory (ours, or an authors' DePT adapter).
-        task: registered task name; split: train | validation | test.
-        mode: generate (greedy decoding; invalid outputs counted) | score (rank label strings by likelihood).
-    """
+def prepare_output_dir(cfg: JobConfig, overwrite: bool) -> None:
+    """A finished job is never overwritten silently; an unfinished one resumes only with the same settings."""
     import json
+    import shutil
 
-    from pipeline.predict import evaluate as run_evaluation
+    from pipeline.fingerprint import differences, job_fingerprint
 
-    metrics = run_evaluation(model, adapter, task, split, ds_config, data_dir or None, batch_size, mode,
-                             max_rows or None)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(metrics, indent=2))
+    out = Path(cfg.output_dir)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if (out / "results.json").exists() and not overwrite:
+        raise PipelineError(f"{out} already holds a finished job (results.json): pass --overwrite to replace it or "
+                            "choose another --output_dir")
+    digest, record = job_fingerprint(cfg)
+    record_file = out / "job.json"
+    if record_file.exists() and not overwrite:
+        old = json.loads(record_file.read_text())
+        if old.get("fingerprint") != digest:
+            keys = ", ".join(differences(old.get("record", {}), record)[:5])
+            raise PipelineError(f"{out} holds an unfinished job started with other settings ({keys}): pass "
+                                "--overwrite to start over or choose another --output_dir")
+    if overwrite and out.exists() and rank0:
+        shutil.rmtree(out)
+    if rank0:
+        from pipeline import atomic
 
-
-def predict(model: str, adapter: str, data: str, output: str, task: str = "", ds_config: str = DEFAULT_DS_CONFIG,
-            batch_size: int = 32, max_new_tokens: int = 20, mode: str = "generate") -> None:
-    """Run an adapter over a JSONL/CSV/parquet file and write predictions JSONL ({id, prediction[, label]}).
-
-    Args:
-        data: rows with a `source` column (and optional `target`), or hub-schema rows of --task.
-        output: predictions file, written atomically; metrics go beside it when labels exist.
-        task: render hub-schema rows with this task's template and score with its metrics.
-    """
-    from pipeline.predict import predict as run_prediction
-
-    metrics = run_prediction(model, adapter, data, output, ds_config, task or None, batch_size, max_new_tokens, mode)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"predictions in {output}" + (f"; {_main_metrics(metrics)}" if metrics else ""))
-
-
-def run(recipe: str = "", dry_run: bool = False, **overrides) -> None:
-    """Run every stage of a recipe (source pretraining -> few-shot transfer), tracked in MLflow.
-
-    Args:
-        recipe: YAML recipe (default: the shipped recipes/quickstart.yaml).
-        dry_run: validate and print the plan (stages, runs, world size) without training.
-        overrides: `--key=value` for any recipe key, nested with dots (--train.steps=10,
-            --stages.transfer.k=[4,16], --tracking.uri=http://127.0.0.1:5000); they beat the file's values.
-    """
-    from pipeline.runner import run_recipe
-
-    run_recipe(recipe or str(QUICKSTART), overrides, dry_run)
+        atomic.write_json(record_file, {"fingerprint": digest, "record": record})
 
 
-COMMANDS = {"run": run, "train": train, "evaluate": evaluate, "predict": predict,
-            "import-adapter": import_adapter, "export-adapter": export_adapter, "bench": bench}
+# ----------------------------------------------------------------------------------------------- the flags
+
+
+@dataclasses.dataclass
+class Command:
+    function: object
+    args: type | None  # the dataclass its flags come from
+    summary: str
+    extra: dict = dataclasses.field(default_factory=dict)  # CLI-only flags: {name: help}
+    overrides: bool = False  # accepts dotted recipe keys as --key=value / key=value
+
+
+COMMANDS = {
+    "run": Command(run, RunArgs, "every stage of a recipe (source pretraining -> few-shot transfer), tracked in "
+                   "MLflow", overrides=True),
+    "train": Command(train, JobConfig, "one training job on a task, a custom task or a source/target file",
+                     extra=CLI_ONLY_TRAIN),
+    "evaluate": Command(evaluate, EvaluateArgs, "an adapter's metrics on a task's split"),
+    "predict": Command(predict, PredictArgs, "an adapter's predictions for the rows of a file"),
+    "bench": Command(bench, None, "time and memory of DePT vs prompt tuning; ZeRO-3 scale test"),
+    "import-adapter": Command(import_adapter, ImportAdapterArgs, "the DePT authors' released adapters in"),
+    "export-adapter": Command(export_adapter, ExportAdapterArgs, "prompt tuning adapters out, as PEFT"),
+}
+
+
+def known_flags(command: Command) -> tuple[dict[str, object], list[str]]:
+    """({flag: type}, [positional names]) of a command."""
+    if command.args is None:  # bench: flags from its typed signature
+        from pipeline.bench import bench_flags
+
+        return bench_flags(), []
+    flags, positionals = {}, []
+    for flag, (_, spec, tp) in flat_fields(command.args).items():
+        if spec.metadata.get("positional"):
+            positionals.append(spec.name)
+        else:
+            flags[flag] = tp
+    flags.update({name: (bool if name == "overwrite" else object) for name in command.extra})
+    return flags, positionals
+
+
+def parse(argv: list[str]) -> tuple[str, list[str], dict[str, str]]:
+    """(command, positionals, {flag: raw value}) with every word accounted for; unknown flags and stray words
+    are refused before anything runs."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        raise SystemExit(print(overview()) or 0)
+    if argv[0] in ("--version", "-V", "version"):
+        raise SystemExit(print(f"dept-pipeline {__version__}") or 0)
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        raise PipelineError(f"unknown command {name!r}{did_you_mean(name, COMMANDS)}; commands: "
+                            f"{', '.join(COMMANDS)} (dept --help)")
+    command = COMMANDS[name]
+    if any(word in ("-h", "--help") for word in rest):
+        raise SystemExit(print(help_text(name)) or 0)
+    flags, positionals = known_flags(command)
+    bools = {flag for flag, tp in flags.items() if tp is bool}
+    words, values, i = [], {}, 0
+    while i < len(rest):
+        word = rest[i]
+        if word.startswith("--"):
+            key, has_value, value = word[2:].partition("=")
+            key = key.replace("-", "_") if "." not in key else key
+            if not has_value:
+                if key in bools and (i + 1 >= len(rest) or rest[i + 1].startswith("--") or
+                                     rest[i + 1].lower() not in ("true", "false", "yes", "no", "1", "0")):
+                    value = "true"
+                elif i + 1 < len(rest):
+                    value, i = rest[i + 1], i + 1
+                else:
+                    raise PipelineError(f"--{key} needs a value")
+            values[key] = value
+        elif "=" in word and command.overrides and not word.startswith("="):  # `train.steps=10`, torchtune style
+            key, _, value = word.partition("=")
+            values[key] = value
+        else:
+            words.append(word)
+        i += 1
+    recipe_keys = list(RecipeSpec.__dataclass_fields__) if command.overrides else []
+    for key in values:
+        if key in flags or (command.overrides and ("." in key or key in recipe_keys)):
+            continue  # recipe overrides are checked by the recipe loader, which names their path
+        raise PipelineError(f"{name}: unknown flag --{key}{did_you_mean(key, list(flags) + recipe_keys)} "
+                            f"(dept {name} --help lists the flags)")
+    if len(words) > len(positionals):
+        stray = words[len(positionals)]
+        hint = " (did you mean --" + stray + "?)" if "=" in stray else ""
+        raise PipelineError(f"{name}: unexpected word {stray!r}{hint}; dept {name} takes "
+                            f"{len(positionals)} positional argument(s) ({', '.join(positionals) or 'none'})")
+    return name, words, values
+
+
+def overview() -> str:
+    lines = [f"dept-pipeline {__version__}: Decomposed Prompt Tuning on DeepSpeed ZeRO-3", "",
+             "usage: dept COMMAND [ARGS] [--flag value ...]   (dept COMMAND --help for its flags)", "", "commands:"]
+    lines += [f"  {name:<15} {command.summary}" for name, command in COMMANDS.items()]
+    lines += ["", "Under several ranks: ./launch.sh COMMAND ... (the deepspeed launcher; HOSTFILE=... for nodes)."]
+    return "\n".join(lines)
+
+
+def help_text(name: str) -> str:
+    command = COMMANDS[name]
+    if command.args is None:
+        from pipeline.bench import bench_help
+
+        return bench_help()
+    _, positionals = known_flags(command)
+    usage = f"usage: dept {name} {' '.join(p.upper() for p in positionals)} [--flag value ...]".replace("  ", " ")
+    lines = [usage, "", command.summary + ".", ""] + describe(command.args, "flags")
+    if command.extra:
+        lines += ["", "command-line only:"] + [f"  --{flag:<22} {text}" for flag, text in command.extra.items()]
+    if command.overrides:
+        from pipeline.resources import shipped_names
+
+        lines += ["", "recipe overrides (the command line wins over the file):",
+                  "  --train.steps=100 / train.steps=100     every stage's steps (dept., train., data. sections)",
+                  "  --stages.NAME.train.steps=40            one stage's value (stages by name or index)",
+                  "  --output_dir=DIR --model=NAME --ds_config=NAME   any top-level recipe key",
+                  "", f"shipped recipes: {', '.join(shipped_names('recipe'))}"]
+    lines += ["", "aliases: --lora_rank is the recipe key r (the launchers would take --r for their own flags); "
+              "--task (and --custom_task) fill the data section's tasks; --mode is eval_mode."]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
 def main(argv: list[str] | None = None) -> int:
-    import fire
-
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     argv = [a for a in argv if not a.startswith("--local_rank")]
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    _setup_logging()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     who = f" (rank {os.environ.get('RANK', '0')})" if world > 1 else ""
     try:
-        fire.Fire(COMMANDS, command=argv, name="dept")
+        name, positionals, values = parse(argv)
+        _setup_logging()
+        import fire
+
+        fire.Fire({n: c.function for n, c in COMMANDS.items()},
+                  command=[name, *positionals, *(f"--{k}={v}" for k, v in values.items())], name="dept")
+    except SystemExit as stop:
+        return int(stop.code or 0)
     except PipelineError as err:
         if debug:
             raise

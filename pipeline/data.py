@@ -4,6 +4,15 @@ Rows are dicts with `source` and `target` text (the task registry renders them; 
 plain JSONL file of that shape). Tokenization goes through `datasets.map`. Batches are padded to their longest
 input (dynamic padding, the fast default) or to `s` (`pad_to_max_length`, the authors' setting); DePT gives the
 same loss either way because its offset follows each token's position within its own sequence.
+
+Sequences (see `tokenize`): T5 encodes `source </s>` and decodes `target </s>`; a decoder-only model (LLaMA)
+trains on `<s> source Label : target </s>` with the loss on `target </s>` only, and generates greedily from
+`<s> source Label :`, so a model that learned the format emits the label and stops at EOS. With the real
+LLaMA-2 tokenizer, source "sentence: the cat" and target "1" give
+
+    input_ids  [1, 10541, 29901, 278, 6635, 15796, 584, 29871, 29896, 2]
+    labels     [-100, -100, -100, -100, -100, -100, -100, 29871, 29896, 2]
+    prompt_ids [1, 10541, 29901, 278, 6635, 15796, 584]
 """
 
 from __future__ import annotations
@@ -18,6 +27,10 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 IGNORE = -100
+# The authors' separator between source and target for decoder-only models (ZhengxiangShi/DePT train.py,
+# decoder_preprocess_function: f"{source} Label : "). T5 needs none: the target goes to the decoder.
+DECODER_SEPARATOR = " Label : "
+FORMAT_VERSION = 2  # bump when the token layout changes: the tokenization cache keys on it
 
 
 def read_source_target(path: str | Path) -> list[dict]:
@@ -37,65 +50,142 @@ def read_source_target(path: str | Path) -> list[dict]:
     return rows
 
 
-def tokenize(rows: list[dict], tokenizer, is_encoder_decoder: bool, max_length: int,
-             max_target_length: int = 32) -> list[dict]:
-    """Token ids per row: `input_ids` (<= max_length), `labels`, and `prompt_ids` (the source alone, for
-    generation). Longer sources are truncated with a warning, never an error.
+def pad_token_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else unk, else EOS (LLaMA ships without a pad token).
 
-    Runs through `datasets.map`, cached on disk (`pipeline.cache`, tokenized/) keyed by the texts, the tokenizer and
-    the lengths, so every later stage, seed and rank reuses the work.
+    Pads are masked out of attention and labels, so any id works; unk keeps EOS free of a second meaning.
+    """
+    for candidate in (tokenizer.pad_token_id, getattr(tokenizer, "unk_token_id", None), tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    raise PipelineError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no pad, unk or eos token: "
+                        "set tokenizer.pad_token before training")
+
+
+def split_separator(separator: str) -> tuple[str, str]:
+    """(the separator without its trailing whitespace, that whitespace): the prompt ends with the first part and
+    the target is tokenized with the second in front, so a SentencePiece target gets its natural leading-space
+    pieces ("positive" -> "\u2581positive") and prompt + target is exactly the tokenization of the whole text."""
+    core = separator.rstrip()
+    return core, separator[len(core):]
+
+
+def _appends_eos(tokenizer) -> bool:
+    eos = tokenizer.eos_token_id
+    return eos is not None and tokenizer("a")["input_ids"][-1:] == [eos]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize(rows: list[dict], tokenizer, is_encoder_decoder: bool, max_length: int,
+             max_target_length: int = 32, separator: str = DECODER_SEPARATOR) -> list[dict]:
+    """Token ids per row: `input_ids` (<= max_length), `labels`, and `prompt_ids` (what generation starts from).
+
+    Encoder-decoder (T5): `input_ids` = the source with its closing EOS, `labels` = the target with its EOS (both
+    keep the EOS when truncated). Decoder-only (LLaMA): the authors' sequence
+
+        input_ids  = [BOS] source separator target [EOS]
+        labels     = -100 over [BOS] source separator, then target [EOS]
+        prompt_ids = [BOS] source separator          (greedy generation starts here and should stop at EOS)
+
+    with `separator` " Label : " by default (the authors' LLaMA code). The target is tokenized without special
+    tokens (no second BOS) after the separator's trailing whitespace, and EOS is appended so the model learns to
+    stop. A long source is truncated from its end; the separator and the target are kept.
+    Truncation never raises unless s cannot hold the separator and target at all; it is logged as a warning.
+
+    Runs through `datasets.map`, cached on disk (`pipeline.cache`, tokenized/) keyed by the texts, the tokenizer,
+    the lengths and the separator, so every later stage, seed and rank reuses the work.
     """
     import datasets
 
     if not rows:
         raise PipelineError("no examples to tokenize: the data is empty after filtering")
+    if max_target_length < 1:
+        raise PipelineError(f"max_target_length must be at least 1, got {max_target_length}")
     texts = [{"source": r["source"], "target": r["target"]} for r in rows]
     table = datasets.Dataset.from_list(texts)
+    eos = tokenizer.eos_token_id
+    strip_eos = _appends_eos(tokenizer)
+    core, gap = split_separator(separator)
 
-    def encode(batch):
+    def cut_target(ids: list[int], has_eos: bool) -> list[int]:
+        if len(ids) <= max_target_length:
+            return ids
+        return ids[: max_target_length - 1] + ids[-1:] if has_eos else ids[:max_target_length]
+
+    def encode_seq2seq(batch):
         sources = tokenizer(batch["source"], add_special_tokens=True)["input_ids"]
         targets = tokenizer(batch["target"], add_special_tokens=True)["input_ids"]
-        out = {"input_ids": [], "labels": [], "prompt_ids": [], "truncated": []}
+        out = {"input_ids": [], "labels": [], "prompt_ids": [], "truncated": [], "target_truncated": []}
         for src, tgt in zip(sources, targets):
-            tgt = tgt[:max_target_length]
             out["truncated"].append(len(src) > max_length)
-            if is_encoder_decoder:
-                if len(src) > max_length:
-                    src = src[: max_length - 1] + src[-1:]  # keep the closing </s>
-                out["input_ids"].append(src)
-                out["labels"].append(tgt)
-                out["prompt_ids"].append(src)
-            else:
-                src = src[:-1] if src and src[-1] == tokenizer.eos_token_id else src  # the target follows
-                room = max_length - len(tgt)
-                if room < 1:
-                    raise PipelineError(f"max_length {max_length} leaves no room for the source next to a "
-                                        f"{len(tgt)}-token target: raise max_length")
-                src = src[:room]
-                out["input_ids"].append(src + tgt)
-                out["labels"].append([IGNORE] * len(src) + tgt)
-                out["prompt_ids"].append(src)
+            out["target_truncated"].append(len(tgt) > max_target_length)
+            if len(src) > max_length:
+                src = src[: max_length - 1] + src[-1:] if strip_eos else src[:max_length]  # keep the closing </s>
+            tgt = cut_target(tgt, strip_eos)
+            out["input_ids"].append(src)
+            out["labels"].append(tgt)
+            out["prompt_ids"].append(src)
         return out
 
-    cache = _cache_file(texts, tokenizer, is_encoder_decoder, max_length, max_target_length)
+    def encode_decoder(batch):
+        prompts = tokenizer([s + core for s in batch["source"]], add_special_tokens=True)["input_ids"]
+        targets = tokenizer([gap + t if t else "" for t in batch["target"]], add_special_tokens=False)["input_ids"]
+        out = {"input_ids": [], "labels": [], "prompt_ids": [], "truncated": [], "target_truncated": []}
+        for source, prompt, tgt in zip(batch["source"], prompts, targets):
+            if strip_eos and prompt and prompt[-1] == eos:
+                prompt = prompt[:-1]  # the target follows the source
+            tgt = tgt + [eos] if eos is not None else tgt
+            out["target_truncated"].append(len(tgt) > max_target_length)
+            tgt = cut_target(tgt, eos is not None)
+            room = max_length - len(tgt)
+            truncated = len(prompt) > room
+            if truncated:
+                alone = tokenizer(source, add_special_tokens=True)["input_ids"]
+                alone = alone[:-1] if strip_eos and alone and alone[-1] == eos else alone
+                tail = len(prompt) - _common_prefix(prompt, alone)  # the separator's tokens
+                if room - tail < 1:
+                    raise PipelineError(f"max_length {max_length} leaves no room for the source next to the "
+                                        f"{tail}-token separator {separator!r} and a {len(tgt)}-token target: "
+                                        "raise max_length")
+                prompt = prompt[: room - tail] + prompt[len(prompt) - tail:]
+            out["truncated"].append(truncated)
+            out["input_ids"].append(prompt + tgt)
+            out["labels"].append([IGNORE] * len(prompt) + tgt)
+            out["prompt_ids"].append(prompt)
+        return out
+
+    encode = encode_seq2seq if is_encoder_decoder else encode_decoder
+    cache = _cache_file(texts, tokenizer, is_encoder_decoder, max_length, max_target_length, separator)
     encoded = table.map(encode, batched=True, remove_columns=["source", "target"], cache_file_name=cache,
                         load_from_cache_file=True, desc="tokenize")
     result = encoded.to_list()
     truncated = sum(r.pop("truncated") for r in result)
+    target_truncated = sum(r.pop("target_truncated") for r in result)
     if truncated:
         log.warning("%d of %d inputs are longer than max_length s=%d and were truncated", truncated, len(rows),
                     max_length)
+    if target_truncated:
+        log.warning("%d of %d targets are longer than max_target_length %d and were truncated (EOS kept)",
+                    target_truncated, len(rows), max_target_length)
     return result
 
 
-def _cache_file(texts, tokenizer, is_encoder_decoder, max_length, max_target_length) -> str:
+def _cache_file(texts, tokenizer, is_encoder_decoder, max_length, max_target_length, separator) -> str:
     import hashlib
 
     from pipeline.cache import cache_root
 
-    identity = json.dumps([type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
-                           tokenizer.pad_token_id, tokenizer.eos_token_id, is_encoder_decoder, max_length,
-                           max_target_length, texts], sort_keys=True)
+    identity = json.dumps([FORMAT_VERSION, type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""),
+                           len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
+                           is_encoder_decoder, max_length, max_target_length, separator, texts], sort_keys=True)
     folder = cache_root() / "tokenized"
     folder.mkdir(parents=True, exist_ok=True)
     return str(folder / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.arrow")

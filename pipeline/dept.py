@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from pipeline.config import AUTHORS_INIT_TEXT, PROMPT_INITS
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-PROMPT_INITS = ("TEXT", "VOCAB", "RANDOM")
-DEFAULT_INIT_TEXT = "Classify the input and answer with the label of the task."
+DEFAULT_INIT_TEXT = AUTHORS_INIT_TEXT
 
 
 @dataclass
@@ -187,14 +187,15 @@ def _prompt_after_left_pads(mask: torch.Tensor, m: int) -> torch.Tensor:
 
 def prompt_init_ids(config: DeptConfig, tokenizer, vocab_size: int, seed: int) -> list[int] | None:
     """Token ids whose frozen embeddings seed the prompt: TEXT tiles the init text's ids to m rows (the
-    authors' init, also for PT), VOCAB samples m ids with `seed`, RANDOM needs none."""
+    authors' init, also for PT; tokenized with the tokenizer's special tokens as PEFT does, so T5's ids end with
+    </s>), VOCAB samples m ids with `seed`, RANDOM needs none."""
     m = config.num_virtual_tokens
     if m == 0 or config.prompt_init == "RANDOM":
         return None
     if config.prompt_init == "VOCAB":
         generator = torch.Generator().manual_seed(seed)
         return torch.randint(0, vocab_size, (m,), generator=generator).tolist()
-    ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(config.init_text)["input_ids"]
     if not ids:
         raise PipelineError(f"init_text {config.init_text!r} tokenizes to nothing: give a non-empty init_text")
     return (ids * math.ceil(m / len(ids)))[:m]

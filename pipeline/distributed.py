@@ -1,65 +1,11 @@
-"""Process-group plumbing: start it the same way under deepspeed, torchrun or a bare `python`.
+"""Collectives every rank takes part in, on top of torch.distributed (started by `engine.init_distributed`).
 
-The backend comes from DeepSpeed's accelerator (NCCL on NVIDIA GPUs, gloo on the CPU accelerator that
-`DS_ACCELERATOR=cpu` selects), never from this code, so one code path serves laptops and clusters.
+Each helper is a no-op on a single process, so the same code runs under one `python` and under a launcher.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import warnings
-from datetime import timedelta
-
 import torch
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def init(timeout_s: float = 1800) -> tuple[int, int]:
-    """Initialise torch.distributed (once) and return (rank, world_size).
-
-    A bare `python` run gets single-process launcher variables, since `deepspeed.init_distributed()` otherwise
-    looks for MPI. `timeout_s` bounds every collective: a rank that dies makes the others fail within it.
-    """
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    import deepspeed
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        threads = os.environ.get("OMP_NUM_THREADS")
-        if threads:  # the deepspeed launcher does not limit threads per rank; torchrun sets 1
-            torch.set_num_threads(int(threads))
-        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
-        _unlink_shm_buffer()
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _unlink_shm_buffer() -> None:
-    """Remove this rank's DeepSpeed CPU all-reduce buffer from /dev/shm once every rank has mapped it.
-
-    DeepSpeed's CPU accelerator creates `/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>` (66 MB)
-    and never deletes it: every multi-rank run leaked 2 x 66 MB of RAM (seen: 4.8 GB after a test session). The
-    mappings stay valid after the unlink; the memory is freed when the processes exit.
-    """
-    import torch.distributed as dist
-
-    if dist.get_world_size() == 1:
-        return
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    dist.barrier()  # every rank has opened every buffer during init
-    try:
-        os.unlink(os.path.join("/dev/shm", name))
-    except OSError:
-        pass
 
 
 def rank() -> int:
@@ -121,3 +67,197 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ------------------------------------------------------------------------------------ naming a lost peer (clusters)
+# When a node is lost, gloo/NCCL raise on the survivors with text that rarely says which rank is gone: a killed
+# peer gives "Read error [10.0.0.7]:41234: Connection reset by peer" (an address, no rank), a peer whose link went
+# down gives "Timed out waiting 60000ms for recv operation" (nothing at all), and in a ring collective a survivor may
+# be told about another survivor that gave up first. So: `record_peers()` right after the process group starts
+# gathers every rank's host and addresses; on a communication error `name_lost_peers()` asks the rendezvous store
+# which ranks are still alive (each survivor checks in; the lost ones cannot) and names the missing ranks with their
+# hosts. The gloo text's address is the fallback when the store cannot tell.
+
+_PEERS: list[dict] | None = None
+_ALIVE_PREFIX = "dept/alive/"
+
+
+def _local_addresses() -> list[str]:
+    """This host's non-loopback IPv4 addresses as the kernel lists them for this process's network namespace."""
+    import socket
+    from pathlib import Path
+
+    found: list[str] = []
+    try:  # /proc/net/fib_trie: an address line followed by "/32 host LOCAL" is one of ours
+        lines = Path("/proc/net/fib_trie").read_text().splitlines()
+        for prev, line in zip(lines, lines[1:]):
+            if "/32 host LOCAL" in line:
+                addr = prev.split()[-1]
+                if not addr.startswith("127.") and addr not in found:
+                    found.append(addr)
+    except OSError:
+        pass
+    try:  # /proc/net/if_inet6: 32 hex digits per address; scope 00 is global
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 4 and parts[3] == "00":
+                addr = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(parts[0]))
+                if addr not in found:
+                    found.append(addr)
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def _route_address(master: str) -> str:
+    """The source address this host uses to reach `master` (a UDP connect sends nothing), or '' if unknown."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in master else socket.AF_INET
+        infos = socket.getaddrinfo(master, 1, family, socket.SOCK_DGRAM)
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect(infos[0][4])
+            return sock.getsockname()[0]
+    except OSError:
+        return ""
+
+
+def peer_info() -> dict:
+    """This rank's identity for the peer table: rank, node (the launcher's node rank), host name, addresses."""
+    import os
+    import socket
+
+    addr = _route_address(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    addrs = _local_addresses()
+    if addr and addr not in addrs:
+        addrs.insert(0, addr)
+    node = os.environ.get("CROSS_RANK", os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "")))
+    return {"rank": rank(), "node": int(node) if node.isdigit() else None, "host": socket.gethostname(),
+            "addr": addr or (addrs[0] if addrs else ""), "addrs": addrs}
+
+
+def record_peers() -> list[dict]:
+    """Gather every rank's `peer_info()` on every rank (a collective: call it on all ranks right after the process
+    group starts) and keep the table for `name_lost_peers`. One process: its own entry."""
+    global _PEERS
+    import torch.distributed as dist
+
+    mine = peer_info()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        _PEERS = [mine]
+    else:
+        table: list = [None] * dist.get_world_size()
+        dist.all_gather_object(table, mine)
+        _PEERS = table
+    return list(_PEERS)
+
+
+def peers() -> list[dict] | None:
+    """The table `record_peers` gathered (rank -> host), or None before it ran."""
+    return list(_PEERS) if _PEERS is not None else None
+
+
+def addresses_in(text: str) -> list[str]:
+    """Peer addresses quoted in a communication error ("[10.0.0.7]:41234", "[fe80::1]:5", bare IPv4), in order."""
+    import re
+
+    found: list[str] = []
+    for match in re.finditer(r"\[([0-9A-Fa-f:.]+)\](?::\d+)?|\b((?:\d{1,3}\.){3}\d{1,3})\b", text):
+        addr = match.group(1) or match.group(2)
+        if addr not in found:
+            found.append(addr)
+    return found
+
+
+def _describe(ranks: list[int], table: list[dict] | None) -> str:
+    """'rank 3 (host node1, 10.0.0.7)' / 'ranks 2, 3 (host node1, 10.0.0.7)', grouped by host."""
+    if not table:
+        return ", ".join(f"rank {r}" for r in ranks)
+    groups: dict[tuple, list[int]] = {}
+    for r in ranks:
+        entry = table[r] if 0 <= r < len(table) else {}
+        groups.setdefault((entry.get("host", "?"), entry.get("addr", ""), entry.get("node")), []).append(r)
+    parts = []
+    for (host, addr, node), members in groups.items():
+        label = ("rank " if len(members) == 1 else "ranks ") + ", ".join(map(str, members))
+        where = ", ".join(x for x in (f"host {host}", addr, f"node {node}" if node is not None else "") if x)
+        parts.append(f"{label} ({where})")
+    return "; ".join(parts)
+
+
+def _ranks_at(addresses: list[str], table: list[dict] | None, me: int) -> list[int]:
+    if not table:
+        return []
+    hits = [e["rank"] for e in table if e["rank"] != me and any(a in e.get("addrs", []) or a == e.get("addr")
+                                                                for a in addresses)]
+    if not hits and any(a.startswith("127.") or a == "::1" for a in addresses):  # loopback: a rank of my host
+        mine = table[me] if 0 <= me < len(table) else {}
+        hits = [e["rank"] for e in table if e["rank"] != me and e.get("host") == mine.get("host")]
+    return hits
+
+
+def alive_ranks(grace_s: float = 5.0, store=None) -> list[int] | None:
+    """Check this rank in at the rendezvous store and return the ranks that checked in within `grace_s` (this one
+    included), or None when the store does not answer (the host of MASTER_ADDR is the one lost).
+
+    Every survivor of a failed collective calls this: a lost rank cannot check in. Rank 0 (whose process holds the
+    deepspeed launcher's store) waits the whole grace so that slower survivors still find the store."""
+    import os
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    me, world = rank(), world_size()
+    if world == 1:
+        return [0]
+    try:
+        if store is None:
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=timedelta(seconds=max(1.0, min(grace_s, 5.0))), wait_for_workers=False)
+        store.set(f"{_ALIVE_PREFIX}{me}", "1")
+        count_key = _ALIVE_PREFIX + "count"
+        store.add(count_key, 1)
+    except Exception:  # noqa: BLE001 - any store failure means the same thing here: it is gone
+        return None
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            if store.add(count_key, 0) >= world and me != 0:
+                break
+        except Exception:  # noqa: BLE001 - the store went away after we checked in: use what it said last
+            break
+        time.sleep(0.1)
+    alive = []
+    for r in range(world):
+        try:
+            if r == me or store.check([f"{_ALIVE_PREFIX}{r}"]):
+                alive.append(r)
+        except Exception:  # noqa: BLE001
+            alive.append(r)  # unknown: do not accuse it
+    return alive
+
+
+def name_lost_peers(error: BaseException | str, grace_s: float = 5.0, store=None) -> str:
+    """One phrase naming the ranks this rank lost contact with, for the error line a communication failure prints:
+    'rank 1 (host node1, 10.0.0.7, node 1)'. Call it on every rank that caught the error (it checks in with the
+    rendezvous store, up to `grace_s` seconds); falls back to the peer address quoted in the error text, then to
+    'another rank'."""
+    import os
+
+    table = peers()
+    me = rank()
+    alive = alive_ranks(grace_s, store)
+    if alive is None:  # the store does not answer: the host of MASTER_ADDR (rank 0's node) is gone
+        master = os.environ.get("MASTER_ADDR", "?")
+        holders = ([e["rank"] for e in table if master in e.get("addrs", []) or master == e.get("addr")]
+                   if table else []) or [0]
+        return f"{_describe(holders, table)}, whose rendezvous store at {master} does not answer"
+    lost = [r for r in range(world_size()) if r not in alive]
+    if lost:
+        return _describe(lost, table)
+    quoted = _ranks_at(addresses_in(str(error)), table, me)
+    if quoted:
+        return _describe(quoted, table) + " (named by the error; every rank checked in, so it may be a hang)"
+    return "another rank"

@@ -57,13 +57,23 @@ SHAPE_WORDS = {"prompt": ("num_virtual_tokens", "token_dim"), "lora_A": ("max_le
 
 def is_peft_style_dir(path: str | Path) -> bool:
     """True for a directory whose adapter_config.json names a `peft_type` (PEFT or the authors' fork), i.e. one
-    that is not in this pipeline's format; `adapters.read_adapter` hands such directories to this module."""
+    that is not in this pipeline's format."""
     config_file = Path(path) / CONFIG_NAME
     try:
         raw = json.loads(config_file.read_text())
     except (OSError, ValueError):
         return False  # absent or broken: the native reader gives the precise message
     return isinstance(raw, dict) and "peft_type" in raw and "format_version" not in raw
+
+
+def read_any_adapter(path: str | Path) -> tuple[DeptConfig, dict[str, Tensor], dict]:
+    """An adapter in this pipeline's format, or one of the DePT authors' released adapters imported on the fly
+    (one lacking A/B is refused): (config, tensors, meta) as `adapters.read_adapter` returns them."""
+    from pipeline import adapters
+
+    if is_peft_style_dir(path):
+        return import_authors_adapter(path)
+    return adapters.read_adapter(path)
 
 
 def import_authors_adapter(
@@ -281,9 +291,9 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path, base_model_name_or
     decided from `base_model_name_or_path` or else the backbone recorded in the adapter. Weights: `prompt_embeddings`
     [m, d] in adapter_model.safetensors. Returns the output directory.
     """
-    from pipeline import adapters, atomic
+    from pipeline import atomic
 
-    config, tensors, meta = adapters.read_adapter(adapter_dir)
+    config, tensors, meta = read_any_adapter(adapter_dir)
     prompt = _pt_prompt(config, tensors, str(adapter_dir))
     base = base_model_name_or_path or meta.get("backbone") or ""
     if not base:
@@ -362,37 +372,3 @@ def _peft_config(config: DeptConfig, base: str, task_type: str) -> dict:
         "auto_mapping": None,
         "modules_to_save": None,
     }
-
-
-# ------------------------------------------------------------------------------------------------------ CLI
-
-
-def import_adapter(src_dir: str, out_dir: str, allow_missing_lowrank: bool = False) -> None:
-    """Convert a DePT adapter released by the paper's authors (adapter_config.json + adapter_model.bin) into
-    this pipeline's adapter format, usable as --init_adapter.
-
-    Args:
-        src_dir: the authors' adapter directory (peft_type PROMPT_TUNING_LORA).
-        out_dir: where to write the converted adapter (a new directory, or an adapter to replace).
-        allow_missing_lowrank: import a file that lacks the low-rank pair A/B (some released adapters hold only
-            the prompt) as prompt tuning: B = 0 so the offset A @ B is exactly zero; r is kept.
-    """
-    config, _, meta = import_authors_adapter(src_dir, out_dir, allow_missing_lowrank)
-    note = " (A/B missing: zero offset, behaves as prompt tuning)" if meta.get("lowrank_missing") else ""
-    print(f"imported {src_dir} -> {out_dir}: m={config.num_virtual_tokens}, r={config.r}, "
-          f"s={config.max_length}, d={config.d_model}, backbone {meta.get('backbone') or '?'}{note}")
-
-
-def export_adapter(adapter_dir: str, out_dir: str, format: str = "peft", base_model: str = "") -> None:
-    """Export a prompt tuning adapter (method pt, r = 0) for use outside this pipeline.
-
-    Args:
-        adapter_dir: an adapter written by this pipeline (or an authors' adapter).
-        out_dir: the directory to write.
-        format: peft (a PEFT PROMPT_TUNING adapter: PeftModel.from_pretrained(base_model, out_dir)).
-        base_model: the backbone's name or directory; default: the one recorded in the adapter.
-    """
-    if str(format).lower() != "peft":
-        raise PipelineError(f"unknown export format {format!r}: the only format is peft")
-    out = export_peft(adapter_dir, out_dir, base_model or None)
-    print(f"exported {adapter_dir} -> {out} (PEFT PROMPT_TUNING)")

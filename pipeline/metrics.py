@@ -4,12 +4,18 @@ The metric functions take predictions first and return fractions; `compute_metri
 generated texts and reports percentages (x100, as the paper does) plus the count of invalid predictions.
 
 Invalid predictions (text outside the label set, or not a number for regression) always count as wrong:
-- classification: a binary task gets the label opposite to the reference (a false negative or a false
-  positive, as the authors' `f1_score_with_invalid` does); with more labels it becomes a class of its own
-  that matches nothing (a miss for the true class, a false positive for no task label);
+- classification, binary F1 (`f1`): the label opposite to the reference (a false negative or a false
+  positive), as the authors' `f1_score_with_invalid` does;
+- classification, every other metric (accuracy, macro-F1, Matthews correlation): the prediction text itself,
+  a class of its own that matches no task label, as scikit-learn does on the raw predictions (the authors call
+  `sklearn.metrics.matthews_corrcoef` and `fbeta_score(labels=range(n))` on the stripped generations);
 - regression: it becomes the end of the references' range farthest from its reference (the worst in-range
   guess), so a model cannot gain correlation by emitting garbage. A fixed value such as 0.0 would count as
   a good guess on low-similarity pairs.
+
+Extractive QA: `squad_em` / `squad_f1` take the best score over every gold answer (the MRQA evaluation);
+`squad_em_first` / `squad_f1_first` score against the first gold answer only, as the authors' code does (their
+target is `answers[0]`), which is how the paper's MRQA numbers were computed.
 """
 
 from __future__ import annotations
@@ -23,13 +29,13 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 
-METRIC_NAMES = ("accuracy", "f1", "macro_f1", "matthews_corrcoef", "pearson", "spearman", "squad_em", "squad_f1")
+QA_METRICS = ("squad_em", "squad_f1", "squad_em_first", "squad_f1_first")
+METRIC_NAMES = ("accuracy", "f1", "macro_f1", "matthews_corrcoef", "pearson", "spearman", *QA_METRICS)
 KIND_METRICS = {
     "classification": ("accuracy", "f1", "macro_f1", "matthews_corrcoef"),
     "regression": ("pearson", "spearman"),
-    "qa": ("squad_em", "squad_f1"),
+    "qa": QA_METRICS,
 }
-NEVER_CORRECT = "<invalid>"  # stands in for an invalid prediction of a task with more than two labels
 
 
 def _check_lengths(predictions, references) -> None:
@@ -167,24 +173,25 @@ def _as_float(text: object) -> float | None:
 
 
 def _classification_scores(task, predictions: list[str], references: list) -> tuple[dict, int]:
-    # Surrounding whitespace is ignored (decoders often emit it); nothing else is normalised.
+    # Surrounding whitespace is ignored (decoders often emit it; the authors strip too); nothing else is.
     predictions = [str(p).strip() for p in predictions]
     references = [str(r).strip() for r in references]
     # Custom tasks without label_words have no declared label set: the references' classes stand in.
     label_set = list(task.labels) if task.labels is not None else sorted(set(references))
     invalid = [p not in label_set for p in predictions]
 
-    def never_correct(reference: str) -> str:
-        if len(label_set) == 2 and reference in label_set:
+    def opposite(prediction: str, reference: str, bad: bool) -> str:
+        if bad and len(label_set) == 2 and reference in label_set:
             return label_set[1 - label_set.index(reference)]
-        return NEVER_CORRECT
+        return prediction
 
-    scored = [never_correct(r) if bad else p for p, r, bad in zip(predictions, references, invalid)]
+    # Binary F1 only: an invalid prediction becomes the wrong label (the authors' f1_score_with_invalid).
+    for_f1 = [opposite(p, r, bad) for p, r, bad in zip(predictions, references, invalid)]
     functions = {
-        "accuracy": lambda: accuracy(scored, references),
-        "f1": lambda: f1(scored, references, positive="1"),
-        "macro_f1": lambda: macro_f1(scored, references, labels=label_set),
-        "matthews_corrcoef": lambda: matthews_corrcoef(scored, references),
+        "accuracy": lambda: accuracy(predictions, references),
+        "f1": lambda: f1(for_f1, references, positive="1"),
+        "macro_f1": lambda: macro_f1(predictions, references, labels=label_set),
+        "matthews_corrcoef": lambda: matthews_corrcoef(predictions, references),
     }
     return {name: functions[name]() for name in task.metrics}, sum(invalid)
 
@@ -205,15 +212,19 @@ def _regression_scores(task, predictions: list, references: list) -> tuple[dict,
 
 def _qa_scores(task, predictions: list[str], references: list, answers) -> tuple[dict, int]:
     golds = answers if answers is not None else [[str(r)] for r in references]
-    functions = {"squad_em": squad_em, "squad_f1": squad_f1}
-    return {name: functions[name]([str(p) for p in predictions], golds) for name in task.metrics}, 0
+    # The authors' target is the first gold answer (answers[0]); without `answers` the reference is that one.
+    firsts = [[g[0]] if g else [] for g in golds]
+    functions = {"squad_em": lambda p: squad_em(p, golds), "squad_f1": lambda p: squad_f1(p, golds),
+                 "squad_em_first": lambda p: squad_em(p, firsts), "squad_f1_first": lambda p: squad_f1(p, firsts)}
+    return {name: functions[name]([str(p) for p in predictions]) for name in task.metrics}, 0
 
 
 def compute_metrics(task, predictions: list[str], references: list, answers: list[list[str]] | None = None) -> dict:
-    """The task's metrics in percent (first = the main metric) plus `"invalid"`, the unusable predictions.
+    """The task's metrics in percent (first = the headline metric) plus `"invalid"`, the unusable predictions.
+    The task's `selection_metric` (checkpoint choice) is one of them.
 
-    `references` are target strings; for QA pass `answers` (all gold answers per example) to score against
-    every gold answer, else only the reference counts.
+    `references` are target strings; for QA pass `answers` (all gold answers per example, the first one being
+    the reference) to score against every gold answer, else only the reference counts.
     """
     _check_lengths(predictions, references)
     if answers is not None:

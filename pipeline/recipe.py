@@ -1,172 +1,137 @@
-"""Recipes: a YAML file of stages (source pretraining -> few-shot transfer), validated and expanded into runs.
+"""Recipes: a YAML file of stages (source pretraining -> few-shot transfer), validated and expanded into jobs.
 
     name: fewshot_small
-    model: t5-base                      # hub name, local dir, random:<preset>, or stage:<name> (a finetune stage's model)
-    ds_config: ds_configs/zero3_gpu_bf16.json
-    output_dir: runs/fewshot_small
-    dept: {num_virtual_tokens: 60, r: 30, max_length: 256}
-    train: {batch_size: 32, steps: 1000, lr_prompt: 0.3, lr_lowrank: 1e-4}   # any TrainConfig field
-    data: {eval_mode: score, max_eval_rows: 500}                             # any DataSpec field
-    tracking: {experiment: dept, uri: null}
+    model: t5-base                   # hub name, local dir, random:<preset>; a stage may say stage:<name>
+    ds_config: zero3_gpu             # a shipped name, or a path relative to this file
+    output_dir: runs/fewshot_small   # relative to the working directory
+    dept: {num_virtual_tokens: 60, r: 30, max_length: 256}       # DeptArgs defaults (config.py)
+    train: {batch_size: 32, steps: 1000, lr_prompt: 0.3}          # TrainArgs defaults
+    data: {eval_mode: score, max_eval_rows: 500}                  # DataArgs defaults
+    tracking: {experiment: dept-fewshot}
     stages:
       - {name: source, type: train, tasks: [mnli, qnli]}
       - {name: transfer, type: transfer, source: source, targets: [rte, cb], k: [4, 16, 32], seeds: [1, 2, 3]}
 
-Command-line overrides beat the file: `dept run recipe.yaml --train.steps=10 --stages.transfer.k=[4]`
-(stages addressed by name or index). Unknown keys and wrong types are refused with the key's path named.
-Nothing here trains: `plan()` turns a recipe into a list of `Run`s that `runner.py` executes.
+Which value wins, highest first: a command-line override (`--train.steps=100` sets every stage's steps;
+`--stages.transfer.train.steps=40` one stage's), then the stage's own section, then the recipe's section, then the
+defaults of config.py. Input paths in the file (ds_config, custom task data_files, init adapters, source adapters,
+local models) resolve against the recipe's folder; output_dir against the working directory. Nothing here trains
+or imports torch: `plan()` turns a recipe into `Job`s that runner.py executes, and `check_feasible()` refuses at the
+start what would otherwise fail hours in.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
+from pipeline.config import (
+    DataArgs,
+    DeptArgs,
+    JobConfig,
+    RecipeSpec,
+    StageSpec,
+    TrainArgs,
+    build,
+    check_partial,
+    did_you_mean,
+    to_dict,
+)
 from pipeline.errors import PipelineError
-from pipeline.stage import DataSpec
-from pipeline.train import TrainConfig
+from pipeline.resources import recipe_path
 
-STAGE_TYPES = ("train", "transfer")
-LENGTH_POLICIES = ("error", "truncate", "pad")
-DEPT_KEYS = ("num_virtual_tokens", "r", "max_length", "lora_alpha", "prompt_init", "init_text")
-RUN_LEVEL_KEYS = ("model", "output_dir", "ds_config", "init_adapter", "method", "save_model",
-                  "on_length_mismatch")  # set by the plan from recipe/stage keys
-
-
-@dataclass
-class TrackingSpec:
-    enabled: bool = field(default=True, metadata={"help": "log to MLflow (rank 0 only)"})
-    uri: str | None = field(default=None, metadata={"help": "MLflow URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"})
-    experiment: str = field(default="dept", metadata={"help": "MLflow experiment name"})
-
-
-@dataclass
-class StageSpec:
-    name: str = field(metadata={"help": "unique stage name; also its output subdirectory"})
-    type: str = field(default="train", metadata={"help": "train | transfer"})
-    method: str | None = field(default=None, metadata={"help": "dept | pt | finetune (default: the recipe's)"})
-    model: str | None = field(default=None, metadata={"help": "backbone for this stage (default: the recipe's)"})
-    tasks: list = field(default_factory=list, metadata={"help": "train: task names / custom task dicts"})
-    init_adapter: str | None = field(default=None, metadata={"help": "train: start from this adapter (path or stage:<name>)"})
-    save_model: bool = field(default=False, metadata={"help": "finetune: save the trained backbone for stage:<name>"})
-    source: str | None = field(default=None, metadata={"help": "transfer: the stage (or adapter path) to start from"})
-    targets: list = field(default_factory=list, metadata={"help": "transfer: target tasks"})
-    k: list = field(default_factory=lambda: [4, 16, 32], metadata={"help": "transfer: k-shot sizes"})
-    seeds: list = field(default_factory=lambda: [1, 2, 3], metadata={"help": "transfer: seeds per (target, k)"})
-    control: bool = field(default=False, metadata={"help": "transfer: also train from scratch at each (target, k, seed)"})
-    on_length_mismatch: str = field(default="error", metadata={"help": "source s != this s: error | truncate | pad A"})
-    train: dict = field(default_factory=dict, metadata={"help": "TrainConfig fields for this stage"})
-    data: dict = field(default_factory=dict, metadata={"help": "DataSpec fields for this stage"})
+SECTIONS = {"dept": DeptArgs, "train": TrainArgs, "data": DataArgs}
+STAGE_DATA_KEYS = ("tasks", "k")  # set by a stage itself, not by a data section
 
 
 @dataclass
 class Recipe:
-    name: str
-    model: str
-    output_dir: str
-    stages: list
-    ds_config: str = "ds_configs/zero3_cpu.json"
-    method: str = "dept"
-    dept: dict = field(default_factory=dict)
-    train: dict = field(default_factory=dict)
-    data: dict = field(default_factory=dict)
-    tracking: TrackingSpec = field(default_factory=TrackingSpec)
-    description: str = ""
+    spec: RecipeSpec
+    path: Path  # the recipe file (inputs resolve against its folder)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.spec.output_dir)
 
 
 @dataclass
-class Run:
-    """One training run of the plan."""
+class Job:
+    """One job of the plan (one training run, one MLflow child run)."""
 
     stage: str
-    key: str  # stable identity (directory-relative), e.g. "transfer/rte/k16/seed2/transfer"
-    train: TrainConfig
-    data: DataSpec
-    meta: dict  # stage type, target, k, seed, variant (transfer | control)
-    init_from_stage: str | None = None  # its init adapter comes from that stage's output
+    key: str  # stable identity inside the recipe, e.g. "transfer/syn-target-food/k16/seed2/source"
+    config: JobConfig
+    meta: dict  # stage type, target, k, seed, start (source | scratch)
+    init_from_stage: str | None = None  # its init adapter is that stage's output
+
+    @property
+    def name(self) -> str:
+        """What the MLflow runs table shows: what differs between jobs first, the stage last."""
+        if self.meta["type"] == "train":
+            return f"{self.stage}: {'+'.join(self.meta['tasks'])}"
+        return f"{self.meta['target']} k={self.meta['k']} seed={self.meta['seed']} {self.meta['start']}"
 
 
-# -- loading and validation --------------------------------------------------------------------------------
-
-def _check_value(value, annotation: str, path: str):
-    """Check a YAML value against a dataclass field's annotation (as a string: `from __future__` annotations)."""
-    ann = annotation.replace(" ", "")
-    optional = "None" in ann
-    if value is None:
-        if optional:
-            return None
-        raise PipelineError(f"{path}: null is not allowed here; give a value")
-    base = ann.replace("|None", "").replace("None|", "")
-    checks = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,),
-              "dict|None": (dict,)}
-    if base in checks:
-        wanted = checks[base]
-        ok = isinstance(value, wanted) and not (base in ("int", "float") and isinstance(value, bool))
-        if not ok:
-            raise PipelineError(f"{path}: expected {base}, got {type(value).__name__} {value!r}")
-        return float(value) if base == "float" else value
-    return value
+# ----------------------------------------------------------------------------------------------- loading
 
 
-def _build(cls, raw, path: str):
-    """A dataclass from a dict, naming the path of any unknown key, missing key or wrong type."""
+def read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise PipelineError(f"recipe {path}{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
-        raise PipelineError(f"{path}: expected a mapping, got {type(raw).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = [k for k in raw if k not in known]
-    if unknown:
-        raise PipelineError(f"{path}.{unknown[0]}: unknown key; known keys: {', '.join(known)}")
-    values = {}
-    for name, spec in known.items():
-        if name in raw:
-            values[name] = _check_value(raw[name], str(spec.type), f"{path}.{name}")
-        elif spec.default is MISSING and spec.default_factory is MISSING:
-            raise PipelineError(f"{path}.{name}: required key is missing")
-    return cls(**values)
-
-
-def _check_section(raw: dict, cls, path: str, exclude=()) -> dict:
-    """Validate a free dict section whose keys must be fields of `cls` (TrainConfig, DataSpec)."""
-    if not isinstance(raw, dict):
-        raise PipelineError(f"{path}: expected a mapping, got {type(raw).__name__}")
-    known = {f.name: f for f in fields(cls) if f.name not in exclude}
-    for key, value in raw.items():
-        if key not in known:
-            raise PipelineError(f"{path}.{key}: unknown key; known keys: {', '.join(known)}")
-        raw[key] = _check_value(value, str(known[key].type), f"{path}.{key}")
+        raise PipelineError(f"recipe {path} must be a mapping of keys (name, model, stages, ...)")
     return raw
 
 
+def load_recipe(name_or_path: str, overrides: dict | None = None) -> Recipe:
+    """A shipped recipe by name (`quickstart`) or a YAML path, with command-line overrides applied, validated."""
+    path = recipe_path(name_or_path)
+    raw = apply_overrides(read_yaml(path), overrides or {})
+    return Recipe(validate(raw, path.parent), path)
+
+
 def apply_overrides(raw: dict, overrides: dict) -> dict:
-    """Set dotted keys (`train.steps`, `stages.transfer.k`, `stages.0.tasks`) in the raw recipe."""
+    """Set dotted keys (`train.steps`, `stages.transfer.k`, `stages.0.tasks`) in the raw recipe. A recipe-level
+    section key (`train.steps`) also replaces the stages' own values: the command line wins over the file."""
     raw = copy.deepcopy(raw)
     for dotted, value in overrides.items():
+        parts = str(dotted).split(".")
         if isinstance(value, str):
             try:
                 value = yaml.safe_load(value)
             except yaml.YAMLError:
                 pass
-        parts = str(dotted).split(".")
+        if parts[0] not in {f for f in RecipeSpec.__dataclass_fields__}:
+            raise PipelineError(f"override --{dotted}: unknown recipe key {parts[0]!r}"
+                                f"{did_you_mean(parts[0], RecipeSpec.__dataclass_fields__)}")
         node = raw
         for i, part in enumerate(parts[:-1]):
             where = ".".join(parts[: i + 1])
             if isinstance(node, list):
                 node = _stage_by_name_or_index(node, part, where)
-            else:
-                if part not in node:
-                    node[part] = {}
-                node = node[part]
-                if not isinstance(node, (dict, list)):
-                    raise PipelineError(f"override --{dotted}: {where} is not a section")
-        last = parts[-1]
+                continue
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise PipelineError(f"override --{dotted}: {where} is not a section")
         if isinstance(node, list):
-            raise PipelineError(f"override --{dotted}: name a key inside the stage (e.g. --{dotted}.steps=...)")
-        node[last] = value
+            raise PipelineError(f"override --{dotted}: name a key inside the stage (e.g. --{dotted}.train.steps=...)")
+        node[parts[-1]] = value
+        if len(parts) == 2 and parts[0] in SECTIONS:
+            for stage in raw.get("stages") or []:
+                if isinstance(stage, dict) and isinstance(stage.get(parts[0]), dict):
+                    stage[parts[0]].pop(parts[1], None)
     return raw
 
 
@@ -176,141 +141,217 @@ def _stage_by_name_or_index(stages: list, part: str, where: str) -> dict:
     for stage in stages:
         if isinstance(stage, dict) and stage.get("name") == part:
             return stage
-    names = [s.get("name") for s in stages if isinstance(s, dict)]
-    raise PipelineError(f"override {where}: no stage {part!r} (stages: {', '.join(map(str, names))})")
+    names = [str(s.get("name")) for s in stages if isinstance(s, dict)]
+    raise PipelineError(f"override {where}: no stage {part!r}{did_you_mean(part, names)} (stages: {', '.join(names)})")
 
 
-def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
-    file = Path(path)
-    if not file.is_file():
-        raise PipelineError(f"recipe {path} does not exist: pass a YAML file (see recipes/)")
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise PipelineError(f"recipe {path}{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
-    return validate(apply_overrides(raw or {}, overrides or {}))
+def _absolute(value: str | None, base: Path, kind: str) -> str | None:
+    """An input path relative to the recipe's folder, made absolute; names (hub models, shipped configs, stage
+    references, presets) are left as they are."""
+    if value is None or value.startswith(("stage:", "random:")) or Path(value).expanduser().is_absolute():
+        return value
+    looks_like_path = value.startswith((".", "~")) or (base / value).exists()
+    if kind == "ds_config":
+        looks_like_path = "/" in value or value.endswith(".json")
+    return str((base / value).resolve()) if looks_like_path else value
 
 
-def validate(raw: dict) -> Recipe:
-    """Check every key and value, cross-check stage references; returns the Recipe."""
-    raw = dict(raw)
-    raw["tracking"] = _build(TrackingSpec, raw.get("tracking", {}) or {}, "recipe.tracking")
-    stages_raw = raw.get("stages")
-    if not isinstance(stages_raw, list) or not stages_raw:
+def _resolve_inputs(spec: RecipeSpec, base: Path) -> RecipeSpec:
+    from pipeline.tasks.specs import is_task_file, with_absolute_paths
+
+    def task_list(specs):
+        return [with_absolute_paths(t, base) if isinstance(t, dict) else
+                str((base / t).resolve()) if is_task_file(t) and not Path(t).is_absolute() else t for t in specs]
+
+    def data_section(section: dict) -> dict:
+        out = dict(section)
+        for key in ("data_dir", "train_file"):
+            if out.get(key):
+                out[key] = str((base / out[key]).resolve()) if not Path(out[key]).is_absolute() else out[key]
+        return out
+
+    stages = []
+    for stage in spec.stages:
+        source = stage.source
+        if source is not None and not any(s.name == source.removeprefix("stage:") for s in spec.stages):
+            source = _absolute(source, base, "adapter")
+        stages.append(replace(stage, model=_absolute(stage.model, base, "model"),
+                              init_adapter=_absolute(stage.init_adapter, base, "adapter"), source=source,
+                              tasks=task_list(stage.tasks), targets=task_list(stage.targets),
+                              data=data_section(stage.data)))
+    return replace(spec, model=_absolute(spec.model, base, "model"),
+                   ds_config=_absolute(spec.ds_config, base, "ds_config"), data=data_section(spec.data),
+                   stages=stages)
+
+
+def validate(raw: dict, base: Path) -> RecipeSpec:
+    """Every key and value checked (unknown keys with a "did you mean"), stage references cross-checked, input
+    paths made absolute against `base` (the recipe's folder)."""
+    spec = build(RecipeSpec, raw, "recipe")
+    if not spec.stages:
         raise PipelineError("recipe.stages: give a non-empty list of stages")
-    raw["stages"] = [_build(StageSpec, s, f"recipe.stages[{i}]") for i, s in enumerate(stages_raw)]
-    recipe = _build(Recipe, raw, "recipe")
-    dept = _check_section(recipe.dept, TrainConfig, "recipe.dept")
-    if any(k not in DEPT_KEYS for k in dept):
-        bad = next(k for k in dept if k not in DEPT_KEYS)
-        raise PipelineError(f"recipe.dept.{bad}: not a DePT shape key; known keys: {', '.join(DEPT_KEYS)}")
-    _check_section(recipe.train, TrainConfig, "recipe.train", exclude=RUN_LEVEL_KEYS)
-    _check_section(recipe.data, DataSpec, "recipe.data", exclude=("tasks", "k"))
-    seen = []
-    for i, stage in enumerate(recipe.stages):
+    for name, cls in SECTIONS.items():
+        exclude = STAGE_DATA_KEYS if name == "data" else ()
+        section = getattr(spec, name)
+        bad = [k for k in section if k in exclude]
+        if bad:
+            raise PipelineError(f"recipe.{name}.{bad[0]}: set by each stage (tasks, targets, k), not in a section")
+        setattr(spec, name, check_partial(cls, section, f"recipe.{name}"))
+    seen: list[str] = []
+    for i, stage in enumerate(spec.stages):
         path = f"recipe.stages[{i}] ({stage.name})"
+        for name, cls in SECTIONS.items():
+            section = getattr(stage, name)
+            bad = [k for k in section if k in (STAGE_DATA_KEYS if name == "data" else ())]
+            if bad:
+                raise PipelineError(f"{path}.{name}.{bad[0]}: a stage sets {bad[0]} itself (tasks/targets, k)")
+            setattr(stage, name, check_partial(cls, section, f"{path}.{name}"))
         if stage.name in seen:
             raise PipelineError(f"{path}: duplicate stage name; give each stage its own name")
-        if stage.type not in STAGE_TYPES:
-            raise PipelineError(f"{path}.type: {stage.type!r} is not one of {', '.join(STAGE_TYPES)}")
-        if stage.on_length_mismatch not in LENGTH_POLICIES:
-            raise PipelineError(f"{path}.on_length_mismatch: choose one of {', '.join(LENGTH_POLICIES)}")
-        _check_section(stage.train, TrainConfig, f"{path}.train", exclude=RUN_LEVEL_KEYS)
-        _check_section(stage.data, DataSpec, f"{path}.data", exclude=("tasks", "k"))
-        for ref_name, ref in (("model", stage.model), ("init_adapter", stage.init_adapter), ("source", stage.source)):
-            if isinstance(ref, str) and ref.startswith("stage:"):
-                ref = ref[len("stage:"):]
-            elif ref_name != "source":
-                continue
-            if ref is not None and ref not in seen and not Path(ref).exists():
-                raise PipelineError(f"{path}.{ref_name}: {ref!r} is not an earlier stage nor an existing path")
-        if stage.type == "train" and not stage.tasks:
-            raise PipelineError(f"{path}.tasks: a train stage needs at least one task")
-        if stage.type == "transfer":
+        for key, ref in (("model", stage.model), ("init_adapter", stage.init_adapter), ("source", stage.source)):
+            if isinstance(ref, str) and ref.startswith("stage:") and ref[len("stage:"):] not in seen:
+                raise PipelineError(f"{path}.{key}: {ref!r} is not an earlier stage (earlier: "
+                                    f"{', '.join(seen) or 'none'})")
+        if stage.type == "train":
+            if not stage.tasks and not {**spec.data, **stage.data}.get("train_file"):
+                raise PipelineError(f"{path}.tasks: a train stage needs at least one task")
+            if stage.targets or stage.source:
+                raise PipelineError(f"{path}: targets/source belong to a transfer stage; set type: transfer")
+        else:
             if not stage.targets:
                 raise PipelineError(f"{path}.targets: a transfer stage needs at least one target task")
             if stage.source is None and not stage.control:
                 raise PipelineError(f"{path}.source: a transfer stage needs a source stage or adapter path")
+            if stage.source and stage.source.removeprefix("stage:") not in seen + [stage.name] and \
+                    not Path(stage.source).expanduser().exists() and "/" not in stage.source:
+                raise PipelineError(f"{path}.source: {stage.source!r} is not an earlier stage nor an existing "
+                                    f"adapter{did_you_mean(stage.source, seen)}")
             for name, values in (("k", stage.k), ("seeds", stage.seeds)):
-                if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-                    raise PipelineError(f"{path}.{name}: give a non-empty list of integers, got {values!r}")
-        if stage.save_model and (stage.method or recipe.method) != "finetune":
+                if not values:
+                    raise PipelineError(f"{path}.{name}: give a non-empty list of integers")
+            if stage.tasks:
+                raise PipelineError(f"{path}.tasks: a transfer stage trains on its targets; use targets")
+        if stage.save_model and (stage.method or spec.method) != "finetune":
             raise PipelineError(f"{path}.save_model: only a finetune stage changes the backbone; remove save_model")
         seen.append(stage.name)
-    return recipe
+    return _resolve_inputs(spec, base)
 
 
-# -- the plan ------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------- the plan
 
-def _stage_model(recipe: Recipe, stage: StageSpec) -> str:
-    model = stage.model or recipe.model
+
+def _stage_model(spec: RecipeSpec, stage: StageSpec) -> str:
+    model = stage.model or spec.model
     if model.startswith("stage:"):
-        return str(Path(recipe.output_dir) / model[len("stage:"):] / "model")
+        return str(Path(spec.output_dir) / model[len("stage:"):] / "model")
     return model
 
 
-def _train_config(recipe: Recipe, stage: StageSpec, output_dir: Path, seed: int | None, init_adapter: str | None) -> TrainConfig:
-    values = {**recipe.dept, **recipe.train, **stage.train}
+def _job_config(spec: RecipeSpec, stage: StageSpec, output_dir: Path, data: dict, seed: int | None,
+                init_adapter: str | None, path: str) -> JobConfig:
+    train = {**spec.train, **stage.train}
     if seed is not None:
-        values["seed"] = seed
-    values.update(model=_stage_model(recipe, stage), output_dir=str(output_dir), ds_config=recipe.ds_config,
-                  method=stage.method or recipe.method, init_adapter=init_adapter,
-                  save_model=stage.save_model, on_length_mismatch=stage.on_length_mismatch)
-    return TrainConfig(**values)
+        train["seed"] = seed
+    raw = {"model": _stage_model(spec, stage), "output_dir": str(output_dir), "ds_config": spec.ds_config,
+           "method": stage.method or spec.method, "init_adapter": init_adapter, "save_model": stage.save_model,
+           "on_length_mismatch": stage.on_length_mismatch or spec.on_length_mismatch,
+           "model_overrides": spec.model_overrides, "dept": {**spec.dept, **stage.dept}, "train": train,
+           "data": {**spec.data, **stage.data, **data}}
+    return build(JobConfig, raw, path)
 
 
-def _adapter_of(recipe: Recipe, ref: str | None) -> tuple[str | None, str | None]:
+def _adapter_of(spec: RecipeSpec, ref: str | None) -> tuple[str | None, str | None]:
     """(adapter path, stage it comes from) for `stage:<name>`, a bare stage name, or a path: the stage's best
     adapter on validation, or its last one when the stage does not evaluate."""
     if ref is None:
         return None, None
-    name = ref[len("stage:"):] if ref.startswith("stage:") else ref
-    stage = next((s for s in recipe.stages if s.name == name), None)
+    name = ref.removeprefix("stage:")
+    stage = next((s for s in spec.stages if s.name == name), None)
     if stage is None:
         return ref, None
-    evaluates = {**recipe.data, **stage.data}.get("evaluate", True)
-    return str(Path(recipe.output_dir) / name / ("best_adapter" if evaluates else "adapter")), name
+    evaluates = {**spec.data, **stage.data}.get("evaluate", True)
+    return str(Path(spec.output_dir) / name / ("best_adapter" if evaluates else "adapter")), name
 
 
-def plan(recipe: Recipe) -> list[Run]:
-    """Every run of the recipe, in execution order."""
-    out = Path(recipe.output_dir)
-    runs: list[Run] = []
-    for stage in recipe.stages:
-        data_defaults = {**recipe.data, **stage.data}
+def task_label(task) -> str:
+    if isinstance(task, dict):
+        return str(task.get("name"))
+    return Path(task).stem if task.endswith((".yaml", ".yml", ".json")) else str(task)
+
+
+def plan(recipe: Recipe) -> list[Job]:
+    """Every job of the recipe, in execution order."""
+    spec, out = recipe.spec, recipe.output_dir
+    jobs: list[Job] = []
+    for i, stage in enumerate(spec.stages):
+        path = f"recipe.stages[{i}] ({stage.name})"
         if stage.type == "train":
-            adapter, from_stage = _adapter_of(recipe, stage.init_adapter)
-            cfg = _train_config(recipe, stage, out / stage.name, None, adapter)
-            runs.append(Run(stage.name, stage.name, cfg, DataSpec(tasks=list(stage.tasks), **data_defaults),
-                            {"type": "train", "tasks": [_task_label(t) for t in stage.tasks]}, from_stage))
+            adapter, from_stage = _adapter_of(spec, stage.init_adapter)
+            cfg = _job_config(spec, stage, out / stage.name, {"tasks": list(stage.tasks)}, None, adapter, path)
+            jobs.append(Job(stage.name, stage.name, cfg, {"type": "train", "tasks": [task_label(t) for t in stage.tasks]},
+                            from_stage))
             continue
-        adapter, from_stage = _adapter_of(recipe, stage.source)
-        variants = ([("transfer", adapter)] if stage.source else []) + ([("control", None)] if stage.control else [])
+        adapter, from_stage = _adapter_of(spec, stage.source)
+        starts = ([("source", adapter)] if stage.source else []) + ([("scratch", None)] if stage.control else [])
         for target in stage.targets:
             for k in stage.k:
                 for seed in stage.seeds:
-                    for variant, init in variants:
-                        key = f"{stage.name}/{_task_label(target)}/k{k}/seed{seed}/{variant}"
-                        cfg = _train_config(recipe, stage, out / key, seed, init)
-                        data = DataSpec(tasks=[target], k=k, **data_defaults)
-                        meta = {"type": "transfer", "target": _task_label(target), "k": k, "seed": seed,
-                                "variant": variant}
-                        runs.append(Run(stage.name, key, cfg, data, meta, from_stage if init else None))
-    return runs
+                    for start, init in starts:
+                        key = f"{stage.name}/{task_label(target)}/k{k}/seed{seed}/{start}"
+                        cfg = _job_config(spec, stage, out / key, {"tasks": [target], "k": k}, seed, init, path)
+                        meta = {"type": "transfer", "target": task_label(target), "k": k, "seed": seed, "start": start}
+                        jobs.append(Job(stage.name, key, cfg, meta, from_stage if init else None))
+    return jobs
 
 
-def _task_label(task) -> str:
-    return task["name"] if isinstance(task, dict) else str(task)
+def check_feasible(recipe: Recipe, jobs: list[Job]) -> None:
+    """Refuse now what a job would fail on later: unknown tasks, custom tasks that do not parse, missing data
+    files, k-shot sizes a target cannot supply, a DeepSpeed config that does not exist, a batch the ranks cannot
+    split. Reads task files (no torch, no model)."""
+    import os
+
+    from pipeline.resources import ds_config_path
+    from pipeline.tasks.feasibility import check_job_data
+
+    ds_config_path(recipe.spec.ds_config)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    checked: set[str] = set()
+    for job in jobs:
+        train = job.config.train
+        if train.batch_size % (world * train.grad_accum):
+            raise PipelineError(f"{job.key}: batch_size {train.batch_size} is not divisible by world size {world} x "
+                                f"grad_accum {train.grad_accum}: choose a multiple of {world * train.grad_accum}")
+        identity = json.dumps([to_dict(job.config.data), job.config.train.seed], sort_keys=True, default=str)
+        if identity in checked:
+            continue
+        checked.add(identity)
+        try:
+            check_job_data(job.config.data, job.config.train.seed)
+        except PipelineError as err:
+            raise PipelineError(f"{job.key}: {err}") from None
 
 
-def fingerprint(recipe: Recipe) -> str:
-    """Identity of a recipe execution (its output directory and name): re-runs re-attach to the same MLflow runs."""
-    return hashlib.sha256(f"{recipe.name}|{Path(recipe.output_dir).resolve()}".encode()).hexdigest()[:16]
+def describe_plan(recipe: Recipe, jobs: list[Job]) -> str:
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    spec = recipe.spec
+    lines = [f"recipe {spec.name}: {len(jobs)} jobs in {len(spec.stages)} stages, world size {world}, "
+             f"output {spec.output_dir}, DeepSpeed config {spec.ds_config}"]
+    for stage in spec.stages:
+        mine = [j for j in jobs if j.stage == stage.name]
+        first = mine[0].config
+        what = ", ".join(mine[0].meta.get("tasks", [])) if stage.type == "train" else (
+            f"targets {', '.join(dict.fromkeys(str(j.meta['target']) for j in mine))}; k {stage.k}; seeds {stage.seeds}"
+            + ("; with from-scratch control" if stage.control else ""))
+        dept = first.dept
+        shape = (f"m={dept.num_virtual_tokens or 'default'} r={dept.r if dept.r is not None else 'default'} "
+                 f"s={dept.max_length or 'default'}" if first.method != "finetune" else "all weights")
+        lines.append(f"  {stage.name} ({stage.type}, {first.method}, model {first.model}): {len(mine)} job(s); {what}; "
+                     f"{shape}; steps={first.train.steps} batch={first.train.batch_size} "
+                     f"lr_prompt={first.train.lr_prompt} lr_lowrank={first.train.lr_lowrank}")
+    return "\n".join(lines)
 
 
 def resolved_dict(recipe: Recipe) -> dict:
-    from dataclasses import asdict
-
-    return json.loads(json.dumps(asdict(recipe), default=str))
+    return to_dict(recipe.spec)

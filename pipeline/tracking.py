@@ -29,8 +29,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.errors import PipelineError
 
@@ -202,9 +203,9 @@ def _rank_now() -> int:
     import sys
 
     if "torch" in sys.modules:
-        from pipeline.distributed import rank
-
         import torch.distributed as dist
+
+        from pipeline.distributed import rank
 
         if dist.is_available() and dist.is_initialized():
             return rank()
@@ -293,6 +294,11 @@ class Tracker:
                     f"another experiment name")
             self._experiment_id = exp.experiment_id
         return self._experiment_id
+
+    @property
+    def experiment_id(self) -> str | None:
+        """The experiment's id (rank 0 with tracking on), for links into the MLflow UI."""
+        return self._experiment() if self.active else None
 
     def _collective(self, fn: Callable, *args, default=None):
         """fn(*args) on rank 0 when active; its result (or its error) is handed to every rank."""
@@ -524,9 +530,8 @@ class Tracker:
         run_id = self._current(run_id)
         if not (self.active and run_id):
             return None
-        import pandas as pd
-
         import mlflow.data
+        import pandas as pd
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -566,7 +571,7 @@ class Tracker:
 
     # -- context manager
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -73,3 +73,32 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 def read_results(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "results.json").read_text())
+
+
+# Real task data ------------------------------------------------------------------------------------------
+# Tests that read the shipped task files (DEPT_DATA_DIR, default ../shared/data) skip with a reason when a bare
+# clone does not have them; every other test runs without them.
+SHIPPED_DATA = Path(os.environ.get("DEPT_DATA_DIR") or REPO.parent / "shared" / "data")
+
+
+def missing_task_data(*tasks: str) -> list[str]:
+    """The named tasks whose folder is absent from the shipped data (all of them when it is absent)."""
+    return [task for task in tasks if not (SHIPPED_DATA / task).is_dir()]
+
+
+def needs_task_data(*tasks: str):
+    """Marker: skip unless DEPT_DATA_DIR holds a folder for each named task (or, with no names, exists)."""
+    missing = missing_task_data(*tasks) if tasks else ([] if SHIPPED_DATA.is_dir() else ["any task"])
+    return pytest.mark.skipif(
+        bool(missing),
+        reason=f"real task data not found ({', '.join(missing)} under {SHIPPED_DATA}): "
+               "set DEPT_DATA_DIR to the shipped data folder (default ../shared/data)",
+    )
+
+
+@pytest.fixture(scope="session")
+def shipped_data() -> Path:
+    """The shipped data folder; skips the test when it is absent."""
+    if not SHIPPED_DATA.is_dir():
+        pytest.skip(f"real task data not found at {SHIPPED_DATA}: set DEPT_DATA_DIR (default ../shared/data)")
+    return SHIPPED_DATA

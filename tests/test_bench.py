@@ -7,8 +7,8 @@ import json
 import math
 
 import pytest
-
 from conftest import run
+
 from pipeline.dept import count_trainable, rank_for_budget
 
 MEASURED = ("step_s", "step_min_s", "step_max_s", "tokens_per_s", "step_tensor_peak_mb", "rss_peak_mb", "infer_s",

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import read_results, run
+
 from pipeline import adapters
-from pipeline.backbone import DePTModel, load_backbone
+from pipeline.backbone import load_backbone
 from pipeline.data import collate, read_source_target, tokenize
 from pipeline.dept import DePTPrompt
-from pipeline.train import warmup_then_linear_decay
+from pipeline.engine import warmup_then_linear_decay
+from pipeline.model import DePTModel
 
 pytestmark = pytest.mark.slow
 STEPS = 12

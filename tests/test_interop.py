@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run
+
 from pipeline import adapters, interop
-from pipeline.backbone import DePTModel, load_backbone
-from pipeline.dept import DePTPrompt, DeptConfig
+from pipeline.backbone import load_backbone
+from pipeline.dept import DeptConfig, DePTPrompt
 from pipeline.errors import PipelineError
+from pipeline.model import DePTModel
 
 AUTHORS = Path(os.environ["DEPT_DATA_DIR"]) / "authors_adapters"
 A_KEY, B_KEY = "prompt_encoder.lora_embedding_A", "prompt_encoder.lora_embedding_B"
@@ -82,10 +83,11 @@ def test_prompt_only_adapters_import_as_zero_offset(task, tmp_path):
     assert torch.equal(again["lora_A"], tensors["lora_A"])
 
 
-def test_read_adapter_accepts_authors_directories():
-    config, tensors, _ = adapters.read_adapter(AUTHORS / "cola")
+def test_read_any_adapter_accepts_authors_directories():
+    config, tensors, _ = interop.read_any_adapter(AUTHORS / "cola")
     assert config.r == 15 and torch.equal(tensors["lora_B"], source("cola")[B_KEY])
-    assert B_KEY in refusal(adapters.read_adapter, AUTHORS / "nq")
+    assert B_KEY in refusal(interop.read_any_adapter, AUTHORS / "nq")
+    assert "convert it with `dept import-adapter`" in refusal(adapters.read_adapter, AUTHORS / "cola")
 
 
 # ----------------------------------------------------------------------------------- same encoder inputs
@@ -179,8 +181,11 @@ def test_zero_offset_adapter_exports_as_prompt_tuning(tmp_path):
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
 
 
-def test_unknown_export_format_refused(tmp_path):
-    assert "peft" in refusal(interop.export_adapter, str(AUTHORS / "cola"), str(tmp_path / "x"), format="onnx")
+def test_unknown_export_format_refused(tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["export-adapter", str(AUTHORS / "cola"), str(tmp_path / "x"), "--format", "onnx"]) == 2
+    assert "'onnx' is not one of peft" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 # ------------------------------------------------------------------------------------------------ bad input

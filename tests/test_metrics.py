@@ -71,9 +71,24 @@ def test_compute_metrics_counts_invalid_as_wrong():
     result = compute_metrics(get_task("cb"), cb_preds, cb_refs)
     expected = skm.f1_score(cb_refs, ["0", "1", "2", "<invalid>", "0"], labels=["0", "1", "2"], average="macro")
     assert result == {"accuracy": 60.0, "macro_f1": pytest.approx(100 * expected), "invalid": 1}
-    cola_refs, cola_preds = ["0", "1", "1", "0", "1"], ["0", "1", "", "0", "0"]
-    assert compute_metrics(get_task("cola"), cola_preds, cola_refs)["matthews_corrcoef"] == pytest.approx(
-        100 * skm.matthews_corrcoef(cola_refs, ["0", "1", "0", "0", "0"]))
+
+
+
+def test_matthews_treats_invalid_generations_as_their_own_classes():
+    """CoLA: scikit-learn on the raw (stripped) generations, as the authors call it; F1 keeps the opposite rule."""
+    refs = ["0", "1", "1", "0", "1", "0", "1", "1"]
+    preds = ["0", "1", "", "0", " yes ", "1", "maybe", "1"]
+    raw = [p.strip() for p in preds]
+    result = compute_metrics(get_task("cola"), preds, refs)
+    assert result["invalid"] == 3
+    assert result["matthews_corrcoef"] == pytest.approx(100 * skm.matthews_corrcoef(refs, raw))
+    # Not the opposite-label value: on these rows the two rules give different correlations.
+    opposite = ["0", "1", "0", "0", "0", "1", "0", "1"]
+    assert result["matthews_corrcoef"] != pytest.approx(100 * skm.matthews_corrcoef(refs, opposite))
+    # Binary F1 of MRPC on the same rows still turns each invalid prediction into the wrong label.
+    mrpc = compute_metrics(get_task("mrpc"), preds, refs)
+    assert mrpc["f1"] == pytest.approx(100 * skm.f1_score(refs, opposite, pos_label="1"))
+    assert mrpc["accuracy"] == pytest.approx(100 * skm.accuracy_score(refs, raw))
 
 
 def test_compute_metrics_regression_maps_invalid_to_the_far_end():
@@ -88,11 +103,15 @@ def test_compute_metrics_regression_maps_invalid_to_the_far_end():
     assert result["spearman"] == pytest.approx(100 * stats.spearmanr(truth, mapped)[0])
 
 
-def test_compute_metrics_qa_uses_all_gold_answers():
+def test_compute_metrics_qa_uses_all_gold_answers_and_offers_the_authors_first_gold_scores():
     task = get_task("nq")
-    result = compute_metrics(task, ["1889", "the Paris"], ["in 1889", "Paris"], answers=[["in 1889", "1889"], ["Paris"]])
-    assert result == {"squad_f1": 100.0, "squad_em": 100.0, "invalid": 0}
-    assert compute_metrics(task, ["1889"], ["in 1889"])["squad_em"] == 0.0  # only the reference without answers
+    answers = [["in 1889", "1889"], ["Paris"]]
+    result = compute_metrics(task, ["1889", "the Paris"], ["in 1889", "Paris"], answers=answers)
+    # first example: "1889" matches the second gold only; the authors' first-gold scores see "in 1889"
+    assert result == {"squad_f1": 100.0, "squad_em": 100.0, "squad_f1_first": pytest.approx(100 * (2 / 3 + 1) / 2),
+                      "squad_em_first": 50.0, "invalid": 0}
+    alone = compute_metrics(task, ["1889"], ["in 1889"])  # without answers only the reference counts
+    assert alone["squad_em"] == alone["squad_em_first"] == 0.0
 
 
 def test_custom_classification_without_label_words_uses_the_reference_classes():

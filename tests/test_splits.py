@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHIPPED_DATA as DATA_DIR
+from conftest import missing_task_data, needs_task_data
 
 from pipeline.errors import PipelineError
 from pipeline.tasks import get_task, kshot_sample, load_task_splits, mixture
-
-DATA_DIR = Path(os.environ.get("DEPT_DATA_DIR") or Path(__file__).parents[2] / "shared" / "data")
 
 
 def raises_one_line(fragment: str, call, *args, **kwargs) -> str:
@@ -27,13 +25,13 @@ def raises_one_line(fragment: str, call, *args, **kwargs) -> str:
 
 # Small rule: train = train; the original validation set (n rows) -> validation floor(n/2), test the rest.
 # RTE 277 -> 138/139, CB 56 -> 28/28, CoLA 1,043 -> 521/522, MRPC 408 -> 204/204, STS-B 1,500 -> 750/750.
-@pytest.mark.parametrize("name, sizes", [
+@pytest.mark.parametrize("name, sizes", [pytest.param(name, sizes, marks=needs_task_data(name)) for name, sizes in [
     ("rte", (2490, 138, 139)),
     ("cb", (250, 28, 28)),
     ("cola", (8551, 521, 522)),
     ("mrpc", (3668, 204, 204)),
     ("stsb", (5749, 750, 750)),
-])
+]])
 def test_small_rule_sizes(name, sizes):
     splits = load_task_splits(name, DATA_DIR)
     assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == sizes
@@ -43,6 +41,7 @@ def test_small_rule_sizes(name, sizes):
     assert len(set(validation_ids) | set(test_ids)) == sizes[1] + sizes[2]
 
 
+@needs_task_data("qnli")
 def test_large_rule_on_qnli():
     # Shipped QNLI train is a 9,999-row sample: 1,000 -> validation, 8,999 stay train; validation (5,463) -> test.
     splits = load_task_splits("qnli", DATA_DIR)
@@ -51,6 +50,7 @@ def test_large_rule_on_qnli():
     assert [r["id"] for r in splits["test"][:3]] == [0, 1, 2]  # the original validation order is kept
 
 
+@needs_task_data("rte")
 def test_split_is_the_authors_seed_42_permutation():
     splits = load_task_splits("rte", DATA_DIR, splits=("validation", "test"))
     generator = torch.Generator()
@@ -65,6 +65,7 @@ def test_split_is_the_authors_seed_42_permutation():
     assert torch.randperm(10, generator=generator).tolist() == [2, 6, 1, 8, 4, 5, 0, 9, 3, 7]
 
 
+@needs_task_data("cb")
 def test_splits_ignore_global_random_state_and_follow_split_seed():
     random.seed(1)
     torch.manual_seed(1)
@@ -76,6 +77,7 @@ def test_splits_ignore_global_random_state_and_follow_split_seed():
     assert [r["id"] for r in other] != [r["id"] for r in first]
 
 
+@needs_task_data("mnli")
 def test_mnli_train_and_test_work_without_validation_mismatched():
     splits = load_task_splits("mnli", DATA_DIR, splits=("train", "test"))
     assert {k: len(v) for k, v in splits.items()} == {"train": 9999, "test": 9815}
@@ -90,7 +92,7 @@ def test_large_rule_needs_more_than_1000_training_rows(tmp_path):
     raises_one_line("has 1 training rows", load_task_splits, "sst2", tmp_path, splits=("train",))
 
 
-def test_unknown_split_name_is_refused():
+def test_unknown_split_name_is_refused():  # refused before any file is read
     raises_one_line("subset of train, validation, test", load_task_splits, "rte", DATA_DIR, splits=("dev",))
 
 
@@ -98,6 +100,8 @@ def test_unknown_split_name_is_refused():
 
 @pytest.fixture(scope="module")
 def cb_train():
+    if missing_task_data("cb"):
+        pytest.skip(f"real task data not found (cb under {DATA_DIR}): set DEPT_DATA_DIR to the shipped data")
     return load_task_splits("cb", DATA_DIR, splits=("train",))["train"]  # classes 0: 115, 1: 119, 2: 16
 
 
@@ -112,7 +116,10 @@ def test_kshot_is_class_balanced(cb_train):
 
 def test_kshot_is_deterministic_per_seed_and_differs_across_seeds(cb_train):
     labels = get_task("cb").labels
-    ids = lambda seed: [r["id"] for r in kshot_sample(cb_train, 16, seed=seed, labels=labels)]
+
+    def ids(seed: int) -> list:
+        return [r["id"] for r in kshot_sample(cb_train, 16, seed=seed, labels=labels)]
+
     assert ids(0) == ids(0)
     assert len({tuple(ids(seed)) for seed in range(5)}) == 5
     assert len(set(ids(0))) == 16

@@ -1,20 +1,27 @@
-"""Task registry, rendering of real and hub-schema rows, custom tasks and loading errors (no model)."""
+"""Task registry, rendering of real and hub-schema rows, synthetic and custom tasks, loading errors (no model).
+
+Tests that read the shipped task files skip when they are absent (`needs_task_data`); the hub code path is
+tested in test_hub_loading.py, bad rows and WSC spans in test_bad_rows.py."""
 
 from __future__ import annotations
 
 import json
-import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import SHIPPED_DATA as DATA_DIR
+from conftest import needs_task_data
 
 from pipeline.errors import PipelineError
 from pipeline.tasks import (
-    custom_task, get_task, list_tasks, load_raw_split, load_task_splits, resolve_data_dir,
+    custom_task,
+    get_task,
+    list_tasks,
+    load_raw_split,
+    load_task_splits,
+    resolve_data_dir,
 )
-
-# The shipped real data: shared/data beside the repository (also where CI puts it), unless DEPT_DATA_DIR says otherwise.
-DATA_DIR = Path(os.environ.get("DEPT_DATA_DIR") or Path(__file__).parents[2] / "shared" / "data")
 
 
 def raises_one_line(fragment: str, call, *args, **kwargs) -> str:
@@ -69,8 +76,9 @@ SHIPPED = {
               "uses much less petroleum than producing gasoline.", "0"),
     "cb": ("train", "premise: It was a complex language. Not written down but handed down. One might say it was peeled down. "
                     "hypothesis: the language was peeled down", "0"),
-    "copa": ("train", "premise: My body cast a shadow over the grass. choice1: The sun was rising. choice2: The grass was cut. "
-                      "question: cause", "0"),
+    # the authors' COPA template: premise, choice1, choice2 (no question)
+    "copa": ("train", "premise: My body cast a shadow over the grass. choice1: The sun was rising. choice2: The grass was cut.",
+             "0"),
     # hub label "neutral" -> "1"
     "scitail": ("test", "premise: Based on the list provided of the uses of substances 1-7, estimate the pH of each unknown and "
                         "record the number in the data table in the estimated pH column. hypothesis: If a substance has a ph "
@@ -112,11 +120,11 @@ HUB_ROWS = {
                  {"source": "question: Q context: C", "target": "A", "answers": ["A", "B"]}),
     "newsqa": ({**MRQA_ROW, "subset": "NewsQA", "question": "Q2", "context": "C2", "answers": ["A2"]},
                {"source": "question: Q2 context: C2", "target": "A2", "answers": ["A2"]}),
-    # option1 and option2 (not option1 twice); answer "2" -> "1"
+    # option1 and option2 (not option1 twice) under the authors' slot names option0/option1; answer "2" -> "1"
     "winogrande": ({"sentence": "Ian volunteered to eat Dennis's menudo after already having a bowl because _ despised "
                                 "eating intestine.", "option1": "Ian", "option2": "Dennis", "answer": "2"},
                    {"source": "sentence: Ian volunteered to eat Dennis's menudo after already having a bowl because _ "
-                              "despised eating intestine. option1: Ian option2: Dennis", "target": "1"}),
+                              "despised eating intestine. option0: Ian option1: Dennis", "target": "1"}),
     # the authors write Yelp's `text` column as "sentence:"
     "yelp": ({"text": "Great tacos, friendly staff.", "label": 1},
              {"source": "sentence: Great tacos, friendly staff.", "target": "1"}),
@@ -124,11 +132,12 @@ HUB_ROWS = {
 
 
 def test_every_registered_task_is_checked_here():
-    assert set(SHIPPED) | set(HUB_ROWS) == set(list_tasks())
-    assert len(list_tasks()) == 22
+    assert set(SHIPPED) | set(HUB_ROWS) == set(list_tasks(paper_only=True))
+    assert len(list_tasks(paper_only=True)) == 22
+    assert set(list_tasks()) - set(list_tasks(paper_only=True)) == {n for n in list_tasks() if n.startswith("syn-")}
 
 
-@pytest.mark.parametrize("name", sorted(SHIPPED))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=needs_task_data(name)) for name in sorted(SHIPPED)])
 def test_first_shipped_row_renders_exactly(name):
     split, source, target = SHIPPED[name]
     rows = load_raw_split(name, split, DATA_DIR)
@@ -161,23 +170,73 @@ def test_stsb_targets_round_to_one_decimal():
 
 
 def test_registry_metadata_follows_the_paper():
-    hub = {name: (get_task(name).hub_path, get_task(name).hub_config) for name in list_tasks()}
-    assert hub["wsc"] == ("super_glue", "wsc.fixed")
-    assert hub["rte"] == ("glue", "rte") and hub["boolq"] == ("super_glue", "boolq")
-    assert hub["paws"] == ("paws", "labeled_final") and hub["scitail"] == ("scitail", "tsv_format")
-    assert hub["winogrande"] == ("winogrande", "winogrande_xl") and hub["yelp"] == ("yelp_polarity", None)
-    assert hub["nq"] == ("mrqa", None) and get_task("nq").row_filter == ("subset", "NaturalQuestionsShort")
-    rules = {name: get_task(name).split_rule for name in list_tasks()}
+    hub = {name: (get_task(name).hub_path, get_task(name).hub_config) for name in list_tasks(paper_only=True)}
+    assert hub["wsc"] == ("aps/super_glue", "wsc.fixed")
+    assert hub["rte"] == ("nyu-mll/glue", "rte") and hub["boolq"] == ("aps/super_glue", "boolq")
+    assert hub["paws"] == ("google-research-datasets/paws", "labeled_final")
+    assert hub["scitail"] == ("allenai/scitail", "tsv_format")
+    assert hub["winogrande"] == ("allenai/winogrande", "winogrande_xl")
+    assert hub["yelp"] == ("fancyzhx/yelp_polarity", "plain_text")
+    assert hub["nq"] == ("mrqa-workshop/mrqa", "plain_text")
+    assert get_task("nq").row_filter == ("subset", "NaturalQuestionsShort")
+    rules = {name: get_task(name).split_rule for name in list_tasks(paper_only=True)}
     assert {n for n, r in rules.items() if r == "small"} == {
         "cola", "rte", "mrpc", "stsb", "boolq", "cb", "multirc", "wic", "wsc", "copa", "scitail"}
     assert {n for n, r in rules.items() if r == "large"} == {
         "qqp", "qnli", "sst2", "yelp", "winogrande", "nq", "hotpotqa", "searchqa", "newsqa"}
     assert rules["mnli"] == "mnli" and rules["paws"] == "original"
-    main = {name: get_task(name).metrics[0] for name in list_tasks()}
+    main = {name: get_task(name).metrics[0] for name in list_tasks(paper_only=True)}
     assert main["cola"] == "matthews_corrcoef" and main["stsb"] == "pearson" and main["multirc"] == "f1"
     assert main["nq"] == "squad_f1" and main["rte"] == "accuracy" and get_task("cb").metrics == ("accuracy", "macro_f1")
     assert get_task("mnli").labels == ("0", "1", "2") and get_task("stsb").labels is None
     assert get_task("stsb").kind == "regression" and get_task("newsqa").kind == "qa" and get_task("nq").labels is None
+
+
+def test_selection_metric_is_the_authors_and_defaults_to_the_headline():
+    # The authors' metric_for_best_model is TASK_TO_METRICS[task][0]: f1_multiclass for CB, em for MRQA.
+    selection = {name: get_task(name).selection_metric for name in list_tasks(paper_only=True)}
+    assert selection["cb"] == "macro_f1" and get_task("cb").metrics[0] == "accuracy"
+    assert {selection[n] for n in ("nq", "hotpotqa", "searchqa", "newsqa")} == {"squad_em"}
+    assert get_task("nq").metrics[:2] == ("squad_f1", "squad_em")
+    others = set(selection) - {"cb", "nq", "hotpotqa", "searchqa", "newsqa"}
+    assert all(selection[n] == get_task(n).metrics[0] for n in others)
+    with pytest.raises(PipelineError, match="selection_metric 'f1' must be one of its metrics accuracy"):
+        replace(get_task("rte"), selection_metric="f1")
+
+
+def test_yelp_trains_on_the_first_100k_rows_after_holding_out_validation():
+    from pipeline.tasks.splits import apply_split_rule, seeded_permutation
+
+    assert get_task("yelp").train_limit == 100_000 and get_task("yelp").eval_split == "test"
+    rows = [{"id": i} for i in range(1_030)]
+    small = replace(get_task("yelp"), train_limit=20)  # the same rule, scaled down
+    splits = apply_split_rule(small, ("train", "validation"), lambda split: rows)
+    order = seeded_permutation(1_030, 42)
+    assert [r["id"] for r in splits["validation"]] == order[:1000]
+    assert [r["id"] for r in splits["train"]] == order[1000:1020]  # the authors' select(range(N)) after the split
+
+
+# Synthetic tasks (the quickstart's) are registered tasks -------------------------------------------------
+
+def test_synthetic_tasks_load_like_any_task():
+    task = get_task("syn-target-food")
+    assert task.kind == "classification" and task.labels == ("0", "1") and task.hub_path is None
+    splits = load_task_splits("syn-target-food", DATA_DIR / "no-such-folder")  # generated: no data folder needed
+    assert {k: len(v) for k, v in splits.items()} == {"train": 2000, "validation": 200, "test": 200}
+    assert splits["test"] == load_task_splits(task, splits=("test",))["test"]  # deterministic
+    assert {r["target"] for r in splits["train"]} == {"0", "1"}
+    assert all(r["source"].startswith("sentence: ") for r in splits["train"])
+    warm = load_task_splits("syn-warm-animal", splits=("train",))["train"]
+    assert all(r["source"].startswith("rule: animal sentence: ") for r in warm)
+    provenance = {}
+    load_task_splits(task, splits=("test",), provenance=provenance)
+    assert provenance["test"]["source"] == "generated" and provenance["test"]["rows"] == 200
+
+
+def test_synthetic_task_names_cannot_be_reused_by_custom_tasks():
+    raises_one_line("is a built-in task", custom_task, {"name": "syn-target-food", "data_files": {"train": "t.csv"},
+                                                        "input_columns": ["x"], "label_column": "y",
+                                                        "metric": "accuracy"})
 
 
 # Custom tasks -------------------------------------------------------------------------------------------
@@ -300,23 +359,6 @@ def test_mrqa_local_file_keeps_only_its_subset(tmp_path):
     assert [r["qid"] for r in load_raw_split("nq", "validation", tmp_path)] == ["n1", "n2"]
     write_jsonl(tmp_path / "newsqa" / "validation.jsonl", rows)
     raises_one_line("subset=NewsQA", load_raw_split, "newsqa", "validation", tmp_path)
-
-
-def test_hub_path_filters_and_selects_columns(monkeypatch):
-    """The hub branch, with `datasets.load_dataset` replaced by an in-memory dataset (no network here)."""
-    import datasets
-
-    calls = []
-
-    def fake_load_dataset(path, name=None, split=None):
-        calls.append((path, name, split))
-        return datasets.Dataset.from_list([{**MRQA_ROW, "qid": "n1"}, {**MRQA_ROW, "qid": "h1", "subset": "HotpotQA"}])
-
-    monkeypatch.delenv("DEPT_DATA_DIR", raising=False)
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    rows = load_raw_split("hotpotqa", "train")
-    assert calls == [("mrqa", None, "train")]
-    assert [r["qid"] for r in rows] == ["h1"] and "context_tokens" not in rows[0]
 
 
 def test_mnli_accepts_split_names_and_validation_matched_alias(tmp_path):

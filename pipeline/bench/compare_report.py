@@ -1,4 +1,5 @@
 """The compare mode's report: table rows, the issue's targets as paired ratios, notes, Markdown and the plot."""
+# ruff: noqa: E741  (`l` is the paper's name for the vanilla prompt length, as in every label of the table)
 
 from __future__ import annotations
 
@@ -6,10 +7,16 @@ import json
 import math
 import statistics
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.bench.measure import on_cpu, paired, summary
-from pipeline.bench.output import fmt, fmt_ratio, jsonable
-from pipeline.bench.settings import arch_of
+from pipeline.bench.measure import paired, summary
+from pipeline.bench.output import fmt, fmt_ratio, settings_record
+from pipeline.bench.settings import BenchArgs
+from pipeline.resources import ds_config_path
+
+if TYPE_CHECKING:
+    from pipeline.bench.compare import Bench
+    from pipeline.bench.variants import Variant
 
 COLUMNS = ["config", "harness", "m", "r", "trainable", "enc_tokens", "step_s", "step_range_s", "tokens_per_s",
            "x_pt", "x_bare_same_len", "step_tensor_peak_mb", "rss_peak_mb", "infer_s", "epoch_s"]
@@ -20,10 +27,26 @@ HEADERS = {"config": "configuration", "harness": "harness", "m": "m", "r": "r", 
            "infer_s": "inference s (median)", "epoch_s": "epoch est. s"}
 
 
-
-def compare_report(settings, variants, per_rank, world, length_info, load_s, d_model, total_ram, dtype) -> dict:
+def compare_report(bench: Bench, per_rank: list[dict], total_ram: int, cpu: bool) -> dict:
     """Everything measured, the table rows, the paired ratios and the targets of the issue."""
-    # A step ends when the slowest rank ends: per step, the max over ranks.
+    args, variants = bench.args, bench.variants
+    merge_ranks(variants, per_rank)
+    refs = References.find(args, variants)
+    table = [table_row(v, refs, bench.length_info["batches_per_epoch"]) for v in variants]
+    return {
+        "mode": "compare", "settings": settings_record(args), "world_size": bench.world, "d_model": bench.d_model,
+        "dtype": bench.dtype, "device": "cpu" if cpu else "accelerator",
+        "load_s": bench.load_s, "lengths": bench.length_info, "rows": table,
+        "targets": compare_targets(args, variants, refs), "total_ram_mb": total_ram / 2**20,
+        "ranks": [{"rank": r["rank"], "ru_maxrss_mb": r["ru_maxrss_mb"], "min_available_mb": r["min_available_mb"]}
+                  for r in per_rank],
+        "notes": compare_notes(args, bench.length_info, bench.world, cpu, bench.is_encoder_decoder),
+    }
+
+
+def merge_ranks(variants: list[Variant], per_rank: list[dict]) -> None:
+    """Every rank's numbers into the variants: a step ends when the slowest rank ends (max over ranks per step),
+    peaks are the highest rank's, real tokens add up."""
     for v in variants:
         v.times = [max(r["times"][v.key][i] for r in per_rank) for i in range(len(v.times))]
         v.infer = [max(r["infer"][v.key][i] for r in per_rank) for i in range(len(v.infer))]
@@ -31,142 +54,163 @@ def compare_report(settings, variants, per_rank, world, length_info, load_s, d_m
         v.step_peak_mb = max(peaks) if peaks else None
         v.rss_peak_mb = max(r["rss_peak"][v.key] for r in per_rank)
         v.real_tokens = [sum(r["real"][v.key][i] for r in per_rank) for i in range(len(v.real_tokens))]
-    by_key = {v.key: v for v in variants}
-    l, s = settings["pt_tokens"], settings["max_length"]
-    pad_main = s if settings["lengths"] == "padded" else None
-    pt = next((v for v in variants if v.harness == "engine" and v.m == l and v.r == 0 and v.pad_to == pad_main), None)
-    bare = {v.m: v for v in variants if v.kind == "bare" and v.harness == "engine"}
-    eager_pt = by_key.get(f"eager_pt_l{l}")
-    eager_bare = by_key.get(f"eager_bare_p{l}")
-    peft = by_key.get(f"peft_pt_l{l}")
 
-    def baseline_pt(v):
+
+class References:
+    """The rows others are compared with: PT l through the engine, bare at each length, the no-engine rows."""
+
+    def __init__(self, l: int, pt, bare, eager_pt, eager_bare, peft):
+        self.l = l
+        self.pt, self.bare, self.eager_pt, self.eager_bare, self.peft = pt, bare, eager_pt, eager_bare, peft
+
+    @classmethod
+    def find(cls, args: BenchArgs, variants: list[Variant]) -> References:
+        by_key = {v.key: v for v in variants}
+        l = args.pt_tokens
+        pad_main = args.max_length if args.lengths == "padded" else None
+        pt = next((v for v in variants if v.harness == "engine" and v.m == l and v.r == 0 and v.pad_to == pad_main),
+                  None)
+        bare = {v.m: v for v in variants if v.kind == "bare" and v.harness == "engine"}
+        return cls(l, pt, bare, by_key.get(f"eager_pt_l{l}"), by_key.get(f"eager_bare_p{l}"),
+                   by_key.get(f"peft_pt_l{l}"))
+
+    def time_base(self, v: Variant):
+        """What `time / PT l` divides by: PT l (or bare L+l for bare rows), on the row's own harness."""
         if v.harness == "eager":
-            return eager_pt if v.kind != "bare" else eager_bare
-        return bare.get(l) if v.kind == "bare" else pt
+            return self.eager_pt if v.kind != "bare" else self.eager_bare
+        return self.bare.get(self.l) if v.kind == "bare" else self.pt
 
-    table = []
-    for v in variants:
-        step = summary(v.times)
-        x_pt = paired(v.times, baseline_pt(v).times) if baseline_pt(v) not in (None, v) else None
-        same = eager_bare if v.harness == "eager" and v.kind != "bare" else bare.get(v.m)
-        x_bare = paired(v.times, same.times) if same is not None and same is not v and v.kind != "bare" else None
-        mean_step = step["mean"]
-        table.append({
-            "key": v.key, "config": v.label,
-            "harness": "DeepSpeed ZeRO-3" if v.harness == "engine" else "plain PyTorch",
-            "kind": v.kind, "m": v.m, "r": v.r, "trainable": v.trainable, "pad_to": v.pad_to,
-            "enc_tokens": statistics.fmean(v.enc_tokens) if v.enc_tokens else None,
-            "step_s": step["median"], "step_min_s": step["min"], "step_max_s": step["max"], "step_mean_s": mean_step,
-            "tokens_per_s": statistics.fmean(v.real_tokens) / step["median"] if v.times and step["median"] else None,
-            "x_pt": x_pt, "x_bare_same_len": x_bare,
-            "step_tensor_peak_mb": v.step_peak_mb, "rss_peak_mb": v.rss_peak_mb,
-            "alloc_peak_mb": v.alloc_peak_mb,
-            "infer_s": summary(v.infer)["median"], "infer_range_s": [summary(v.infer)["min"], summary(v.infer)["max"]],
-            "epoch_s": mean_step * length_info["batches_per_epoch"] if mean_step else None,
-            "times_s": v.times, "infer_times_s": v.infer, "losses": v.losses,
-            "loss_finite": all(math.isfinite(x) for x in v.losses),
-        })
-    targets = compare_targets(settings, variants, pt, bare, eager_pt, eager_bare, peft)
-    cpu = on_cpu()
+    def same_length_bare(self, v: Variant):
+        """The bare backbone at the row's total input length, on the row's own harness."""
+        return self.eager_bare if v.harness == "eager" and v.kind != "bare" else self.bare.get(v.m)
+
+
+def table_row(v: Variant, refs: References, batches_per_epoch: int) -> dict:
+    step = summary(v.times)
+    base = refs.time_base(v)
+    x_pt = paired(v.times, base.times) if base not in (None, v) else None
+    same = refs.same_length_bare(v)
+    x_bare = paired(v.times, same.times) if same is not None and same is not v and v.kind != "bare" else None
+    inference = summary(v.infer)
     return {
-        "mode": "compare", "settings": jsonable(settings), "world_size": world, "d_model": d_model,
-        "dtype": str(dtype).replace("torch.", ""), "device": "cpu" if cpu else "accelerator",
-        "load_s": load_s, "lengths": length_info, "rows": table, "targets": targets,
-        "total_ram_mb": total_ram / 2**20,
-        "ranks": [{"rank": r["rank"], "ru_maxrss_mb": r["ru_maxrss_mb"], "min_available_mb": r["min_available_mb"]}
-                  for r in per_rank],
-        "notes": compare_notes(settings, length_info, world, cpu),
+        "key": v.key, "config": v.label,
+        "harness": "DeepSpeed ZeRO-3" if v.harness == "engine" else "plain PyTorch",
+        "kind": v.kind, "m": v.m, "r": v.r, "trainable": v.trainable, "pad_to": v.pad_to,
+        "enc_tokens": statistics.fmean(v.enc_tokens) if v.enc_tokens else None,
+        "step_s": step["median"], "step_min_s": step["min"], "step_max_s": step["max"], "step_mean_s": step["mean"],
+        "tokens_per_s": statistics.fmean(v.real_tokens) / step["median"] if v.times and step["median"] else None,
+        "x_pt": x_pt, "x_bare_same_len": x_bare,
+        "step_tensor_peak_mb": v.step_peak_mb, "rss_peak_mb": v.rss_peak_mb, "alloc_peak_mb": v.alloc_peak_mb,
+        "infer_s": inference["median"], "infer_range_s": [inference["min"], inference["max"]],
+        "epoch_s": step["mean"] * batches_per_epoch if step["mean"] else None,
+        "times_s": v.times, "infer_times_s": v.infer, "losses": v.losses,
+        "loss_finite": all(math.isfinite(x) for x in v.losses),
     }
 
 
-
-def compare_targets(settings, variants, pt, bare, eager_pt, eager_bare, peft) -> list[dict]:
+class Targets(list):
     """The questions of the issue, one row each: `value` = median of the ratios of steps taken in the same round
     (with min and max over rounds), the target, and whether it is met. `key` names the MLflow metric."""
-    l = settings["pt_tokens"]
-    out = []
 
-    def dept_at(m):
-        return next((v for v in variants if v.harness == "engine" and v.kind == "dept" and v.m == m
-                     and v.pad_to == (pt.pad_to if pt else None)), None)
+    def add(self, key: str, name: str, value: dict | None, target: str, ok: bool | None, note: str = "") -> None:
+        unknown = value is None or value.get("median") is None or ok is None
+        verdict = "n/a" if unknown else ("meets" if ok else "misses")
+        self.append({"key": key, "name": name, "value": value, "target": target, "verdict": verdict, "note": note})
 
-    def add(key, name, value, target, ok, note=""):
-        verdict = "n/a" if value is None or value.get("median") is None or ok is None else ("meets" if ok else "misses")
-        out.append({"key": key, "name": name, "value": value, "target": target, "verdict": verdict, "note": note})
 
-    def at_most(value, limit):
-        return value["median"] is not None and value["median"] <= limit
+def at_most(value: dict, limit: float) -> bool:
+    return value["median"] is not None and value["median"] <= limit
 
+
+def compare_targets(args: BenchArgs, variants: list[Variant], refs: References) -> list[dict]:
     # The paper's two settings at l = 100 (m = 60, r = 30 and m = 40, r = 45); scaled with l otherwise.
+    l = args.pt_tokens
     m60, m40 = round(0.6 * l), round(0.4 * l)
+    pad_main = refs.pt.pad_to if refs.pt else None
+    dept_at = {v.m: v for v in variants if v.harness == "engine" and v.kind == "dept" and v.pad_to == pad_main}
+    out = Targets()
     for m, limit, gap_target in ((m60, 0.87, 2.0), (m40, 0.80, None)):
-        dept = dept_at(m)
-        if dept is None or pt is None or dept is pt:
-            continue
-        ratio = paired(dept.times, pt.times)
-        add(f"time.dept_m{m}_over_pt", f"step time DePT m={m} r={dept.r} / PT l={l}", ratio, f"<= {limit:.2f}",
-            at_most(ratio, limit))
-        if m in bare and l in bare:
-            floor = paired(bare[m].times, bare[l].times)
-            add(f"time.bare_p{m}_over_bare_p{l}", f"bare backbone, input L+{m} / L+{l} (the floor for the ratio "
-                "above)", floor, "reference", None, "what the shorter input alone saves")
-            gap = summary([100 * (a / b - c / e) for a, b, c, e in
-                           zip(dept.times, pt.times, bare[m].times, bare[l].times) if b and e])
-            add(f"gap.dept_m{m}_minus_bare_points", f"DePT m={m} ratio minus bare ratio (points)", gap,
-                "<= +2" if gap_target is not None else "reference",
-                at_most(gap, gap_target) if gap_target is not None else None)
-        if dept.step_peak_mb and pt.step_peak_mb:
-            mem = {"median": dept.step_peak_mb / pt.step_peak_mb, "min": None, "max": None, "n": 1}
-            add(f"memory.dept_m{m}_over_pt", f"step tensor peak DePT m={m} / PT l={l}", mem,
-                "reference (paper: > 20% less)", None, "one profiled step each")
-    for v in [pt, dept_at(m60), dept_at(m40)]:
-        if v is not None and v.m in bare and v.kind == "dept":
-            overhead = summary([100 * (a / b - 1) for a, b in zip(v.times, bare[v.m].times) if b])
-            add(f"overhead.{v.key}_pct", f"pipeline overhead: {v.label} vs bare backbone at the same length (%)",
-                overhead, "<= 5%", at_most(overhead, 5.0),
-                "both through the same DeepSpeed engine, so this is the DePT module and its optimizer step")
-    if eager_pt is not None and peft is not None:
-        ratio = summary([100 * (a / b - 1) for a, b in zip(eager_pt.times, peft.times) if b])
-        add("peft.our_pt_vs_peft_pct", f"our PT l={l} vs PEFT PT l={l}, both without engine (%)", ratio,
-            "within +-5%", ratio["median"] is not None and abs(ratio["median"]) <= 5.0,
-            "PEFT with num_transformer_submodules=1")
-    if pt is not None and peft is not None:
-        add("peft.our_pt_engine_over_peft", f"our PT l={l} through DeepSpeed ZeRO-3 / PEFT PT l={l} in a plain loop",
-            paired(pt.times, peft.times), "reference", None, "what a user sees, engine cost included")
-    if bare.get(l) is not None and eager_bare is not None:
-        add("engine.bare_engine_over_plain", f"ZeRO-3 engine cost: bare L+{l} through the engine / without",
-            paired(bare[l].times, eager_bare.times), "reference", None)
-    padded = next((v for v in variants if v.key == f"pt_l{l}_pad{settings['max_length']}"), None)
-    dept60 = dept_at(m60)
-    if padded is not None and dept60 is not None:
-        per_round = paired(dept60.times, padded.times)
-        ratio = {"median": sum(dept60.times) / sum(padded.times), "min": per_round["min"], "max": per_round["max"],
-                 "n": len(dept60.times)}
-        add(f"epoch.dept_m{m60}_dynamic_over_pt_padded", f"epoch time DePT m={m60} ({settings['lengths']} lengths, "
-            f"dynamic padding) / PT l={l} padded to s={settings['max_length']}", ratio, "< 0.5 expected",
-            ratio["median"] < 0.5, "sum over the same sampled batches of the epoch order; [min .. max] per batch")
+        if dept_at.get(m) is not None and refs.pt is not None and dept_at[m] is not refs.pt:
+            budget_targets(out, dept_at[m], refs, limit, gap_target)
+    for v in (refs.pt, dept_at.get(m60), dept_at.get(m40)):
+        if v is not None and v.m in refs.bare and v.kind == "dept":
+            overhead = summary([100 * (a / b - 1) for a, b in zip(v.times, refs.bare[v.m].times) if b])
+            out.add(f"overhead.{v.key}_pct", f"pipeline overhead: {v.label} vs bare backbone at the same length (%)",
+                    overhead, "<= 5%", at_most(overhead, 5.0),
+                    "both through the same DeepSpeed engine, so this is the DePT module and its optimizer step")
+    harness_targets(out, refs)
+    padded = next((v for v in variants if v.key == f"pt_l{l}_pad{args.max_length}"), None)
+    if padded is not None and dept_at.get(m60) is not None:
+        epoch_target(out, args, dept_at[m60], padded)
     return out
 
 
+def budget_targets(out: Targets, dept: Variant, refs: References, limit: float, gap_target: float | None) -> None:
+    """DePT m vs PT l: step time, the bare backbone's floor for that ratio and the gap to it, memory."""
+    m, l, pt, bare = dept.m, refs.l, refs.pt, refs.bare
+    ratio = paired(dept.times, pt.times)
+    out.add(f"time.dept_m{m}_over_pt", f"step time DePT m={m} r={dept.r} / PT l={l}", ratio, f"<= {limit:.2f}",
+            at_most(ratio, limit))
+    if m in bare and l in bare:
+        floor = paired(bare[m].times, bare[l].times)
+        out.add(f"time.bare_p{m}_over_bare_p{l}", f"bare backbone, input L+{m} / L+{l} (the floor for the ratio "
+                "above)", floor, "reference", None, "what the shorter input alone saves")
+        gap = summary([100 * (a / b - c / e) for a, b, c, e in
+                       zip(dept.times, pt.times, bare[m].times, bare[l].times) if b and e])
+        out.add(f"gap.dept_m{m}_minus_bare_points", f"DePT m={m} ratio minus bare ratio (points)", gap,
+                "<= +2" if gap_target is not None else "reference",
+                at_most(gap, gap_target) if gap_target is not None else None)
+    if dept.step_peak_mb and pt.step_peak_mb:
+        memory = {"median": dept.step_peak_mb / pt.step_peak_mb, "min": None, "max": None, "n": 1}
+        out.add(f"memory.dept_m{m}_over_pt", f"step tensor peak DePT m={m} / PT l={l}", memory,
+                "reference (paper: > 20% less)", None, "one profiled step each")
 
-def compare_notes(settings, info, world, cpu: bool) -> list[str]:
-    s, l = settings["max_length"], settings["pt_tokens"]
-    overrides = f" and overrides {json.dumps(settings['overrides'])}" if settings["overrides"] else ""
-    padding = "every input padded to s" if settings["lengths"] == "padded" else "each batch padded to its longest input"
-    if settings["group_by_length"]:
+
+def harness_targets(out: Targets, refs: References) -> None:
+    """Our PT vs PEFT's (like for like, no engine), and what the engine costs."""
+    l = refs.l
+    if refs.eager_pt is not None and refs.peft is not None:
+        ratio = summary([100 * (a / b - 1) for a, b in zip(refs.eager_pt.times, refs.peft.times) if b])
+        out.add("peft.our_pt_vs_peft_pct", f"our PT l={l} vs PEFT PT l={l}, both without engine (%)", ratio,
+                "within +-5%", ratio["median"] is not None and abs(ratio["median"]) <= 5.0,
+                "PEFT with num_transformer_submodules=1")
+    if refs.pt is not None and refs.peft is not None:
+        out.add("peft.our_pt_engine_over_peft", f"our PT l={l} through DeepSpeed ZeRO-3 / PEFT PT l={l} in a plain "
+                "loop", paired(refs.pt.times, refs.peft.times), "reference", None,
+                "what a user sees, engine cost included")
+    if refs.bare.get(l) is not None and refs.eager_bare is not None:
+        out.add("engine.bare_engine_over_plain", f"ZeRO-3 engine cost: bare L+{l} through the engine / without",
+                paired(refs.bare[l].times, refs.eager_bare.times), "reference", None)
+
+
+def epoch_target(out: Targets, args: BenchArgs, dept: Variant, padded: Variant) -> None:
+    """DePT with dynamic padding vs PT padded to s, over the same sampled batches of the epoch order."""
+    per_round = paired(dept.times, padded.times)
+    ratio = {"median": sum(dept.times) / sum(padded.times), "min": per_round["min"], "max": per_round["max"],
+             "n": len(dept.times)}
+    out.add(f"epoch.dept_m{dept.m}_dynamic_over_pt_padded", f"epoch time DePT m={dept.m} ({args.lengths} lengths, "
+            f"dynamic padding) / PT l={args.pt_tokens} padded to s={args.max_length}", ratio, "< 0.5 expected",
+            ratio["median"] < 0.5, "sum over the same sampled batches of the epoch order; [min .. max] per batch")
+
+
+def compare_notes(args: BenchArgs, info: dict, world: int, cpu: bool, is_encoder_decoder: bool) -> list[str]:
+    """How each number was made, for the Markdown's notes."""
+    s, l = args.max_length, args.pt_tokens
+    overrides = f" and overrides {json.dumps(args.overrides)}" if args.overrides else ""
+    padding = "every input padded to s" if args.lengths == "padded" else "each batch padded to its longest input"
+    if args.group_by_length:
         padding += ", batches of similar lengths (--group_by_length, as `dept train --group_by_length`)"
-    rows_per_eval = settings["batch_size"] // (world * settings["grad_accum"])
+    rows_per_eval = args.batch_size // (world * args.grad_accum)
     notes = [
-        f"Backbone {settings['model']} with random weights{overrides}; "
-        f"l={l}, s={s}, global batch {settings['batch_size']} over {world} rank(s) x {settings['grad_accum']} "
+        f"Backbone {args.model} with random weights{overrides}; "
+        f"l={l}, s={s}, global batch {args.batch_size} over {world} rank(s) x {args.grad_accum} "
         f"micro-batch(es) per step; DeepSpeed config "
-        f"{Path(settings['ds_config']).name}.",
-        f"Lengths: {settings['lengths']} ({padding}); "
+        f"{ds_config_path(args.ds_config).name}.",
+        f"Lengths: {args.lengths} ({padding}); "
         f"data {info['source']}; tokenizer {info['tokenizer']}: median {info['median']}, p90 {info['p90']}, max "
         f"{info['max']} tokens, {100 * info['at_s_fraction']:.0f}% at s (truncated); {info['batches_per_epoch']} "
         "batches per epoch.",
-        f"Timing: {settings['warmup']} warm-up + {settings['steps']} timed rounds; each round runs one step of every "
+        f"Timing: {args.warmup} warm-up + {args.steps} timed rounds; each round runs one step of every "
         "configuration (round-robin, starting position rotating) on the same batch, the next batch of the epoch "
         "order. step s = forward + backward + optimizer step, median over rounds (min-max beside it); with several "
         "ranks a step's time is that of the slowest rank. Ratios (time / PT l, time / bare, targets) are medians of "
@@ -182,7 +226,7 @@ def compare_notes(settings, info, world, cpu: bool) -> list[str]:
         "weights and the same batches: our PT vs PEFT is compared there, like for like.",
         f"PEFT PromptTuning uses num_transformer_submodules=1: prompts on the encoder only, {l} x d parameters. PEFT's "
         "seq2seq default (2) also prompts the decoder, i.e. twice the parameters and not the same budget."
-        if arch_of(settings["model"]) != "llama" else "PEFT PromptTuning (CAUSAL_LM) with l tokens.",
+        if is_encoder_decoder else "PEFT PromptTuning (CAUSAL_LM) with l tokens.",
         "tokens/s = real (non-pad) source tokens of the global batch (mean over rounds) / median step time.",
         ("Memory: 'step tensor peak MB' = the highest amount of CPU tensor memory one training step held above "
          "what was live when it started (torch.profiler memory events: allocations minus frees, in order; "
@@ -194,16 +238,15 @@ def compare_notes(settings, info, world, cpu: bool) -> list[str]:
          "Memory: 'step tensor peak MB' = the accelerator allocator's max_memory_allocated during one extra step "
          "minus memory_allocated before it; 'RSS peak MB' = host resident memory while the configuration ran."),
         (f"Inference = one evaluation batch (this rank's {rows_per_eval} rows), "
-         + (f"exactly {settings['infer_tokens']} greedy tokens generated (min_new_tokens = max_new_tokens)"
-            if settings["infer_tokens"] else "one eval-mode forward pass with the targets")
-         + f", median of {settings['infer_repeats']} interleaved repeats."),
+         + (f"exactly {args.infer_tokens} greedy tokens generated (min_new_tokens = max_new_tokens)"
+            if args.infer_tokens else "one eval-mode forward pass with the targets")
+         + f", median of {args.infer_repeats} interleaved repeats."),
         "epoch est. s = mean step time over the sampled batches x batches per epoch.",
     ]
-    if not settings["tokenizer"] and settings["model"].startswith("random:") and settings["lengths"] != "padded":
+    if not args.tokenizer and args.model.startswith("random:") and args.lengths != "padded":
         notes.append("The random: presets' 1,000-piece test tokenizer makes English text about 3x longer than T5's "
                      "32k SentencePiece; pass --tokenizer (a T5 tokenizer directory) for T5's real lengths.")
     return notes
-
 
 
 def compare_markdown(result: dict) -> str:
@@ -230,7 +273,6 @@ def compare_markdown(result: dict) -> str:
             lines.append(f"| {t['name']} | {fmt_ratio(t['value'])} | {t['target']} | {t['verdict']} |")
     lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
-
 
 
 def plot_compare(result: dict, path: Path) -> None:

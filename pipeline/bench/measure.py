@@ -1,4 +1,5 @@
-"""Timing and memory helpers of `dept bench`: an RSS sampler thread, a step's tensor peak, paired summaries."""
+"""Timing and memory helpers of `dept bench`: an RSS sampler thread, a timed call, a step's tensor peak, paired
+summaries."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import resource
 import statistics
 import threading
 import time
+from collections.abc import Callable
+
+import torch
 
 
 class MemorySampler:
@@ -53,43 +57,54 @@ class MemorySampler:
 
 
 
-def sync() -> None:
-    from deepspeed.accelerator import get_accelerator
-
-    accel = get_accelerator()
-    if accel.device_name() != "cpu":
-        accel.synchronize()
+# ---- Accelerator memory and synchronisation, by torch.accelerator on the engine's device. Candidates for
+# pipeline.engine (next to peak_memory_mb), so that every accelerator call has one home: see synchronize,
+# reset_peak_memory, memory_allocated_mb and device_memory_mb below.
 
 
-
-def on_cpu() -> bool:
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().device_name() == "cpu"
-
+def synchronize(device: torch.device) -> None:
+    """Wait for the accelerator's queued work, so that a wall-clock interval covers it (no-op on CPU)."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
 
 
-def tensor_peak(step) -> tuple[float, float | None]:
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.reset_peak_memory_stats(device)
+
+
+def memory_allocated_mb(device: torch.device) -> float:
+    return torch.accelerator.memory_allocated(device) / 2**20
+
+
+def device_memory_mb(device: torch.device) -> float | None:
+    """The accelerator's total memory; None on CPU."""
+    if device.type == "cpu":
+        return None
+    _, total = torch.accelerator.get_memory_info(device)
+    return total / 2**20
+
+
+# ---- end of the candidates
+
+
+def tensor_peak(step: Callable[[], object], device: torch.device) -> tuple[float, float | None]:
     """Run `step()` once and return (transient tensor peak MB, absolute allocator peak MB or None).
 
     CPU: torch.profiler with profile_memory=True records every CPU tensor allocation and free; the running sum
     in time order, maximised, is the highest amount of tensor memory the step held on top of what was live when it
     started (activations, gathered ZeRO-3 parameters, gradients, optimizer temporaries; not the resident model and
-    optimizer state, and not the allocator's cached or fragmented pages, which RSS shows). GPU: the accelerator
-    allocator's max_memory_allocated during the step, minus memory_allocated before it (and the absolute peak).
+    optimizer state, and not the allocator's cached or fragmented pages, which RSS shows). Accelerator: its
+    allocator's peak during the step, minus what was allocated before it (and the absolute peak).
     """
-    import torch
-    from deepspeed.accelerator import get_accelerator
-
-    accel = get_accelerator()
-    if accel.device_name() != "cpu":
-        accel.synchronize()
-        accel.reset_peak_memory_stats()
-        before = accel.memory_allocated()
+    if device.type != "cpu":
+        synchronize(device)
+        reset_peak_memory(device)
+        before = memory_allocated_mb(device)
         step()
-        accel.synchronize()
-        peak = accel.max_memory_allocated()
-        return (peak - before) / 2**20, peak / 2**20
+        synchronize(device)
+        peak = torch.accelerator.max_memory_allocated(device) / 2**20
+        return peak - before, peak
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -102,6 +117,19 @@ def tensor_peak(step) -> tuple[float, float | None]:
         peak = max(peak, current)
     return peak / 2**20, None
 
+
+def measured(call: Callable[[], object], sampler: MemorySampler, label: str,
+             device: torch.device) -> tuple[float, object]:
+    """(seconds, result) of `call()`, the accelerator synchronised on both sides; the RSS sampler files what it
+    sees meanwhile under `label`."""
+    sampler.label = label
+    synchronize(device)
+    start = time.perf_counter()
+    result = call()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    sampler.label = "between"
+    return seconds, result
 
 
 def summary(values: list[float]) -> dict:

@@ -6,14 +6,18 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from pipeline.bench.settings import BenchArgs
+from pipeline.config import to_dict
 
 log = logging.getLogger("pipeline.bench")
 
 
-def jsonable(settings: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
-
+def settings_record(args: BenchArgs) -> dict:
+    """The settings as JSON values (bench.json's `settings`, MLflow params)."""
+    return to_dict(args)
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -28,10 +32,8 @@ def fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
-
 def count_label(n: int) -> str:
     return f"{n / 1e9:.3g} B" if n >= 1e9 else f"{n / 1e6:.3g} M"
-
 
 
 def fmt_ratio(value: dict | None) -> str:
@@ -42,13 +44,13 @@ def fmt_ratio(value: dict | None) -> str:
     return f"{fmt(value['median'])} [{fmt(value['min'])} .. {fmt(value['max'])}]"
 
 
-
-def write_outputs(settings: dict, result: dict, markdown, plot) -> None:
-    """bench.md (`markdown(result)`), bench.json and bench.png (`plot(result, path)`) in the output directory, written
+def write_outputs(output_dir: str, result: dict, markdown: Callable[[dict], str],
+                  plot: Callable[[dict, Path], None]) -> None:
+    """bench.md (`markdown(result)`), bench.json and bench.png (`plot(result, path)`) in `output_dir`, written
     atomically; the table on stdout (rank 0)."""
     from pipeline import atomic
 
-    out = Path(settings["output_dir"])
+    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
     atomic.write_text(out / "bench.md", text)
@@ -56,7 +58,6 @@ def write_outputs(settings: dict, result: dict, markdown, plot) -> None:
     plot(result, out / "bench.png")
     print(text, flush=True)
     print(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}", flush=True)
-
 
 
 def _metrics(result: dict) -> dict[str, float]:
@@ -87,35 +88,35 @@ def _metrics(result: dict) -> dict[str, float]:
     return metrics
 
 
-
-def track(settings: dict, result: dict | None) -> None:
+def track(args: BenchArgs, result: dict | None) -> None:
     """Log the run to MLflow (when --mlflow_uri is set) through `pipeline.tracking.Tracker`: one run with the
     settings as params, every number as a metric, each target's verdict as a tag, bench.md/json/png as artifacts.
 
     Called on every rank (opening the run is a collective under several ranks); only rank 0, which holds
     `result`, logs."""
-    if not settings.get("mlflow_uri"):
+    if not args.mlflow_uri:
         return
     import hashlib
 
     from pipeline.tracking import Tracker
 
-    digest = hashlib.sha1(json.dumps(jsonable(settings), sort_keys=True, default=str).encode()).hexdigest()[:10]
-    key = f"bench.{settings['mode']}.{digest}.{time.time_ns()}"  # a new run per measurement (rank 0's key counts)
-    name = f"bench-{settings['mode']}-{settings['model'].replace(':', '-')}"
-    with Tracker(settings["mlflow_uri"], settings["experiment"]) as tracker:
+    settings = settings_record(args)
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    key = f"bench.{args.mode}.{digest}.{time.time_ns()}"  # a new run per measurement (rank 0's key counts)
+    name = f"bench-{args.mode}-{args.model.replace(':', '-')}"
+    with Tracker(args.mlflow_uri, args.experiment) as tracker:
         run_id = tracker.parent(name, key)
         if result is None:
             return
-        params = {k: v for k, v in jsonable(settings).items() if k != "mlflow_uri" and v not in (None, "")}
+        params = {k: v for k, v in settings.items() if k != "mlflow_uri" and v not in (None, "")}
         tracker.log_params(params, run_id)
         tracker.set_tags({"dept.bench": result["mode"]}, run_id)
         tracker.log_metrics(_metrics(result), step=0, run_id=run_id)
         for target in result.get("targets", []):
             tracker.set_tags({f"target.{target['key']}": f"{target['name']}: {fmt_ratio(target['value'])} vs "
                                                           f"{target['target']} ({target['verdict']})"}, run_id)
-        out = Path(settings["output_dir"])
+        out = Path(args.output_dir)
         for file in ("bench.md", "bench.json", "bench.png"):
             tracker.log_artifact(out / file, run_id=run_id)
         tracker.finish(run_id)
-        log.info("logged to MLflow run %s at %s (experiment %s)", run_id, tracker.uri, settings["experiment"])
+        log.info("logged to MLflow run %s at %s (experiment %s)", run_id, tracker.uri, args.experiment)

@@ -3,170 +3,174 @@ per-rank bytes held, peak memory, load and step time, and the RAM headroom left.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from pipeline.bench.compare import tokenized_rows
-from pipeline.bench.measure import MemorySampler, rss_mb, summary, sync
-from pipeline.bench.output import count_label, fmt, jsonable, track, write_outputs
-
-from pipeline.errors import PipelineError
+from pipeline import distributed, engine
+from pipeline.backbone import Backbone, load_backbone
+from pipeline.bench.inputs import tokenized_rows
+from pipeline.bench.loops import bench_engine, training_ds_config
+from pipeline.bench.measure import MemorySampler, device_memory_mb, measured, reset_peak_memory, rss_mb, summary
+from pipeline.bench.output import count_label, fmt, settings_record, track, write_outputs
+from pipeline.bench.settings import BenchArgs
+from pipeline.data import collate
+from pipeline.dept import DeptConfig, rank_for_budget
+from pipeline.model import DePTModel, init_dept_prompt
 
 log = logging.getLogger("pipeline.bench")
 
 
-def run_scale(settings: dict) -> dict | None:
+def run_scale(args: BenchArgs) -> dict | None:
     """Build the backbone sharded under ZeRO-3 over the launched ranks, take a few DePT steps, report memory."""
-    import deepspeed
-    import torch
-    from deepspeed.accelerator import get_accelerator
-
-    from pipeline import distributed
-    from pipeline.backbone import build_config, is_random, load_tokenizer
-    from pipeline.data import collate
-    from pipeline.dept import rank_for_budget
-    from pipeline.train import (
-        TrainConfig,
-        build_model,
-        count_params,
-        load_ds_config,
-        param_groups,
-        sharding_report,
-        warmup_then_linear_decay,
-    )
-
-    rank, world = distributed.init()
-    cache = os.environ.get("DEPT_CACHE")
-    if not settings["batch_size"]:
-        settings["batch_size"] = world
-    m, l, s = settings["ms"][0], settings["pt_tokens"], settings["max_length"]
-    if is_random(settings["model"]):
-        tok = load_tokenizer(settings["model"], cache)
-        config = build_config(settings["model"], len(tok), settings["overrides"])
-    else:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(settings["model"], **settings["overrides"])
-    d = getattr(config, "d_model", None) or config.hidden_size
-    r = min(rank_for_budget(l, m, s, d), s, d)
-    cfg = TrainConfig(model=settings["model"], output_dir=settings["output_dir"], ds_config=settings["ds_config"],
-                      method="dept" if r else "pt", num_virtual_tokens=m, r=r, max_length=s,
-                      batch_size=settings["batch_size"], lr_prompt=settings["lr_prompt"],
-                      lr_lowrank=settings["lr_lowrank"], steps=10**6, warmup_steps=0, seed=settings["seed"],
-                      model_overrides=settings["overrides"])
-    if settings["grad_accum"] != 1:
-        raise PipelineError("scale mode takes one micro-batch per step: leave --grad_accum at 1")
-    ds = load_ds_config(settings["ds_config"], cfg, world)
-    accel = get_accelerator()
-    on_cpu = accel.device_name() == "cpu"
+    rank, world = engine.init_distributed()
+    args = dataclasses.replace(args, batch_size=args.batch_size or world)  # default: one row per rank
+    ds = training_ds_config(args, world)
     with MemorySampler(interval=0.05, timeline_every=0.5) as sampler:
-        sampler.label = "load"
-        tick = time.perf_counter()
-        model, backbone = build_model(cfg, ds)
-        load_s = time.perf_counter() - tick
-        trainable, total = count_params(model)
-        held_bytes = sum((p.ds_tensor.numel() * p.ds_tensor.element_size()) if hasattr(p, "ds_tensor")
-                         else p.numel() * p.element_size() for p in backbone.model.parameters())
-        sampler.label = "engine init"
-        tick = time.perf_counter()
-        optimizer = torch.optim.AdamW(param_groups(model, cfg), eps=1e-6, weight_decay=0.0)
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_linear_decay(0, 10**6)))
-        init_s = time.perf_counter() - tick
-        sharding = sharding_report(engine.module.backbone)
+        built = build_sharded(args, ds, sampler)
         sampler.label = "data"
-        settings_rows = dict(settings, lengths="padded")
-        rows, info = tokenized_rows(settings_rows, backbone, world)
-        micro = settings["batch_size"] // world
-        times, losses = [], []
-        if not on_cpu:
-            accel.reset_peak_memory_stats()
-        for step in range(settings["warmup"] + settings["steps"]):
-            sampler.label = "warm-up" if step < settings["warmup"] else "steps"
-            first = (step * settings["batch_size"] + rank * micro) % max(len(rows) - micro, 1)
-            batch = collate(rows[first:first + micro], backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder, s)
-            batch = {k: t.to(engine.device) for k, t in batch.items()}
-            sync()
-            tick = time.perf_counter()
-            out = engine(**batch)
-            engine.backward(out.loss)
-            engine.step()
-            sync()
-            elapsed = time.perf_counter() - tick
-            if step >= settings["warmup"]:
-                times.append(elapsed)
-                losses.append(float(out.loss.detach().float().item()))
-            if rank == 0:
-                log.info("scale step %d/%d: %.2f s", step + 1, settings["warmup"] + settings["steps"], elapsed)
+        rows, info = tokenized_rows(dataclasses.replace(args, lengths="padded"), built.backbone, world)
+        times, losses = take_steps(args, built, rows, sampler, rank, world)
         sampler.label = "done"
-    mine = {"rank": rank, "held_param_bytes": held_bytes, "ru_maxrss_mb": rss_mb(),
-            "sampled_rss_peak_mb": max(sampler.peak_rss.values()) / 2**20,
-            "min_available_mb": sampler.min_available / 2**20, "total_ram_mb": sampler.total / 2**20,
-            "times": times, "losses": losses, "timeline": sampler.timeline[-2000:],
-            "alloc_peak_mb": None if on_cpu else accel.max_memory_allocated() / 2**20,
-            "device_total_mb": None if on_cpu else accel.total_memory() / 2**20}
+    mine = rank_record(rank, built, sampler, times, losses)
     per_rank = distributed.gather_objects([mine])
-    if rank != 0:
-        track(settings, None)
-        distributed.barrier()
-        return None
-    step_times = [max(r["times"][i] for r in per_rank) for i in range(len(times))]
-    step = summary(step_times)
-    total_ram = per_rank[0]["total_ram_mb"]
-    min_avail = min(r["min_available_mb"] for r in per_rank)
-    result = {
-        "mode": "scale", "settings": jsonable(settings), "world_size": world,
-        "device": "cpu" if on_cpu else "accelerator",
-        "model": settings["model"], "overrides": settings["overrides"], "d_model": d,
-        "layers": getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None),
-        "intermediate": getattr(config, "intermediate_size", None) or getattr(config, "d_ff", None),
-        "backbone_params": total - trainable, "trainable_params": trainable, "m": m, "r": r, "max_length": s,
-        "batch_size": settings["batch_size"], "dtype": str(ds_dtype_name(ds)),
-        "load_s": load_s, "engine_init_s": init_s, "step_s": step["median"], "step_min_s": step["min"],
-        "step_max_s": step["max"], "times_s": step_times,
-        "tokens_per_s": settings["batch_size"] * s / step["median"] if step["median"] else None,
-        "loss_finite": all(math.isfinite(x) for r in per_rank for x in r["losses"]),
-        "ranks": [{k: v for k, v in r.items() if k not in ("times", "timeline")} for r in per_rank],
-        "sharding": sharding, "total_ram_mb": total_ram, "min_available_mb": min_avail,
-        "peak_used_mb": total_ram - min_avail, "headroom_mb": min_avail,
-        "timelines": {r["rank"]: r["timeline"] for r in per_rank}, "lengths": info,
-    }
-    result["notes"] = scale_notes(result, on_cpu)
-    write_outputs(settings, result, scale_markdown, plot_scale)
-    track(settings, result)
+    result = None
+    if rank == 0:
+        result = scale_result(args, built, per_rank, ds, info, world)
+        write_outputs(args.output_dir, result, scale_markdown, plot_scale)
+    track(args, result)
     distributed.barrier()
     return result
 
 
+@dataclass
+class Sharded:
+    """The backbone built sharded, its DePT module and engine, and what building them took."""
 
-def ds_dtype_name(ds: dict) -> str:
-    from pipeline.train import ds_dtype
+    backbone: Backbone
+    shape: DeptConfig
+    trainer: engine.Engine
+    load_s: float
+    init_s: float
+    trainable: int  # elements at full size
+    total: int
+    held_bytes: int  # backbone bytes this rank holds
+    sharding: list[dict]  # engine.sharding_report: every rank's share
 
-    return str(ds_dtype(ds)).replace("torch.", "")
 
+def build_sharded(args: BenchArgs, ds: dict, sampler: MemorySampler) -> Sharded:
+    """The backbone built sharded with its DePT module (timed as `load`), then the engine (timed as `engine init`),
+    and what each rank holds."""
+    sampler.label = "load"
+    tick = time.perf_counter()
+    backbone = load_backbone(args.model, ds, engine.dtype_of(ds), args.overrides, seed=args.seed,
+                             cache_dir=os.environ.get("DEPT_CACHE"))
+    m, s, d = args.ms[0], args.max_length, backbone.d_model
+    r = min(rank_for_budget(args.pt_tokens, m, s, d), s, d)
+    shape = DeptConfig(num_virtual_tokens=m, r=r, max_length=s, d_model=d)
+    prompt = init_dept_prompt(shape, backbone, args.seed)
+    model = DePTModel(backbone.model, prompt, backbone.is_encoder_decoder)
+    load_s = time.perf_counter() - tick
+    trainable, total = engine.count_params(model)
+    held_bytes = sum(engine.held_numel(p) * p.element_size() for p in backbone.model.parameters())
+    sampler.label = "engine init"
+    tick = time.perf_counter()
+    trainer = bench_engine(model, {"dept": prompt}, args, ds)
+    init_s = time.perf_counter() - tick
+    return Sharded(backbone, shape, trainer, load_s, init_s, trainable, total, held_bytes,
+                   engine.sharding_report(trainer.module.base_model))
+
+
+def take_steps(args: BenchArgs, built: Sharded, rows: list[dict], sampler: MemorySampler, rank: int,
+               world: int) -> tuple[list[float], list[float]]:
+    """Warm-up and timed DePT steps, each rank on its own rows of the global batch."""
+    backbone, trainer = built.backbone, built.trainer
+    micro = args.batch_size // world
+    reset_peak_memory(trainer.device)
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        first = (step * args.batch_size + rank * micro) % max(len(rows) - micro, 1)
+        batch = collate(rows[first:first + micro], backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder,
+                        args.max_length)
+        label = "warm-up" if step < args.warmup else "steps"
+        seconds, loss = measured(partial(one_step, trainer, batch), sampler, label, trainer.device)
+        if step >= args.warmup:
+            times.append(seconds)
+            losses.append(loss)
+        if rank == 0:
+            log.info("scale step %d/%d: %.2f s", step + 1, args.warmup + args.steps, seconds)
+    return times, losses
+
+
+def one_step(trainer: engine.Engine, batch: dict) -> float:
+    loss = trainer.forward(batch)
+    trainer.backward(loss)
+    trainer.step()
+    return float(loss.detach().float().item())
+
+
+def rank_record(rank: int, built: Sharded, sampler: MemorySampler, times: list[float], losses: list[float]) -> dict:
+    device = built.trainer.device
+    on_accelerator = device.type != "cpu"
+    return {"rank": rank, "held_param_bytes": built.held_bytes, "ru_maxrss_mb": rss_mb(),
+            "sampled_rss_peak_mb": max(sampler.peak_rss.values()) / 2**20,
+            "min_available_mb": sampler.min_available / 2**20, "total_ram_mb": sampler.total / 2**20,
+            "times": times, "losses": losses, "timeline": sampler.timeline[-2000:],
+            "alloc_peak_mb": engine.peak_memory_mb() if on_accelerator else None,
+            "device_total_mb": device_memory_mb(device)}
+
+
+def scale_result(args: BenchArgs, built: Sharded, per_rank: list[dict], ds: dict, info: dict, world: int) -> dict:
+    """Everything measured (rank 0): the slowest rank per step, memory per rank, the headroom left."""
+    config = built.backbone.model.config
+    on_cpu = built.trainer.device.type == "cpu"
+    step_times = [max(r["times"][i] for r in per_rank) for i in range(len(per_rank[0]["times"]))]
+    step = summary(step_times)
+    total_ram = per_rank[0]["total_ram_mb"]
+    min_avail = min(r["min_available_mb"] for r in per_rank)
+    result = {
+        "mode": "scale", "settings": settings_record(args), "world_size": world,
+        "device": "cpu" if on_cpu else "accelerator",
+        "model": args.model, "overrides": args.overrides, "d_model": built.backbone.d_model,
+        "layers": getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None),
+        "intermediate": getattr(config, "intermediate_size", None) or getattr(config, "d_ff", None),
+        "backbone_params": built.total - built.trainable, "trainable_params": built.trainable,
+        "m": built.shape.num_virtual_tokens, "r": built.shape.r, "max_length": args.max_length,
+        "batch_size": args.batch_size, "dtype": str(engine.dtype_of(ds)).replace("torch.", ""),
+        "load_s": built.load_s, "engine_init_s": built.init_s, "step_s": step["median"],
+        "step_min_s": step["min"], "step_max_s": step["max"], "times_s": step_times,
+        "tokens_per_s": args.batch_size * args.max_length / step["median"] if step["median"] else None,
+        "loss_finite": all(math.isfinite(x) for r in per_rank for x in r["losses"]),
+        "ranks": [{k: v for k, v in r.items() if k not in ("times", "timeline")} for r in per_rank],
+        "sharding": built.sharding, "total_ram_mb": total_ram, "min_available_mb": min_avail,
+        "peak_used_mb": total_ram - min_avail, "headroom_mb": min_avail,
+        "timelines": {r["rank"]: r["timeline"] for r in per_rank}, "lengths": info,
+    }
+    result["notes"] = scale_notes(result, on_cpu)
+    return result
 
 
 def scale_notes(result: dict, on_cpu: bool) -> list[str]:
     return [
-        "held param bytes = the backbone parameters this rank holds (ZeRO-3 partitions: the `ds_tensor` of every "
-        "parameter, elements x element size); held fraction from `sharding_report` (ds_tensor vs ds_numel).",
+        "held param bytes = the backbone parameters this rank holds (its ZeRO-3 partition of every parameter, "
+        "elements x element size); held fraction from `engine.sharding_report` (elements held vs full size).",
         "peak RSS = the rank's peak resident set (Linux ru_maxrss), which includes gathered layers during the "
         "step and pages the allocator keeps after freeing them; sampled RSS = the highest 50 ms sample.",
         "system peak used = total RAM - the lowest available memory seen by any rank during the run "
         "(system-wide: other processes on the machine count too); headroom = that lowest available memory.",
         "load s = building the backbone already sharded (HfDeepSpeedConfig alive, from_config) and the DePT module; "
-        "engine init s = deepspeed.initialize; step s = forward + backward + optimizer step, median over the timed "
+        "engine init s = building the training engine (`engine.Engine`: DeepSpeed's initialize); step s = forward + backward + optimizer step, median over the timed "
         "steps (slowest rank per step), after the warm-up steps.",
         "To find the largest size that fits, raise --hidden / --layers / --intermediate until headroom nears 0 "
         "(keep ~1 GB spare: the OS and the launcher need some).",
     ] + ([] if on_cpu else ["accelerator: alloc peak = max_memory_allocated per rank; headroom on the device = "
                              "device total - alloc peak."])
-
 
 
 def scale_markdown(result: dict) -> str:
@@ -201,7 +205,6 @@ def scale_markdown(result: dict) -> str:
               f"| losses finite | {result['loss_finite']} |",
               "", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
-
 
 
 def plot_scale(result: dict, path: Path) -> None:

@@ -1,41 +1,46 @@
-"""`dept bench` settings: defaults per mode, the presets, and the checks on every flag."""
+"""`dept bench` settings: the typed flags (`BenchArgs`), the presets, and how the two combine.
+
+Explicit flags win over a preset's values, a preset's over the mode's defaults. `BenchArgs`'s own defaults are
+compare mode's; `SCALE_DEFAULTS` replaces some of them in scale mode. Everything is checked by
+`pipeline.config` (types, choices, minimums: one-line errors naming the flag) and by `BenchArgs.__post_init__`
+(rules across flags). Nothing here imports torch: the CLI reads these names for `--help`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from pipeline.config import coerce, field_types, from_flags, option
 from pipeline.errors import PipelineError
+from pipeline.resources import ds_config_path
 
 log = logging.getLogger("pipeline.bench")
-
 REPO = Path(__file__).resolve().parents[2]
-DS_CONFIGS = REPO / "ds_configs"
-REFS = ("bare", "eager", "peft", "padded")
-LENGTHS = {"padded": "rte", "rte": "rte", "boolq": "boolq"}  # `padded` takes RTE rows (or synthetic ones) to s
 
-# Values a preset sets; explicit flags win over a preset, a preset over the mode's defaults.
-COMPARE_DEFAULTS = dict(model="random:t5-base", ms="0,20,40,60,80,100", pt_tokens=100, max_length=256, batch_size=8,
-                        grad_accum=1, steps=5, warmup=1, lengths="padded", refs="bare,eager,peft,padded",
-                        infer_tokens=2, infer_repeats=3, tokenizer="", ds_config=str(DS_CONFIGS / "zero3_cpu.json"))
-SCALE_DEFAULTS = dict(model="random:llama-7b", ms="60", pt_tokens=100, max_length=64, batch_size=0, grad_accum=1,
-                      steps=3, warmup=1, lengths="padded", refs="", infer_tokens=0, infer_repeats=0, tokenizer="",
-                      ds_config=str(DS_CONFIGS / "zero3_cpu_bf16.json"))
+MODES = ("compare", "scale")
+LENGTHS = ("padded", "rte", "boolq")
+TASK_OF_LENGTHS = {"padded": "rte", "rte": "rte", "boolq": "boolq"}  # `padded` takes RTE rows to s (or synthetic)
+REFS = ("bare", "eager", "peft", "padded")
+REF_WORDS = REFS + ("all", "none")
+DATA_TOKENIZER = "data-32k"  # a 32k SentencePiece trained on the task data (T5's own is not reachable offline)
+RANDOM_PREFIX = "random:"  # pipeline.backbone's; repeated here so that --help needs no torch
 
 # Batch 32 as 4 micro-batches of 8 (8 of 4 for t5-large): the activations of 32 x 356 tokens at once would take
 # ~18 GB for T5-base in fp32 (scaled from T5-small's measured step peak), too close to a 24 GB machine's RAM.
-PAPER = dict(mode="compare", model="random:t5-base", ms="0,20,40,60,80,100", pt_tokens=100, max_length=256,
+PAPER = dict(mode="compare", model="random:t5-base", ms=[0, 20, 40, 60, 80, 100], pt_tokens=100, max_length=256,
              batch_size=32, grad_accum=4, steps=5, warmup=1, lengths="padded")
 PRESETS: dict[str, dict] = {
     # The paper's efficiency setting: T5-base geometry, l = 100, s = 256, every input padded to s, batch 32.
     "paper": dict(PAPER),
     # Same budget, dynamic padding on real RTE / BoolQ lengths, with the padded PT row next to it.
-    # Lengths counted by a 32k SentencePiece trained on the task data (T5's tokenizer is not reachable offline).
-    "paper-rte": dict(PAPER, lengths="rte", tokenizer="data-32k"),
-    "paper-boolq": dict(PAPER, lengths="boolq", tokenizer="data-32k"),
+    "paper-rte": dict(PAPER, lengths="rte", tokenizer=DATA_TOKENIZER),
+    "paper-boolq": dict(PAPER, lengths="boolq", tokenizer=DATA_TOKENIZER),
     # "DePT's advantage grows with model size": the same table on the other T5 geometries.
     "paper-t5-small": dict(PAPER, model="random:t5-small"),
     "paper-t5-large": dict(PAPER, model="random:t5-large", grad_accum=8),
@@ -45,139 +50,157 @@ PRESETS: dict[str, dict] = {
     "scale-llama-3b": dict(mode="scale", model="random:llama-7b", hidden=3200, layers=26, intermediate=8640),
     "scale-llama-7b": dict(mode="scale", model="random:llama-7b"),
 }
+PRESET_NAMES = tuple(PRESETS)
+
+# Scale mode's defaults where they differ from compare mode's (BenchArgs' own defaults).
+SCALE_DEFAULTS = dict(model="random:llama-7b", ms=[60], max_length=64, batch_size=0, steps=3, refs=[],
+                      infer_tokens=0, infer_repeats=0, ds_config="zero3_cpu_bf16")
 
 
+@dataclass
+class BenchArgs:
+    """The flags of `dept bench` (defaults: compare mode's; scale mode's differ where the help says so)."""
 
-def resolve_settings(preset: str, explicit: dict) -> dict:
-    """Explicit flags > preset > the mode's defaults; values checked and normalised."""
-    if preset and preset not in PRESETS:
-        raise PipelineError(f"unknown bench preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    chosen = dict(PRESETS.get(preset, {}))
-    chosen.update({k: v for k, v in explicit.items() if v is not None})
-    mode = chosen.get("mode") or "compare"
-    if mode not in ("compare", "scale"):
-        raise PipelineError(f"mode must be compare or scale, got {mode!r}")
-    settings = dict(SCALE_DEFAULTS if mode == "scale" else COMPARE_DEFAULTS)
-    settings.update(hidden=None, layers=None, intermediate=None, heads=None)
-    settings.update(chosen)
-    settings["mode"] = mode
-    settings["ms"] = parse_ints(settings["ms"], "ms")
-    if mode == "scale":
-        settings["ms"] = settings["ms"][:1]
-    for name in ("pt_tokens", "max_length", "steps", "grad_accum"):
-        settings[name] = _int(settings[name], name, minimum=1)
-    for name in ("batch_size", "warmup", "infer_tokens", "infer_repeats"):
-        settings[name] = _int(settings[name], name, minimum=0)
-    if mode == "compare" and settings["batch_size"] < 1:
-        raise PipelineError("batch_size must be at least 1")
-    bad = [m for m in settings["ms"] if m < 0 or m > settings["pt_tokens"]]
-    if bad:
-        raise PipelineError(f"every m in --ms must lie in 0..l (l = pt_tokens = {settings['pt_tokens']}); got {bad}")
-    if settings["lengths"] not in LENGTHS:
-        raise PipelineError(f"lengths must be one of {', '.join(LENGTHS)}, got {settings['lengths']!r}")
-    settings["refs"] = parse_refs(settings["refs"])
-    if "peft" in settings["refs"] and importlib.util.find_spec("peft") is None:
-        if "refs" in explicit and explicit["refs"] is not None:
-            raise PipelineError("the peft reference row needs the peft package: pip install peft, or leave peft out "
-                                "of --refs")
-        settings["refs"].remove("peft")
-        log.warning("peft is not installed: the PEFT reference row is left out (pip install peft to include it)")
-    if not Path(settings["ds_config"]).is_file():
-        raise PipelineError(f"DeepSpeed config {settings['ds_config']} does not exist: pass one of ds_configs/*.json")
-    return settings
+    preset: Literal[PRESET_NAMES] | None = option(None, "a named setting (below); explicit flags override its values")
+    mode: Literal[MODES] = option("compare", "compare: PT vs DePT at equal budget, with reference rows; scale: the "
+                                  "largest LLaMA backbone that fits, sharded over the launched ranks")
+    model: str = option("random:t5-base", "random:<preset> (random weights from the preset's geometry: t5-base, "
+                        "t5-small, t5-large, tiny-t5, llama-7b, ...) or a local model directory; scale: "
+                        "random:llama-7b")
+    ms: list[int] = option(help="prompt lengths m, comma-separated (default 0,20,40,60,80,100; scale: 60, and only "
+                           "the first is used); each gets r = rank_for_budget(l, m, s, d), m = l is vanilla PT",
+                           default_factory=lambda: [0, 20, 40, 60, 80, 100])
+    pt_tokens: int = option(100, "l, the vanilla prompt length that sets the budget (not --l: the DeepSpeed "
+                            "launcher would take it for --launcher)", minimum=1)
+    max_length: int = option(256, "s, the longest input and the rows of A (scale: 64)", minimum=1)
+    batch_size: int = option(8, "global batch over all ranks (scale: 0 = one row per rank; paper presets: 32)",
+                             minimum=0)
+    grad_accum: int = option(1, "micro-batches per step and rank, then one optimizer step (paper presets: 4, "
+                             "t5-large 8, so that batch 32 fits in 24 GB of RAM; scale: 1 only)", minimum=1)
+    steps: int = option(5, "timed steps (rounds) per configuration (scale: 3)", minimum=1)
+    warmup: int = option(1, "untimed rounds before them", minimum=0)
+    lengths: Literal[LENGTHS] = option("padded", "padded: every input padded to s (the paper's setting); rte, boolq: "
+                                       "the shipped task's real lengths, each batch padded to its longest input "
+                                       "(an epoch-time estimate is reported)")
+    refs: list[Literal[REF_WORDS]] = option(help="reference rows, comma-separated from bare, eager, peft, padded, or "
+                                            "all / none (default all; scale: none)", default_factory=lambda: list(REFS))
+    infer_tokens: int = option(2, "inference = one evaluation batch with exactly this many greedy tokens; 0 = one "
+                               "eval-mode forward pass instead (scale: 0)", minimum=0)
+    infer_repeats: int = option(3, "inference timings per configuration, interleaved; 0 skips inference (scale: 0)",
+                                minimum=0)
+    group_by_length: bool = option(False, "batch rows of similar length together (the epoch order of `dept train "
+                                   "--group_by_length`), so that dynamic padding wastes little")
+    memory_profile: bool = option(True, "one extra untimed step per configuration measures its tensor peak "
+                                  "(CPU: torch.profiler memory events; GPU: the allocator's peak)")
+    tokenizer: str = option("", "tokenizer whose token counts set the lengths (hub name or directory; its ids are "
+                            f"folded into the backbone's vocabulary), or {DATA_TOKENIZER} (a 32k SentencePiece "
+                            "trained on the task data); default: the backbone's own")
+    data_dir: str = option("", "folder with <task>/<split>.jsonl (default $DEPT_DATA_DIR, else ../shared/data next "
+                           "to the repository)")
+    hidden: int | None = option(None, "backbone width (LLaMA hidden_size, T5 d_model); heads follow at 128 (LLaMA) "
+                                "or 64 (T5) per head unless --heads is given", minimum=1)
+    layers: int | None = option(None, "layer count (LLaMA num_hidden_layers; T5 encoder and decoder layers)",
+                                minimum=1)
+    intermediate: int | None = option(None, "feed-forward width (LLaMA intermediate_size, T5 d_ff)", minimum=1)
+    heads: int | None = option(None, "attention heads (LLaMA also sets num_key_value_heads)", minimum=1)
+    overrides: dict = option(help="any other config fields, e.g. '{\"num_key_value_heads\": 8}'",
+                             default_factory=dict)
+    output_dir: str = option("bench_out", "where bench.md, bench.json and bench.png go")
+    ds_config: str = option("zero3_cpu", "DeepSpeed config: a shipped name or a JSON path (scale: zero3_cpu_bf16)")
+    lr_prompt: float = option(0.3, "learning rate of the prompts (timing does not depend on it)", minimum=0.0)
+    lr_lowrank: float = option(1e-4, "learning rate of A and B", minimum=0.0)
+    mlflow_uri: str = option("", "MLflow tracking URI such as sqlite:///mlflow.db; empty: no tracking")
+    experiment: str = option("dept-bench", "MLflow experiment name")
+    seed: int = option(42, "seed of the random backbone, the prompts and the batch order", minimum=0)
+
+    def __post_init__(self):
+        self.ms = list(dict.fromkeys(self.ms))
+        if not self.ms:
+            raise PipelineError("--ms is empty: give at least one prompt length")
+        bad = [m for m in self.ms if m < 0 or m > self.pt_tokens]
+        if bad:
+            raise PipelineError(f"every m in --ms must lie in 0..l (l = pt_tokens = {self.pt_tokens}); got {bad}")
+        self.refs = _expand_refs(self.refs)
+        if "peft" in self.refs and importlib.util.find_spec("peft") is None:
+            raise PipelineError("the peft reference row needs the peft package: pip install peft, or leave peft "
+                                "out of --refs")
+        if self.mode == "compare" and self.batch_size < 1:
+            raise PipelineError("--batch_size must be at least 1 in compare mode")
+        if self.mode == "scale":
+            self.ms = self.ms[:1]
+            if self.grad_accum != 1:
+                raise PipelineError("scale mode takes one micro-batch per step: leave --grad_accum at 1")
+        resized = [f"--{name}" for name in ("hidden", "layers", "intermediate", "heads") if getattr(self, name)]
+        if resized and not self.model.startswith(RANDOM_PREFIX):
+            raise PipelineError(f"{'/'.join(resized)} need a random:<preset> model; use --overrides with the "
+                                "config's own field names for a model directory")
+        ds_config_path(self.ds_config)  # a missing file is refused now, not after the backbone is built
 
 
-
-def parse_ints(value, name: str) -> list[int]:
-    """`0,20,40` / 60 / (0, 20) / [0, 20] -> [0, 20, 40] (fire turns `0,20` into a tuple already)."""
-    items = value if isinstance(value, (list, tuple)) else str(value).replace(" ", "").split(",")
-    try:
-        out = [int(x) for x in items if str(x) != ""]
-    except ValueError:
-        raise PipelineError(f"--{name} must be comma-separated integers, got {value!r}") from None
-    if not out:
-        raise PipelineError(f"--{name} is empty: give at least one value")
-    return list(dict.fromkeys(out))
-
-
-
-def parse_refs(value) -> list[str]:
-    if value in (None, "", "none", False):
-        return []
-    items = value if isinstance(value, (list, tuple)) else str(value).replace(" ", "").split(",")
-    items = [str(x) for x in items if str(x)]
-    if items == ["all"]:
+def _expand_refs(refs: list[str]) -> list[str]:
+    """`all` and `none` stand alone; the rest keep their order, once each."""
+    words = list(dict.fromkeys(refs))
+    if len(words) > 1 and ({"all", "none"} & set(words)):
+        raise PipelineError(f"--refs: all and none stand alone, got {','.join(words)}")
+    if words == ["all"]:
         return list(REFS)
-    unknown = [x for x in items if x not in REFS]
-    if unknown:
-        raise PipelineError(f"unknown reference row(s) {unknown}: choose from {', '.join(REFS)}, all or none")
-    return items
+    return [] if words == ["none"] else words
 
 
-
-def _int(value, name: str, minimum: int) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise PipelineError(f"--{name} must be an integer, got {value!r}") from None
-    if number < minimum or float(value) != number:
-        raise PipelineError(f"--{name} must be an integer >= {minimum}, got {value!r}")
-    return number
-
-
-
-def model_overrides(settings: dict, overrides) -> dict:
-    """Config-field overrides from --hidden/--layers/--intermediate/--heads plus --overrides (dict or JSON)."""
-    if isinstance(overrides, str) and overrides.strip():
-        try:
-            overrides = json.loads(overrides)
-        except json.JSONDecodeError as err:
-            raise PipelineError(f"--overrides is not valid JSON ({err.msg}): pass e.g. "
-                                "'{\"num_key_value_heads\": 8}'") from None
-    out = dict(overrides or {})
-    if not isinstance(out, dict):
-        raise PipelineError(f"--overrides must be a dict of config fields, got {overrides!r}")
-    arch = arch_of(settings["model"])
-    hidden, layers, inter, heads = (settings.get(k) for k in ("hidden", "layers", "intermediate", "heads"))
-    if arch == "llama":
-        if hidden:
-            out.setdefault("hidden_size", int(hidden))
-        if layers:
-            out.setdefault("num_hidden_layers", int(layers))
-        if inter:
-            out.setdefault("intermediate_size", int(inter))
-        n_heads = heads or (max(1, int(hidden) // 128) if hidden else None)
-        if n_heads:
-            out.setdefault("num_attention_heads", int(n_heads))
-            out.setdefault("num_key_value_heads", int(n_heads))
-    elif arch == "t5":
-        if hidden:
-            out.setdefault("d_model", int(hidden))
-        if layers:
-            out.setdefault("num_layers", int(layers))
-            out.setdefault("num_decoder_layers", int(layers))
-        if inter:
-            out.setdefault("d_ff", int(inter))
-        n_heads = heads or (max(1, int(hidden) // 64) if hidden else None)
-        if n_heads:
-            out.setdefault("num_heads", int(n_heads))
-            out.setdefault("d_kv", int(out.get("d_model", hidden or 64 * n_heads)) // int(n_heads))
-    elif any((hidden, layers, inter, heads)):
-        raise PipelineError("--hidden/--layers/--intermediate/--heads need a random:<preset> model; use --overrides "
-                            "with the config's own field names for a model directory")
-    return out
+def bench_args(flags: dict) -> BenchArgs:
+    """BenchArgs from `dept bench` flags (strings from the command line, or Python values): explicit flags win
+    over the preset's values, the preset's over the mode's defaults."""
+    types = field_types(BenchArgs)
+    preset = coerce(flags.get("preset") or None, types["preset"], "bench.preset")
+    chosen = {**PRESETS.get(preset, {}), **flags}
+    mode = coerce(chosen.get("mode", "compare"), types["mode"], "bench.mode")
+    defaults = dict(SCALE_DEFAULTS) if mode == "scale" else {"refs": _default_refs()}
+    return from_flags(BenchArgs, {**defaults, **chosen}, "bench")
 
 
+def _default_refs() -> list[str]:
+    """Every reference row; without the peft package, all but PEFT's (said once, not refused: it is optional)."""
+    if importlib.util.find_spec("peft") is not None:
+        return list(REFS)
+    log.warning("peft is not installed: the PEFT reference row is left out (pip install peft to include it)")
+    return [ref for ref in REFS if ref != "peft"]
 
-def arch_of(model: str) -> str | None:
+
+def with_model_overrides(args: BenchArgs) -> BenchArgs:
+    """`args` with --hidden/--layers/--intermediate/--heads folded into `overrides` as the architecture's config
+    field names (explicit --overrides entries win). Reads the backbone presets, so torch is imported."""
     from pipeline.backbone import PRESETS as GEOMETRIES
-    from pipeline.backbone import RANDOM_PREFIX
 
-    if model.startswith(RANDOM_PREFIX):
-        preset = GEOMETRIES.get(model[len(RANDOM_PREFIX):])
-        return preset["arch"] if preset else None
-    return None
+    geometry = GEOMETRIES.get(args.model[len(RANDOM_PREFIX):]) if args.model.startswith(RANDOM_PREFIX) else None
+    arch = geometry["arch"] if geometry else None
+    out = dict(args.overrides)
+    if arch == "llama":
+        _set_llama(out, args)
+    elif arch == "t5":
+        _set_t5(out, args)
+    return dataclasses.replace(args, overrides=out)
 
+
+def _set_llama(out: dict, args: BenchArgs) -> None:
+    for key, value in (("hidden_size", args.hidden), ("num_hidden_layers", args.layers),
+                       ("intermediate_size", args.intermediate)):
+        if value:
+            out.setdefault(key, value)
+    heads = args.heads or (max(1, args.hidden // 128) if args.hidden else None)
+    if heads:
+        out.setdefault("num_attention_heads", heads)
+        out.setdefault("num_key_value_heads", heads)
+
+
+def _set_t5(out: dict, args: BenchArgs) -> None:
+    for key, value in (("d_model", args.hidden), ("num_layers", args.layers), ("num_decoder_layers", args.layers),
+                       ("d_ff", args.intermediate)):
+        if value:
+            out.setdefault(key, value)
+    heads = args.heads or (max(1, args.hidden // 64) if args.hidden else None)
+    if heads:
+        out.setdefault("num_heads", heads)
+        out.setdefault("d_kv", int(out.get("d_model", args.hidden or 64 * heads)) // heads)
 
 
 def data_folder(data_dir: str) -> str | None:

@@ -7,6 +7,9 @@
 - mnli: validation = validation_mismatched, test = validation_matched.
 - original: the dataset's own train/validation/test (the authors' code does this for PAWS).
 
+A task's `train_limit` then keeps the first N training rows (Yelp-2: the authors train on the first 100,000
+rows left after holding out validation).
+
 The shuffle is `torch.randperm` with a generator seeded 42 (independent of any training seed): the same
 permutation the authors' code draws, so the validation/test halves are theirs, row for row, when the rows
 come in hub order.
@@ -14,7 +17,7 @@ come in hub order.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from pipeline.errors import PipelineError
 
@@ -25,7 +28,7 @@ SPLIT_SEED = 42
 
 def seeded_permutation(size: int, seed: int) -> list[int]:
     """The authors' shuffle: a permutation of range(size) from a torch CPU generator seeded `seed`."""
-    import torch  # the whole pipeline needs torch; imported here so task definitions stay light
+    import torch  # imported here: `import pipeline.tasks` must stay torch-free (`dept run --dry_run`)
 
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -73,6 +76,8 @@ def apply_split_rule(task, wanted: tuple[str, ...], fetch: Callable[[str], list]
             rows = _halves(rows, seed)[split == "test"]
         elif task.split_rule == "large" and split != "test":
             rows = _hold_out(task, rows, seed)[split == "validation"]
+        if split == "train" and task.train_limit is not None:
+            rows = rows[: task.train_limit]
         if not rows:
             raise PipelineError(
                 f"split {split!r} of task {task.name!r} is empty after the {task.split_rule!r} rule "

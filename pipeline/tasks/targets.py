@@ -73,7 +73,7 @@ class LabelWords:
     pairs: tuple[tuple[str, str], ...]
 
     @classmethod
-    def from_mapping(cls, mapping: dict) -> "LabelWords":
+    def from_mapping(cls, mapping: dict) -> LabelWords:
         return cls(tuple((label_key(raw), str(target)) for raw, target in mapping.items()))
 
     def __call__(self, value: object) -> str:

@@ -7,9 +7,10 @@ to 0.1, or the first gold answer for extractive QA.
 
 from __future__ import annotations
 
+import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from pipeline.errors import PipelineError
 from pipeline.tasks.targets import gold_answers, label_id
@@ -17,6 +18,8 @@ from pipeline.tasks.targets import gold_answers, label_id
 SPLIT_RULES = ("small", "large", "mnli", "original")
 KINDS = ("classification", "regression", "qa")
 ID_COLUMNS = ("idx", "id", "qid")  # the first present one identifies a row; otherwise its row number
+UNPINNED = "main"  # a hub revision that follows the branch head: recorded as unpinned
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class Task:
     input_fields: tuple[str, ...]
     label_column: str
     labels: tuple[str, ...] | None
-    metrics: tuple[str, ...]
+    metrics: tuple[str, ...]  # reported, in this order; the first is the task's headline metric
     split_rule: str
     kind: str
     # Words written before each input field in the source; empty means the column names themselves
@@ -41,12 +44,24 @@ class Task:
     field_names: tuple[str, ...] = ()
     template: str | None = None  # str.format template over the row's columns; replaces the field joining
     to_target: Callable[[object], str] = label_id
-    prepare: Callable[[dict], dict] | None = None  # row -> row before rendering (WSC marks, MultiRC markup)
-    extra_columns: tuple[str, ...] = ()  # columns `prepare` reads besides the input fields
+    row_transform: Callable[[dict], dict] | None = None  # row -> row before rendering (WSC marks, MultiRC markup)
+    extra_columns: tuple[str, ...] = ()  # columns `row_transform` reads besides the input fields
     row_filter: tuple[str, str] | None = None  # (column, value): keep only those rows (MRQA subsets)
     eval_split: str = "validation"  # the original split the split rules treat as "the validation set"
     split_aliases: tuple[tuple[str, str], ...] = ()  # (split, other local file stem holding it)
     data_files: tuple[tuple[str, str], ...] = ()  # custom tasks: (split, path)
+    # Hub revision (commit sha, or UNPINNED); recorded with results so a run names the data it used.
+    revision: str | None = None
+    # Metric that picks the best checkpoint on validation (None: the headline metric, metrics[0]).
+    selection_metric: str | None = None
+    train_limit: int | None = None  # keep only the first N training rows after the split rule (Yelp: 100,000)
+    # Rows that cannot be rendered are skipped with a warning while they are under this fraction of a split;
+    # at or above it the split is refused. 0 refuses any bad row.
+    bad_row_tolerance: float = 0.01
+    # k-shot buckets for regression targets: score <= boundary[0] is bucket 0, and so on (STS-B: 2.5).
+    kshot_boundaries: tuple[float, ...] = ()
+    # Generated tasks (quickstart): original split name -> rendered rows {id, source, target}; no data files.
+    generate: Callable[[str], list[dict]] | None = None
 
     def __post_init__(self):
         if self.split_rule not in SPLIT_RULES:
@@ -56,6 +71,22 @@ class Task:
             raise PipelineError(f"task {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.field_names and len(self.field_names) != len(self.input_fields):
             raise PipelineError(f"task {self.name!r}: field_names must name each of {self.input_fields}")
+        if not self.metrics:
+            raise PipelineError(f"task {self.name!r} needs at least one metric")
+        if self.selection_metric is None:
+            object.__setattr__(self, "selection_metric", self.metrics[0])  # frozen: set the default once
+        elif self.selection_metric not in self.metrics:
+            raise PipelineError(
+                f"task {self.name!r}: selection_metric {self.selection_metric!r} must be one of its metrics "
+                f"{', '.join(self.metrics)}"
+            )
+        if not 0.0 <= self.bad_row_tolerance < 1.0:
+            raise PipelineError(f"task {self.name!r}: bad_row_tolerance must be a fraction in [0, 1)")
+
+    @property
+    def revision_pinned(self) -> bool:
+        """True when `revision` names one immutable hub commit."""
+        return bool(self.revision and _COMMIT_SHA.fullmatch(self.revision))
 
     @property
     def required_columns(self) -> tuple[str, ...]:
@@ -73,7 +104,7 @@ class Task:
         return files[split]
 
     def source(self, row: dict) -> str:
-        """The model input text for one (prepared) row."""
+        """The model input text for one (transformed) row."""
         for column in self.input_fields:
             if row[column] is None:
                 raise PipelineError(f"column {column!r} is empty (null)")
@@ -100,8 +131,8 @@ class Task:
                 f"row lacks column(s) {', '.join(missing)} needed by task {self.name!r} (it has: {', '.join(row)}); "
                 "rename the data's columns or fix the task's input columns"
             )
-        if self.prepare is not None:
-            row = self.prepare(row)
+        if self.row_transform is not None:
+            row = self.row_transform(row)
         if self.kind == "qa":
             answers = gold_answers(row[self.label_column])
             return {"source": self.source(row), "target": answers[0], "answers": answers}

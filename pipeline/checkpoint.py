@@ -1,0 +1,98 @@
+"""Resumable checkpoints of a training job, and the random state that makes a resumed job equal an uninterrupted one.
+
+A checkpoint is `<output_dir>/checkpoints/step-<N>/` holding `trainable.safetensors` (every trainable tensor and
+its AdamW moments at full size: for DePT the prompt, A and B, a few hundred KB; the frozen backbone is never in
+it), `state.json` (step, evaluation history, world size) and a `complete` marker. `latest` names the newest complete
+checkpoint and moves only after the marker is written, so a checkpoint cut off mid-write is never resumed from.
+Because the tensors are whole (not DeepSpeed's per-rank partitions), a job checkpointed on N ranks resumes on any
+number of ranks.
+
+Random state is not stored: every step reseeds torch from (seed, step, rank) (`seed_step`), so a resumed job draws
+the dropout masks the uninterrupted one drew. On another world size the per-rank streams differ (each rank sees
+other rows), which matters only for backbones with dropout; the data order is a function of the global step alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline import atomic, distributed
+from pipeline.errors import PipelineError
+from pipeline.faults import fault
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 2
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed torch (all devices) for one training step, from the job's seed, the step and the rank."""
+    torch.manual_seed((seed * 1_000_003 + step * 1_009 + rank) % 2**63)
+
+
+class Checkpoints:
+    """Checkpoints under `root` (`<output_dir>/checkpoints`), keeping the newest `keep` complete ones."""
+
+    def __init__(self, root: Path, keep: int):
+        self.root, self.keep = Path(root), keep
+
+    def latest(self) -> str | None:
+        pointer = self.root / "latest"
+        if not pointer.exists():
+            return None
+        tag = pointer.read_text().strip()
+        return tag if (self.root / tag / "complete").exists() else None
+
+    def save(self, engine, step: int, run_state: dict) -> None:
+        """Gather the trainable state (every rank) and write it on rank 0."""
+        tensors = engine.trainable_state()
+        rank = distributed.rank()
+        tag = f"step-{step:08d}"
+        if rank == 0:
+            state = {"format_version": FORMAT_VERSION, "step": step, "run_state": run_state,
+                     "world_size": distributed.world_size()}
+            with atomic.replace_dir(self.root / tag) as tmp:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
+                (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
+        fault("DEPT_FAULT_KILL_IN_CHECKPOINT", step, rank)
+        distributed.barrier()
+        if rank == 0:
+            atomic.write_text(self.root / tag / "complete", f"{step}\n")
+            atomic.write_text(self.root / "latest", tag + "\n")
+            self._prune(keep_tag=tag)
+        distributed.barrier()
+
+    def _prune(self, keep_tag: str) -> None:
+        """Keep the newest `keep` complete checkpoints; drop leftovers of interrupted writes."""
+        complete = sorted(p.name for p in self.root.glob("step-*") if (p / "complete").exists())
+        doomed = [tag for tag in complete[: -self.keep] if tag != keep_tag]
+        doomed += [p.name for p in self.root.glob("step-*") if not (p / "complete").exists()]
+        doomed += [p.name for p in self.root.glob(".step-*")]  # a write cut off before its rename
+        for tag in doomed:
+            shutil.rmtree(self.root / tag, ignore_errors=True)
+
+    def load(self, engine) -> tuple[int, dict | None]:
+        """Restore the newest complete checkpoint into `engine` (every rank): (step, run state), or (0, None)."""
+        tag = self.latest()
+        if tag is None:
+            return 0, None
+        folder = self.root / tag
+        try:
+            state = json.loads((folder / "state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            raise PipelineError(f"checkpoint {folder} has no readable state.json (written by an older version?): "
+                                "delete the checkpoints folder to start over") from None
+        if state.get("format_version") != FORMAT_VERSION:
+            raise PipelineError(f"checkpoint {folder} has format {state.get('format_version')!r}, this version reads "
+                                f"{FORMAT_VERSION}: delete the checkpoints folder to start over")
+        engine.load_trainable_state(load_file(str(folder / "trainable.safetensors")), state["step"])
+        if state["world_size"] != distributed.world_size() and distributed.rank() == 0:
+            log.warning("resuming a checkpoint written on %d ranks on %d ranks: the data order and schedule continue "
+                        "by global step; dropout masks differ from an uninterrupted run on %d ranks",
+                        state["world_size"], distributed.world_size(), distributed.world_size())
+        return int(state["step"]), state["run_state"]

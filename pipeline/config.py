@@ -1,0 +1,561 @@
+"""The one typed configuration: recipes, `dept` command-line flags and `--help` are all derived from it.
+
+A training job (`dept train`, or one job of a recipe) is a `JobConfig`: run-level fields (model, output
+directory, DeepSpeed config, method, ...) plus three sections that recipes spell as mappings and the command line
+as flat flags:
+
+    dept:   DeptArgs   the DePT shape and init              recipe `dept: {num_virtual_tokens: 60}`  flag --num_virtual_tokens 60
+    train:  TrainArgs  optimisation and the training loop   recipe `train: {steps: 100}`             flag --steps 100
+    data:   DataArgs   tasks, k-shot, evaluation            recipe `data: {eval_mode: score}`        flag --eval_mode score
+
+`build(cls, raw, path)` turns a mapping (YAML values, or the strings of command-line flags) into a dataclass,
+checking every key (unknown keys are refused with a "did you mean"), type, choice and range, and names the key's
+path in a one-line `PipelineError`. Cross-field rules live in `__post_init__`. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Literal, Union
+
+from pipeline.errors import PipelineError
+
+# The DePT authors' TEXT init, typo included (their released configs), tokenized with the tokenizer's special
+# tokens as PEFT does (T5 appends </s>) and tiled to m rows.
+AUTHORS_INIT_TEXT = "Classify this text is postive or not:"
+METHODS = ("dept", "pt", "finetune")
+LENGTH_POLICIES = ("error", "truncate", "pad")
+PROMPT_INITS = ("TEXT", "VOCAB", "RANDOM")
+EVAL_MODES = ("generate", "score")
+DEFAULT_M, DEFAULT_R, DEFAULT_S = 60, 30, 256
+
+
+def option(default: Any = MISSING, help: str = "", *, minimum: float | None = None, cli: str | None = None,
+           positional: bool = False, default_factory: Any = MISSING, cli_only: bool = False):
+    """A dataclass field with the metadata the CLI and the validator read.
+
+    help: one line for `--help`; minimum: the smallest value allowed; cli: the flag's name when it differs from the
+    field's (documented alias); positional: a command's positional argument.
+    """
+    metadata = {"help": help, "minimum": minimum, "cli": cli, "positional": positional, "cli_only": cli_only}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DeptArgs:
+    """The DePT shape and initialisation (recipe section `dept:`)."""
+
+    num_virtual_tokens: int | None = option(None, "m, prompt length (default 60, or the init adapter's)", minimum=0)
+    r: int | None = option(None, "rank of A @ B (default 30, or from budget_tokens, or the init adapter's; pt: 0)",
+                           minimum=0, cli="lora_rank")
+    max_length: int | None = option(None, "s, longest input in tokens = rows of A (default 256, or the init adapter's)",
+                                    minimum=1)
+    budget_tokens: int | None = option(None, "l: choose r so that DePT spends the parameters of prompt tuning with "
+                                       "l tokens, r = (l - m) d / (s + d)", minimum=1)
+    lora_alpha: float = option(8.0, "offset scale is lora_alpha / sqrt(r), as in every published run", minimum=1e-12)
+    prompt_init: Literal[PROMPT_INITS] = option("TEXT", "prompt init: TEXT (the init text's "
+                                                             "embeddings, tiled), VOCAB (random vocabulary rows), RANDOM")
+    init_text: str = option(AUTHORS_INIT_TEXT, "text whose token embeddings seed a TEXT init (the authors')")
+
+    def __post_init__(self):
+        if self.r is not None and self.budget_tokens is not None:
+            raise PipelineError(f"dept: give r ({self.r}) or budget_tokens ({self.budget_tokens}), not both: "
+                                "budget_tokens computes r")
+        if self.prompt_init == "TEXT" and not self.init_text.strip():
+            raise PipelineError("dept.init_text is empty: give a text for TEXT init or set prompt_init to VOCAB/RANDOM")
+
+
+@dataclass
+class TrainArgs:
+    """Optimisation and the training loop (recipe section `train:`). Defaults follow the paper's runs."""
+
+    batch_size: int = option(32, "global batch: all ranks and accumulation steps together", minimum=1)
+    grad_accum: int = option(1, "gradient accumulation steps per optimizer step", minimum=1)
+    steps: int = option(1000, "optimizer steps", minimum=1)
+    warmup_steps: int = option(500, "linear warmup steps, then linear decay to 0 (must be below steps)", minimum=0)
+    lr_prompt: float = option(0.3, "learning rate of the prompt", minimum=0.0)
+    lr_lowrank: float = option(1e-4, "learning rate of A and B", minimum=0.0)
+    lr: float = option(1e-4, "learning rate of the backbone (method finetune only)", minimum=0.0)
+    weight_decay: float = option(0.0, "AdamW weight decay (the authors' runs: effectively 0)", minimum=0.0)
+    grad_clip: float = option(1.0, "gradient-norm clip (0: none)", minimum=0.0)
+    seed: int = option(42, "seed of the init, the data order and dropout", minimum=0)
+    log_every: int = option(10, "log loss and learning rates every N steps", minimum=1)
+    eval_every: int = option(0, "validate every N steps (0: once at the end); the best step scores the test split",
+                             minimum=0)
+    save_every: int = option(0, "write a resumable checkpoint every N steps (0: none)", minimum=0)
+    keep_checkpoints: int = option(2, "complete checkpoints kept (the newest always)", minimum=1)
+    max_target_length: int = option(32, "longest target in tokens (a truncated target keeps its EOS)", minimum=1)
+    pad_to_max_length: bool = option(False, "pad every input to s (the authors' setting; slower, same loss)")
+    group_by_length: bool = option(False, "batch rows of similar length together (less padding)")
+    on_nonfinite: Literal["stop", "skip"] = option("stop", "a NaN/inf loss: stop (keep the last good adapter) or "
+                                                   "skip the step")
+    comm_timeout_s: float = option(1800.0, "a collective waiting longer fails (lost or hung rank)", minimum=1.0)
+
+    def __post_init__(self):
+        if self.on_nonfinite == "skip" and self.grad_accum > 1:
+            raise PipelineError("train.on_nonfinite=skip needs grad_accum 1 (a skipped micro-batch would shift "
+                                "DeepSpeed's accumulation boundary): use on_nonfinite=stop")
+        if self.warmup_steps and self.warmup_steps >= self.steps:
+            raise PipelineError(f"train.warmup_steps {self.warmup_steps} >= steps {self.steps}: the learning rate "
+                                "would never leave warm-up; lower warmup_steps (e.g. to steps // 10)")
+        if self.batch_size % self.grad_accum:
+            raise PipelineError(f"train.batch_size {self.batch_size} is not divisible by grad_accum "
+                                f"{self.grad_accum}: choose a multiple of {self.grad_accum}")
+
+
+@dataclass
+class DataArgs:
+    """What a job trains and evaluates on (recipe section `data:`; stages set tasks and k themselves)."""
+
+    tasks: list[str | dict] = option(None, "registered task names (several = a source mixture) or custom task "
+                                     "mappings / YAML files", default_factory=list, cli="task")
+    train_file: str | None = option(None, "instead of tasks: a JSONL with source/target text columns (no evaluation)")
+    data_dir: str | None = option(None, "local <task>/<split>.jsonl root (default $DEPT_DATA_DIR, else the hub)")
+    k: int | None = option(None, "k-shot: train on k class-balanced rows drawn with the seed", minimum=1)
+    mixture_cap: int = option(100_000, "at most this many rows per task in a mixture", minimum=1)
+    max_train_rows: int | None = option(None, "cap the training rows per task (quick runs)", minimum=1)
+    max_eval_rows: int | None = option(None, "cap the validation and test rows per task (quick runs)", minimum=1)
+    eval_mode: Literal[EVAL_MODES] = option("generate", "generate (greedy decoding, the paper's) or score "
+                                                     "(rank the label strings by likelihood)")
+    evaluate: bool = option(True, "validate and test (false: train only, keep the last adapter)")
+    eval_batch_size: int = option(32, "rows per evaluation batch per rank", minimum=1)
+    max_new_tokens: int = option(20, "greedy decoding length (the paper's 20)", minimum=1)
+
+    def __post_init__(self):
+        if self.train_file and self.tasks:
+            raise PipelineError("data: give tasks (--task / --custom_task) or train_file, not both")
+        if self.k is not None and len(self.tasks) > 1:
+            raise PipelineError("data.k: k-shot sampling applies to one target task, not to a mixture of "
+                                f"{len(self.tasks)}: give one task")
+        if self.train_file and self.evaluate:
+            self.evaluate = False  # a plain source/target file has no validation split
+
+
+@dataclass
+class JobConfig:
+    """One training job: what `dept train` runs, and what each job of a recipe is."""
+
+    model: str = option(MISSING, "hub name, local model directory, or random:<preset> (random:tiny-t5, ...)")
+    output_dir: str = option(MISSING, "job directory: adapters, checkpoints, results.json (relative to the "
+                             "working directory)")
+    ds_config: str = option("auto", "DeepSpeed config: a shipped name (zero3_cpu, zero3_gpu, zero3_gpu_bf16, ...), "
+                            "a JSON path, or auto (GPU config with a GPU, CPU config without)")
+    method: Literal[METHODS] = option("dept", "dept | pt (vanilla prompt tuning, r = 0) | finetune "
+                                                       "(every backbone weight trains)")
+    init_adapter: str | None = option(None, "start from this adapter (ours or the authors'); its shape is the default")
+    on_length_mismatch: Literal[LENGTH_POLICIES] = option(
+        "error", "the init adapter's s differs from max_length: error | truncate | pad the rows of A")
+    save_model: bool = option(False, "finetune: save the trained backbone to <output_dir>/model")
+    model_overrides: dict | None = option(None, "config fields of a random:<preset> model, e.g. {num_layers: 4}")
+    dept: DeptArgs = option(default_factory=DeptArgs)
+    train: TrainArgs = option(default_factory=TrainArgs)
+    data: DataArgs = option(default_factory=DataArgs)
+
+    def __post_init__(self):
+        if self.save_model and self.method != "finetune":
+            raise PipelineError("save_model applies to method finetune only (DePT and PT leave the backbone "
+                                "unchanged): remove save_model")
+        if self.method == "pt" and self.dept.r:
+            raise PipelineError(f"method pt is prompt tuning without a low-rank pair: drop r={self.dept.r} "
+                                "(or use method dept)")
+        if self.method != "dept" and self.dept.budget_tokens is not None:
+            raise PipelineError(f"dept.budget_tokens applies to method dept only, not {self.method}")
+        if not self.data.tasks and not self.data.train_file:
+            raise PipelineError("a job needs data: --task NAME, --custom_task FILE or --train_file FILE")
+
+    # The resolved DePT shape (defaults filled; an init adapter's shape is read by `resolve_shape`).
+    @property
+    def num_virtual_tokens(self) -> int:
+        return DEFAULT_M if self.dept.num_virtual_tokens is None else self.dept.num_virtual_tokens
+
+    @property
+    def max_length(self) -> int:
+        return DEFAULT_S if self.dept.max_length is None else self.dept.max_length
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _is_optional(tp) -> bool:
+    return _origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _origin(tp):
+    return typing.get_origin(tp)
+
+
+def _type_name(tp) -> str:
+    if _origin(tp) is Literal:
+        return " | ".join(map(str, typing.get_args(tp)))
+    if _origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if _origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}" if typing.get_args(tp) else "list"
+    return getattr(tp, "__name__", str(tp))
+
+
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _parse_text(value: str):
+    """A command-line string as YAML would read it ('[4, 16]' -> list, '{a: 1}' -> dict), else the string."""
+    import yaml
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def coerce(value, tp, path: str):
+    """`value` as type `tp`, or a PipelineError naming `path`. Strings (from the command line) are parsed."""
+    if _is_optional(tp):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = inner[0] if len(inner) == 1 else Union[tuple(inner)]  # noqa: UP007 -- built at run time
+    if value is None:
+        raise PipelineError(f"{path}: null is not allowed here; give a value")
+    origin = _origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        text = str(value).strip()
+        for choice in choices:
+            if text.lower() == str(choice).lower():
+                return choice
+        raise PipelineError(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}"
+                            f"{did_you_mean(text, [str(c) for c in choices])}")
+    if origin in (Union, types.UnionType):  # e.g. str | dict (a task name or a custom task mapping)
+        for option_type in typing.get_args(tp):
+            if isinstance(value, option_type):
+                return value
+        raise PipelineError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+            return value.strip().lower() in TRUE_WORDS
+        raise PipelineError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, str):
+            value = _number(value.strip(), path, "an integer")
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise PipelineError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            value = _number(value.strip(), path, "a number")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise PipelineError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a custom task's label word written as a number
+        if not isinstance(value, str):
+            raise PipelineError(f"{path}: expected text, got {type(value).__name__} {value!r}")
+        return value
+    if origin is list or tp is list:
+        if isinstance(value, str):
+            parsed = _parse_text(value)
+            value = parsed if isinstance(parsed, list) else [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            value = [value]
+        (item,) = typing.get_args(tp) or (Any,)
+        return value if item is Any else [coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = _parse_text(value)
+        if not isinstance(value, dict):
+            raise PipelineError(f"{path}: expected a mapping such as {{key: value}}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    return value
+
+
+def _number(text: str, path: str, what: str):
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise PipelineError(f"{path}: expected {what}, got {text!r}") from None
+
+
+def did_you_mean(word: str, known) -> str:
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def build(cls, raw, path: str):
+    """A `cls` dataclass from a mapping: unknown keys, wrong types, choices and minimums are refused with `path`."""
+    if dataclasses.is_dataclass(raw) and isinstance(raw, cls):
+        return raw
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    types_ = field_types(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise PipelineError(f"{path}.{key}: unknown key{did_you_mean(str(key), known)}; known keys: "
+                                f"{', '.join(known)}")
+    values = {}
+    for name, spec in known.items():
+        where = f"{path}.{name}"
+        if name in raw:
+            value = coerce(raw[name], types_[name], where)
+            minimum = spec.metadata.get("minimum")
+            if minimum is not None and isinstance(value, (int, float)) and value < minimum:
+                bound = f"at least {minimum:g}" if minimum > 0 or isinstance(value, int) else f"at least {minimum:g}"
+                raise PipelineError(f"{where}: must be {bound}, got {value!r}")
+            values[name] = value
+        elif spec.default is MISSING and spec.default_factory is MISSING:
+            raise PipelineError(f"{where}: required key is missing")
+    try:
+        return cls(**values)
+    except PipelineError as err:
+        text = str(err)
+        raise PipelineError(text if text.startswith(path.split(".")[0]) else f"{path}: {text}") from None
+
+
+def to_dict(obj) -> dict:
+    """A config as plain JSON-able values (what results.json and recipe.resolved.yaml record)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
+
+
+# ---------------------------------------------------------------------------------------------- flags
+
+
+def flag_name(spec: dataclasses.Field) -> str:
+    return spec.metadata.get("cli") or spec.name
+
+
+def flat_fields(cls) -> dict[str, tuple[tuple[str, ...], dataclasses.Field, Any]]:
+    """`{flag: (path to the field, field, type)}` for every leaf of `cls`, sections flattened (JobConfig: the
+    fields of dept/train/data become top-level flags)."""
+    out = {}
+    types_ = field_types(cls)
+    for spec in dataclasses.fields(cls):
+        tp = types_[spec.name]
+        if dataclasses.is_dataclass(tp):
+            for flag, (sub, leaf, leaf_type) in flat_fields(tp).items():
+                out[flag] = ((spec.name, *sub), leaf, leaf_type)
+        else:
+            out[flag_name(spec)] = ((spec.name,), spec, tp)
+    return out
+
+
+def from_flags(cls, flags: dict, path: str):
+    """A `cls` from flat `--flag` values (strings or fire-parsed values), sections nested back."""
+    leaves = flat_fields(cls)
+    nested: dict = {}
+    for flag, value in flags.items():
+        if flag not in leaves:
+            raise PipelineError(f"--{flag}: unknown flag{did_you_mean(flag, leaves)}")
+        route, _, _ = leaves[flag]
+        node = nested
+        for part in route[:-1]:
+            node = node.setdefault(part, {})
+        node[route[-1]] = value
+    return build(cls, nested, path)
+
+
+def describe(cls, title: str) -> list[str]:
+    """`--help` lines for the flags of `cls`, one section per nested dataclass."""
+    lines, types_ = [f"{title}:"], field_types(cls)
+    sections = []
+    for spec in dataclasses.fields(cls):
+        tp = types_[spec.name]
+        if dataclasses.is_dataclass(tp):
+            sections.append((spec.name, tp))
+            continue
+        lines.append(_flag_line(spec, tp))
+    for name, section in sections:
+        lines += ["", f"{(section.__doc__ or name).strip().splitlines()[0]}"]
+        lines += [_flag_line(spec, tp) for spec, tp in zip(dataclasses.fields(section), field_types(section).values())]
+    return lines
+
+
+def _flag_line(spec: dataclasses.Field, tp) -> str:
+    if spec.metadata.get("positional"):
+        name = spec.name.upper()
+    else:
+        name = f"--{flag_name(spec)}"
+    if spec.default is not MISSING:
+        default = f" (default {spec.default!r})" if spec.default not in (None, "", []) else ""
+    elif spec.default_factory is not MISSING:
+        default = ""
+    else:
+        default = " (required)"
+    return f"  {name:<24} {_type_name(tp):<12} {spec.metadata.get('help', '')}{default}"
+
+
+def check_partial(cls, raw, path: str) -> dict:
+    """Validate a partial section (some fields of `cls`, e.g. a recipe's `train:`): keys and types, coerced values
+    returned; cross-field rules wait until the job's full config is built."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    types_ = field_types(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise PipelineError(f"{path}.{key}: unknown key{did_you_mean(str(key), known)}; known keys: "
+                                f"{', '.join(known)}")
+        out[key] = coerce(value, types_[key], f"{path}.{key}")
+        minimum = known[key].metadata.get("minimum")
+        if minimum is not None and isinstance(out[key], (int, float)) and out[key] < minimum:
+            raise PipelineError(f"{path}.{key}: must be at least {minimum:g}, got {out[key]!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+
+@dataclass
+class TrackingArgs:
+    """MLflow tracking of a recipe (recipe section `tracking:`)."""
+
+    enabled: bool = option(True, "log to MLflow (rank 0 only)")
+    uri: str | None = option(None, "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else a sqlite store in the "
+                             "recipe's output directory)")
+    experiment: str | None = option(None, "MLflow experiment (default dept-<recipe name>)")
+
+
+@dataclass
+class StageSpec:
+    """One stage of a recipe: a `train` stage (one job) or a `transfer` stage (a job per target, k, seed)."""
+
+    name: str = option(MISSING, "unique stage name; also its output subdirectory")
+    type: Literal["train", "transfer"] = option("train", "train | transfer")
+    method: Literal[METHODS] | None = option(None, "default: the recipe's")
+    model: str | None = option(None, "backbone (default: the recipe's); stage:<name> takes a finetune stage's model")
+    tasks: list[str | dict] = option(default_factory=list, help="train: task names or custom task mappings")
+    init_adapter: str | None = option(None, "train: start from this adapter (path, or stage:<name>)")
+    save_model: bool = option(False, "finetune: save the trained backbone for later stages (stage:<name>)")
+    source: str | None = option(None, "transfer: the stage (or adapter path) every target starts from")
+    targets: list[str | dict] = option(default_factory=list, help="transfer: target tasks")
+    k: list[int] = option(default_factory=lambda: [4, 16, 32], help="transfer: k-shot sizes")
+    seeds: list[int] = option(default_factory=lambda: [1, 2, 3], help="transfer: seeds per (target, k)")
+    control: bool = option(False, "transfer: also train from scratch at each (target, k, seed)")
+    on_length_mismatch: Literal[LENGTH_POLICIES] | None = option(
+        None, "the source adapter's s differs: error | truncate | pad (default: the recipe's)")
+    dept: dict = option(default_factory=dict, help="DeptArgs fields for this stage")
+    train: dict = option(default_factory=dict, help="TrainArgs fields for this stage")
+    data: dict = option(default_factory=dict, help="DataArgs fields for this stage")
+
+
+@dataclass
+class RecipeSpec:
+    """A recipe file: defaults for every job, then its stages in order."""
+
+    name: str = option(MISSING, "recipe name (MLflow parent run)")
+    model: str = option(MISSING, "backbone of every stage unless a stage names its own")
+    output_dir: str = option(MISSING, "where jobs write (relative to the working directory)")
+    stages: list[StageSpec] = option(MISSING, "the stages, in order")
+    description: str = option("", "what the recipe does (MLflow experiment description)")
+    ds_config: str = option("auto", "DeepSpeed config name or path (paths relative to the recipe file)")
+    method: Literal[METHODS] = option("dept", "default method of the stages")
+    on_length_mismatch: Literal[LENGTH_POLICIES] = option("error", "default for the stages")
+    model_overrides: dict | None = option(None, "config fields of a random:<preset> model")
+    dept: dict = option(default_factory=dict, help="DeptArgs defaults")
+    train: dict = option(default_factory=dict, help="TrainArgs defaults")
+    data: dict = option(default_factory=dict, help="DataArgs defaults")
+    tracking: TrackingArgs = option(default_factory=TrackingArgs)
+
+
+# ---------------------------------------------------------------------------------------------- inference
+
+
+@dataclass
+class EvaluateArgs:
+    """`dept evaluate`: an adapter's metrics on one split of a task (made by the paper's split rules)."""
+
+    model: str = option(MISSING, "the backbone the adapter was trained on (hub name, local dir or random:<preset>)")
+    adapter: str = option(MISSING, "adapter directory (ours, or an authors' DePT adapter)")
+    task: str = option(MISSING, "a registered task")
+    split: Literal["train", "validation", "test"] = option("test", "train | validation | test")
+    data_dir: str | None = option(None, "local <task>/<split>.jsonl root (default $DEPT_DATA_DIR, else the hub)")
+    eval_mode: Literal[EVAL_MODES] = option("generate", "generate (greedy) | score (rank the labels)",
+                                                     cli="mode")
+    batch_size: int = option(32, "rows per batch per rank", minimum=1)
+    max_rows: int | None = option(None, "score only the first N rows", minimum=1)
+    max_new_tokens: int = option(20, "greedy decoding length", minimum=1)
+    seed: int = option(42, "seed a random:<preset> backbone is built with (the training job's seed)", minimum=0)
+    ds_config: str = option("auto", "DeepSpeed config for several ranks (one process needs none)")
+
+
+@dataclass
+class PredictArgs:
+    """`dept predict`: an adapter's predictions for the rows of a file."""
+
+    model: str = option(MISSING, "the backbone the adapter was trained on")
+    adapter: str = option(MISSING, "adapter directory")
+    data: str = option(MISSING, "JSONL/CSV/parquet rows: a `source` column (and optional `target`, `id`), or "
+                       "hub-schema rows of --task")
+    output: str = option(MISSING, "predictions JSONL {id, prediction[, label]}; metrics go to <output>.metrics.json")
+    task: str | None = option(None, "render hub-schema rows with this task's template and score with its metrics")
+    eval_mode: Literal[EVAL_MODES] = option("generate", "generate | score (needs --task with labels)",
+                                                     cli="mode")
+    batch_size: int = option(32, "rows per batch per rank", minimum=1)
+    max_new_tokens: int = option(20, "greedy decoding length", minimum=1)
+    seed: int = option(42, "seed a random:<preset> backbone is built with (the training job's seed)", minimum=0)
+    ds_config: str = option("auto", "DeepSpeed config for several ranks (one process needs none)")
+
+
+# ---------------------------------------------------------------------------------------------- other commands
+
+
+@dataclass
+class RunArgs:
+    """`dept run`: every stage of a recipe; `--key=value` (or `key=value`) overrides any recipe key."""
+
+    recipe: str = option("quickstart", "a shipped recipe name (quickstart, glue_t5_base, ...) or a YAML path",
+                         positional=True)
+    dry_run: bool = option(False, "validate, check feasibility and print the plan; train nothing")
+    rerun_changed: bool = option(False, "re-run jobs whose settings changed since they ran (default: refuse)")
+
+
+@dataclass
+class ImportAdapterArgs:
+    """`dept import-adapter`: a DePT adapter released by the paper's authors into this pipeline's format."""
+
+    src: str = option(MISSING, "the authors' adapter directory (adapter_config.json + adapter_model.bin)",
+                      positional=True)
+    out: str = option(MISSING, "where to write the converted adapter", positional=True)
+    allow_missing_lowrank: bool = option(False, "import a file without A/B as prompt tuning (B = 0, r kept)")
+
+
+@dataclass
+class ExportAdapterArgs:
+    """`dept export-adapter`: a prompt tuning adapter (method pt) as a PEFT PROMPT_TUNING adapter."""
+
+    adapter: str = option(MISSING, "an adapter written by this pipeline (or an authors' adapter)", positional=True)
+    out: str = option(MISSING, "the directory to write", positional=True)
+    format: Literal["peft"] = option("peft", "peft (PeftModel.from_pretrained(base_model, out))")
+    base_model: str | None = option(None, "the backbone's name or directory (default: the one the adapter records)")

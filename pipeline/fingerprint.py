@@ -1,0 +1,113 @@
+"""What decides a job's result, as one digest: a finished job is reused, and an unfinished one resumed, only when
+the digest of the job as configured now equals the one it was started with.
+
+The fingerprint covers the resolved job config (minus what cannot change the result: output directory, logging and
+checkpoint cadence, communication timeout, evaluation batch size), the identity of its data (local files by
+content, hub datasets by id, config and revision), of its starting points (the init adapter's weights, a local
+model directory's files) and the code policy: the package's major.minor version. Commits within one version reuse
+each other's results (the commit is recorded, not compared); a new minor version recomputes. The number of ranks
+is not part of it: a job may resume on another world size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pipeline.config import JobConfig, to_dict
+
+NOT_RESULT_DEFINING = {("output_dir",), ("train", "log_every"), ("train", "save_every"), ("train", "keep_checkpoints"),
+                       ("train", "comm_timeout_s"), ("data", "eval_batch_size"), ("data", "data_dir")}
+
+
+def code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        full = version("dept-pipeline")
+    except PackageNotFoundError:
+        return "unknown"
+    return ".".join(full.split(".")[:2])
+
+
+@lru_cache(maxsize=4096)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    stat = os.stat(path)
+    return _file_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def _folder_identity(folder: Path, pattern: str = "*") -> dict[str, str]:
+    return {p.name: file_digest(p) for p in sorted(folder.glob(pattern)) if p.is_file()}
+
+
+def _model_identity(model: str) -> object:
+    """Hub names and presets by name; a local directory by its files' sizes and times (weights can be GBs)."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return model
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def data_identity(cfg: JobConfig) -> list:
+    from pipeline.tasks import resolve_data_dir
+    from pipeline.tasks.specs import task_from_spec
+
+    if cfg.data.train_file:
+        return [{"file": file_digest(cfg.data.train_file)}]
+    out = []
+    root = resolve_data_dir(cfg.data.data_dir)
+    for spec in cfg.data.tasks:
+        task = task_from_spec(spec)
+        if task.data_files:
+            out.append({"task": spec, "files": {split: file_digest(path) for split, path in task.data_files}})
+        elif task.hub_path is None:  # generated (synthetic) tasks: the code version covers them
+            out.append({"task": task.name})
+        elif root is not None and (root / task.name).is_dir():
+            out.append({"task": task.name, "files": _folder_identity(root / task.name)})
+        else:
+            out.append({"task": task.name, "hub": [task.hub_path, task.hub_config, task.revision]})
+    return out
+
+
+def _drop(config: dict, paths) -> dict:
+    config = json.loads(json.dumps(config))
+    for path in paths:
+        node = config
+        for part in path[:-1]:
+            node = node.get(part, {})
+        node.pop(path[-1], None)
+    return config
+
+
+def job_fingerprint(cfg: JobConfig) -> tuple[str, dict]:
+    """(digest, the fingerprinted record): compare records to name the keys that differ."""
+    record = {"config": _drop(to_dict(cfg), NOT_RESULT_DEFINING), "data": data_identity(cfg),
+              "model": _model_identity(cfg.model), "code": code_version()}
+    if cfg.init_adapter and Path(cfg.init_adapter).is_dir():
+        record["init_adapter"] = _folder_identity(Path(cfg.init_adapter), "adapter_model.*")
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest, record
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two fingerprint records."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += differences(a, b, where)
+        elif a != b:
+            keys.append(where)
+    return keys

@@ -1,0 +1,120 @@
+"""One training job on its data: tasks (splits, k-shot or mixture) -> train -> best validation -> test ->
+results.json.
+
+`dept train` runs one job; a recipe runs one job per train stage and one per (target, k, seed) of a transfer
+stage. A job trains on one task, a mixture of source tasks (examples-proportional, capped) or a plain
+source/target file, evaluates every `eval_every` steps, keeps the best adapter, and reports the test metrics of the
+best step. `results.json` is the job's completion marker and is written here, once, by rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import atomic, distributed
+from pipeline.config import DataArgs, JobConfig, to_dict
+from pipeline.data import read_source_target
+from pipeline.errors import PipelineError
+from pipeline.evaluation import Evaluator, MixtureEvaluator
+from pipeline.fingerprint import job_fingerprint
+from pipeline.tasks import Task, kshot_sample, load_task_splits, mixture
+from pipeline.tasks.specs import task_from_spec
+from pipeline.train import train
+
+log = logging.getLogger(__name__)
+RESULTS = "results.json"
+
+
+@dataclass
+class JobData:
+    """The rows of one job: `train` rendered {id, source, target}; `held_out[task] = (validation, test)`."""
+
+    tasks: list[Task]
+    train: list[dict]
+    held_out: dict[str, tuple[list[dict], list[dict]]]
+    sizes: dict[str, dict]
+
+
+def resolve_tasks(data: DataArgs) -> list[Task]:
+    """Registered task names, custom task mappings, or custom task YAML files, as Tasks."""
+    return [task_from_spec(spec) for spec in data.tasks]
+
+
+def load_job_data(data: DataArgs, seed: int) -> JobData:
+    """Rows for a job: each task's splits by the paper's rules, k-shot sampled or mixed, capped for quick runs."""
+    if data.train_file:
+        rows = read_source_target(data.train_file)
+        return JobData([], rows, {}, {"file": {"train": len(rows)}})
+    tasks = resolve_tasks(data)
+    per_task, held_out, sizes = {}, {}, {}
+    for task in tasks:
+        wanted = ("train", "validation", "test") if data.evaluate else ("train",)
+        splits = load_task_splits(task, data.data_dir, splits=wanted)
+        train_rows = splits["train"]
+        if data.max_train_rows:
+            train_rows = train_rows[: data.max_train_rows]
+        if data.k is not None:
+            train_rows = kshot_sample(train_rows, data.k, seed, task)
+        validation, test = splits.get("validation", []), splits.get("test", [])
+        if data.max_eval_rows:
+            validation, test = validation[: data.max_eval_rows], test[: data.max_eval_rows]
+        if not train_rows:
+            raise PipelineError(f"task {task.name!r} has no training rows after filtering")
+        per_task[task.name] = train_rows
+        if data.evaluate:
+            held_out[task.name] = (validation, test)
+        sizes[task.name] = {"train": len(train_rows), "validation": len(validation), "test": len(test)}
+    rows = per_task[tasks[0].name] if len(tasks) == 1 else mixture(per_task, data.mixture_cap, seed)
+    if distributed.rank() == 0:
+        log.info("data: %s (training rows: %d)", sizes, len(rows))
+    return JobData(tasks, rows, held_out, sizes)
+
+
+def make_evaluator(job_data: JobData, data: DataArgs, tokenizer, is_encoder_decoder: bool, max_length: int):
+    """An Evaluator per task (a MixtureEvaluator over several); generation for tasks without a label set."""
+    evaluators = {
+        task.name: Evaluator(task, *job_data.held_out[task.name], tokenizer, is_encoder_decoder, max_length,
+                             mode=data.eval_mode if task.labels else "generate", batch_size=data.eval_batch_size,
+                             max_new_tokens=data.max_new_tokens)
+        for task in job_data.tasks
+    }
+    return next(iter(evaluators.values())) if len(evaluators) == 1 else MixtureEvaluator(evaluators)
+
+
+def run_job(cfg: JobConfig, callbacks=(), on_data=None) -> dict:
+    """Train `cfg` on its data and write `<output_dir>/results.json` (rank 0); returns the results.
+
+    `on_data(name, context, rows)` is told which rows train and evaluate (the tracker logs them as datasets).
+    """
+    job_data = load_job_data(cfg.data, cfg.train.seed)
+    if on_data:
+        on_data("+".join(t.name for t in job_data.tasks) or "file", "training", job_data.train)
+        for name, (validation, test) in job_data.held_out.items():
+            on_data(name, "validation", validation)
+            on_data(name, "test", test)
+
+    def evaluator_for(backbone, max_length: int):
+        return make_evaluator(job_data, cfg.data, backbone.tokenizer, backbone.is_encoder_decoder, max_length)
+
+    result = train(cfg, job_data.train, evaluator_for if cfg.data.evaluate and job_data.tasks else None, callbacks)
+    digest, _ = job_fingerprint(cfg)
+    results = {"config": to_dict(cfg), "fingerprint": digest, **result.to_dict(),
+               "tasks": [t.name for t in job_data.tasks], "data_sizes": job_data.sizes,
+               "data_revisions": {t.name: t.revision for t in job_data.tasks if t.hub_path},
+               "k": cfg.data.k, "eval_mode": cfg.data.eval_mode, **reported_score(job_data.tasks, result.test)}
+    if distributed.rank() == 0:
+        atomic.write_json(Path(cfg.output_dir) / RESULTS, results)
+    distributed.barrier()
+    return results
+
+
+def reported_score(tasks: list[Task], test: dict) -> dict:
+    """The score a summary reports: the task's first metric (the paper's), which may differ from the metric the
+    best step was selected on (CB: selected on macro-F1, reported as accuracy); a mixture reports its mean."""
+    if not test:
+        return {"reported_metric": None, "test_score": None}
+    if len(tasks) == 1:
+        return {"reported_metric": tasks[0].metrics[0], "test_score": test.get(tasks[0].metrics[0])}
+    return {"reported_metric": "mean of the tasks' selection scores", "test_score": test.get("score")}

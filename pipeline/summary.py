@@ -1,0 +1,81 @@
+"""A recipe's results in one table: each train stage's test scores, and for each transfer stage the mean +- std
+over seeds of every (target, k, start) cell. Pure functions of the jobs' results (no torch, no MLflow)."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def main_score(result: dict) -> float | None:
+    """A job's reported test score: the task's first metric (job.py records it; a mixture: the mean score)."""
+    return result.get("test_score")
+
+
+def summarize(name: str, jobs: list, results: dict[str, dict]) -> dict:
+    """`{"recipe", "sources": [...], "transfer": [...], "markdown"}` from `results[job.key]`."""
+    sources, cells = [], {}
+    for job in jobs:
+        result = results[job.key]
+        if job.meta["type"] == "train":
+            sources.append({"stage": job.stage, "tasks": job.meta["tasks"], "test": result.get("test", {}),
+                            "best_step": result.get("best_step"), "final_loss": result.get("final_loss"),
+                            "method": result.get("config", {}).get("method")})
+            continue
+        cell = (job.stage, job.meta["target"], job.meta["k"], job.meta["start"])
+        cells.setdefault(cell, []).append(main_score(result))
+    table = []
+    for (stage, target, k, start), scores in sorted(cells.items(), key=lambda c: (c[0][0], c[0][1], c[0][3], c[0][2])):
+        valid = [s for s in scores if s is not None]
+        table.append({"stage": stage, "target": target, "k": k, "start": start, "n": len(valid),
+                      "scores": [round(s, 2) for s in valid],
+                      "mean": round(statistics.fmean(valid), 2) if valid else None,
+                      "std": round(statistics.stdev(valid), 2) if len(valid) > 1 else 0.0})
+    summary = {"recipe": name, "sources": sources, "transfer": table}
+    summary["markdown"] = markdown(summary)
+    return summary
+
+
+def _metric_text(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()
+                     if isinstance(v, float) and k != "score" and not k.endswith(".score"))
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"# {summary['recipe']}", ""]
+    if summary["sources"]:
+        lines += ["| stage | method | tasks | best step | test |", "|---|---|---|---|---|"]
+        for s in summary["sources"]:
+            lines.append(f"| {s['stage']} | {s.get('method') or '-'} | {', '.join(s['tasks'])} | {s['best_step']} | "
+                         f"{_metric_text(s['test']) or '-'} |")
+        lines.append("")
+    by_stage: dict[str, list] = {}
+    for row in summary["transfer"]:
+        by_stage.setdefault(row["stage"], []).append(row)
+    for stage, rows in by_stage.items():
+        ks = sorted({r["k"] for r in rows})
+        lines += [f"## {stage}: test score, mean +- std over seeds", "",
+                  "| target | start | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+        for target, start in sorted({(r["target"], r["start"]) for r in rows}):
+            cells = []
+            for k in ks:
+                row = next((r for r in rows if (r["target"], r["start"], r["k"]) == (target, start, k)), None)
+                cells.append("-" if row is None or row["mean"] is None else
+                             f"{row['mean']:.1f} +- {row['std']:.1f} (n={row['n']})")
+            label = "source adapter" if start == "source" else "from scratch"
+            lines.append(f"| {target} | {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def aggregates(summary: dict) -> dict[str, float]:
+    """Parent-run metrics: `<target>.k<k>.<start>.mean|std` and each source stage's test metrics."""
+    out = {}
+    for row in summary["transfer"]:
+        if row["mean"] is not None:
+            stem = f"{row['target']}.k{row['k']}.{row['start']}"
+            out[f"{stem}.mean"], out[f"{stem}.std"] = row["mean"], row["std"]
+    for source in summary["sources"]:
+        for key, value in source["test"].items():
+            if isinstance(value, float) and key != "score":
+                out[f"{source['stage']}.test_{key}"] = round(value, 2)
+    return out

@@ -1,0 +1,82 @@
+"""Synthetic tasks in TinyStories vocabulary, for a real pretrained tiny LM (stories260K): no data files, no network.
+
+Every example is a three-to-four sentence story in the words a TinyStories model knows; the tasks ask for one
+slot of the same story, and the slot is not named in the input (the prompt has to say which one):
+
+    story: Once upon a time, there was a little girl named Lily. She had a red cat. They went to the park.
+        stories-who    -> "Lily"      stories-animal -> "cat"      stories-place -> "park"
+
+A frozen LM that was pretrained on such stories can copy a word it has just read; what a soft prompt must add is
+*which* word, the answer format (one word, then EOS: the model never saw EOS in pretraining) and nothing after it.
+The tasks share their inputs and their format, not their answers, which makes them a clean few-shot transfer
+setting: a source adapter trained on `stories-who` knows the format and the copying, and has to be redirected to
+another slot from k examples. Rows are generated deterministically per (task, split): the same on every machine.
+"""
+
+from __future__ import annotations
+
+import random
+
+from pipeline.tasks.task import Task
+
+GIRLS = ("Lily", "Sue", "Anna", "Mia")
+BOYS = ("Tom", "Ben", "Tim", "Max")
+ANIMALS = ("cat", "dog", "bird", "fish", "frog", "duck", "bunny", "bear")
+PLACES = ("park", "beach", "store", "school", "garden", "forest", "lake", "farm")
+COLORS = ("red", "blue", "green", "yellow", "pink", "brown")
+FEELINGS = ("happy", "sad", "scared", "excited")
+
+INTROS = ("Once upon a time, there was a little {kind} named {name}.", "{name} was a little {kind}.",
+          "There was a {kind} called {name}.")
+ANIMAL_LINES = ("{Pron} had a {color} {animal}.", "{name} saw a {color} {animal}.",
+                "One day, {name} found a little {animal}.")
+PLACE_LINES = ("They went to the {place}.", "{Pron} liked to play at the {place}.",
+               "One day, {name} went to the {place} with mom.")
+FEELING_LINES = ("{name} was very {feeling}.", "{Pron} felt {feeling}.")
+
+# task name -> the slot its answer comes from
+STORY_TASKS: dict[str, str] = {
+    "stories-who": "name",
+    "stories-animal": "animal",
+    "stories-place": "place",
+}
+SLOT_LABELS = {"name": GIRLS + BOYS, "animal": ANIMALS, "place": PLACES}
+SPLIT_SIZES = {"train": 2000, "validation": 200, "test": 200}
+SPLIT_SALT = {"train": 1, "validation": 2, "test": 3}
+
+
+def story_task(name: str) -> Task:
+    """The `Task` of a stories task: classification over its slot's words, accuracy, the rows' own splits."""
+    return Task(name=name, hub_path=None, hub_config=None, input_fields=("story",), label_column="label",
+                labels=SLOT_LABELS[STORY_TASKS[name]], metrics=("accuracy",), split_rule="original",
+                kind="classification")
+
+
+def story(rng: random.Random, slots: dict[str, str]) -> str:
+    """One story holding every slot; sentence templates and the order of the middle sentences vary."""
+    girl = slots["name"] in GIRLS
+    fill = dict(slots, kind="girl" if girl else "boy", Pron="She" if girl else "He")
+    middle = [rng.choice(ANIMAL_LINES), rng.choice(PLACE_LINES)]
+    rng.shuffle(middle)
+    lines = [rng.choice(INTROS), *middle]
+    if rng.random() < 0.5:
+        lines.append(rng.choice(FEELING_LINES))
+    return " ".join(line.format(**fill) for line in lines)
+
+
+def story_rows(name: str, split: str, n: int | None = None) -> list[dict]:
+    """Rendered rows `{id, source, target}`; the answers cycle through the slot's words (balanced classes), the
+    other slots are drawn at random. Deterministic per (task, split); splits of one task never share a seed, and
+    different tasks draw different stories."""
+    slot = STORY_TASKS[name]
+    seed = sum(ord(c) * (i + 1) for i, c in enumerate(name)) * 1009 + SPLIT_SALT[split]
+    rng = random.Random(seed)
+    labels = SLOT_LABELS[slot]
+    rows = []
+    for i in range(n or SPLIT_SIZES[split]):
+        slots = {"name": rng.choice(GIRLS + BOYS), "animal": rng.choice(ANIMALS), "place": rng.choice(PLACES),
+                 "color": rng.choice(COLORS), "feeling": rng.choice(FEELINGS)}
+        slots[slot] = labels[i % len(labels)]
+        rows.append({"id": i, "source": f"story: {story(rng, slots)}", "target": slots[slot]})
+    rng.shuffle(rows)
+    return rows
