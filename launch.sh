@@ -145,7 +145,7 @@ check_hosts() {
         reason="${HOSTS[$i]} cannot see the working directory $PWD or the python $PY: every rank runs in the launching directory with the same python, so both must be on a filesystem all nodes share"
       else
         local why
-        why=$(grep -v '^[[:space:]]*$' "$dir/$i.err" | tail -n 1 || true)
+        why=$(tr -d '\r' < "$dir/$i.err" | grep -v '^[[:space:]]*$' | tail -n 1 || true)
         [[ $rc == 124 || $rc == 137 ]] && why="no answer within $((SSH_TIMEOUT + 5)) s"
         reason="host ${HOSTS[$i]} (HOSTFILE line ${LINENOS[$i]}) does not answer ssh within ${SSH_TIMEOUT} s: ${why:-ssh exited $rc}; check passwordless ssh to it (ssh -o BatchMode=yes ${HOSTS[$i]} true)"
       fi

@@ -9,7 +9,9 @@ The command line is `dept` (pipeline/cli.py). Importing this package imports not
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
+from pipeline._version import __version__
+
+__all__ = ["__version__", "load_dept"]
 
 
 def load_dept(model: str, adapter: str, device: str | None = None, seed: int = 42):

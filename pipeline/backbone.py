@@ -40,6 +40,12 @@ PRESETS: dict[str, dict] = {
                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
 }
 RANDOM_PREFIX = "random:"
+# Random presets small enough to build whole on one process are built once per (preset, seed, overrides) and saved
+# in the cache; every later load, sharded or not, reads that directory. Building under ZeRO-3 draws the random
+# numbers in another order than building whole, so without this an adapter trained under DeepSpeed would be scored
+# on a different random backbone by a one-process `dept evaluate`. Larger presets (benchmarks only) are built
+# directly, sharded under ZeRO-3, and never held whole.
+MATERIALIZED_PRESETS = ("tiny-t5", "tiny-llama", "t5-small", "t5-base")
 
 
 @dataclass
@@ -119,6 +125,9 @@ def load_backbone(
 
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
         raise PipelineError(f"model path {model!r} does not exist: pass an existing model directory")
+    name = model
+    if is_random(model) and model[len(RANDOM_PREFIX):] in MATERIALIZED_PRESETS:
+        model, overrides = str(materialized_random(model, seed, overrides, cache_dir)), None
     tokenizer = load_tokenizer(model, cache_dir)
     with sharded_construction(ds_config):
         if is_random(model):
@@ -143,7 +152,44 @@ def load_backbone(
     if dtype in (torch.bfloat16, torch.float16):
         column_major_output_grads(net)
     d_model = getattr(net.config, "d_model", None) or net.config.hidden_size
-    return Backbone(net, tokenizer, bool(net.config.is_encoder_decoder), int(d_model), model)
+    return Backbone(net, tokenizer, bool(net.config.is_encoder_decoder), int(d_model), name)
+
+
+def materialized_random(model: str, seed: int, overrides: dict | None, cache_dir: str | Path | None = None) -> Path:
+    """The saved directory of `random:<preset>` built whole with `seed` (built on first use; ranks racing to build
+    it write identical files, and the first rename wins)."""
+    import hashlib
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    import transformers
+
+    from pipeline.cache import cache_root
+
+    key = json.dumps([model, seed, overrides or {}, transformers.__version__.rsplit(".", 1)[0]], sort_keys=True)
+    root = Path(cache_dir) if cache_dir else cache_root()
+    target = root / "random-backbones" / f"{model[len(RANDOM_PREFIX):]}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(model, cache_dir)
+    special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = build_config(model, len(tokenizer), overrides, special)
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    torch.manual_seed(seed)
+    net = auto.from_config(config)
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    net.save_pretrained(work)
+    tokenizer.save_pretrained(work)
+    try:
+        os.rename(work, target)
+    except OSError:  # another rank or process finished first
+        shutil.rmtree(work, ignore_errors=True)
+    return target
 
 
 def column_major_output_grads(net: nn.Module) -> None:

@@ -20,8 +20,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from pipeline import __version__
+from pipeline._version import __version__
 from pipeline.config import (
+    FALSE_WORDS,
+    TRUE_WORDS,
     EvaluateArgs,
     ExportAdapterArgs,
     ImportAdapterArgs,
@@ -218,33 +220,37 @@ def parse(argv: list[str]) -> tuple[str, list[str], dict[str, str]]:
         raise SystemExit(print(help_text(name)) or 0)
     flags, positionals = known_flags(command)
     bools = {flag for flag, tp in flags.items() if tp is bool}
+    recipe_keys = list(RecipeSpec.__dataclass_fields__) if command.overrides else []
+
+    def check(key: str) -> None:
+        if key in flags or (command.overrides and ("." in key or key in recipe_keys)):
+            return  # recipe overrides are checked by the recipe loader, which names their path
+        raise PipelineError(f"{name}: unknown flag --{key}{did_you_mean(key, list(flags) + recipe_keys)} "
+                            f"(dept {name} --help lists the flags)")
+
     words, values, i = [], {}, 0
     while i < len(rest):
         word = rest[i]
         if word.startswith("--"):
             key, has_value, value = word[2:].partition("=")
             key = key.replace("-", "_") if "." not in key else key
+            check(key)
             if not has_value:
-                if key in bools and (i + 1 >= len(rest) or rest[i + 1].startswith("--") or
-                                     rest[i + 1].lower() not in ("true", "false", "yes", "no", "1", "0")):
-                    value = "true"
-                elif i + 1 < len(rest):
-                    value, i = rest[i + 1], i + 1
+                following = rest[i + 1] if i + 1 < len(rest) else None
+                if key in bools and (following is None or following.lower() not in TRUE_WORDS + FALSE_WORDS):
+                    value = "true"  # a bare boolean flag
+                elif following is not None:
+                    value, i = following, i + 1
                 else:
-                    raise PipelineError(f"--{key} needs a value")
+                    raise PipelineError(f"{name}: --{key} needs a value")
             values[key] = value
         elif "=" in word and command.overrides and not word.startswith("="):  # `train.steps=10`, torchtune style
             key, _, value = word.partition("=")
+            check(key)
             values[key] = value
         else:
             words.append(word)
         i += 1
-    recipe_keys = list(RecipeSpec.__dataclass_fields__) if command.overrides else []
-    for key in values:
-        if key in flags or (command.overrides and ("." in key or key in recipe_keys)):
-            continue  # recipe overrides are checked by the recipe loader, which names their path
-        raise PipelineError(f"{name}: unknown flag --{key}{did_you_mean(key, list(flags) + recipe_keys)} "
-                            f"(dept {name} --help lists the flags)")
     if len(words) > len(positionals):
         stray = words[len(positionals)]
         hint = " (did you mean --" + stray + "?)" if "=" in stray else ""

@@ -329,8 +329,7 @@ def build(cls, raw, path: str):
             value = coerce(raw[name], types_[name], where)
             minimum = spec.metadata.get("minimum")
             if minimum is not None and isinstance(value, (int, float)) and value < minimum:
-                bound = f"at least {minimum:g}" if minimum > 0 or isinstance(value, int) else f"at least {minimum:g}"
-                raise PipelineError(f"{where}: must be {bound}, got {value!r}")
+                raise PipelineError(f"{where}: must be at least {minimum:g}, got {value!r}")
             values[name] = value
         elif spec.default is MISSING and spec.default_factory is MISSING:
             raise PipelineError(f"{where}: required key is missing")
@@ -375,7 +374,11 @@ def from_flags(cls, flags: dict, path: str):
     for flag, value in flags.items():
         if flag not in leaves:
             raise PipelineError(f"--{flag}: unknown flag{did_you_mean(flag, leaves)}")
-        route, _, _ = leaves[flag]
+        route, spec, leaf_type = leaves[flag]
+        value = coerce(value, leaf_type, f"--{flag}")  # errors name the flag the user typed
+        minimum = spec.metadata.get("minimum")
+        if minimum is not None and isinstance(value, (int, float)) and value < minimum:
+            raise PipelineError(f"--{flag}: must be at least {minimum:g}, got {value!r}")
         node = nested
         for part in route[:-1]:
             node = node.setdefault(part, {})

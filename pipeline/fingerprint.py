@@ -21,6 +21,11 @@ from pipeline.config import JobConfig, to_dict
 
 NOT_RESULT_DEFINING = {("output_dir",), ("train", "log_every"), ("train", "save_every"), ("train", "keep_checkpoints"),
                        ("train", "comm_timeout_s"), ("data", "eval_batch_size"), ("data", "data_dir")}
+# Fields a method never reads: changing them does not change its result.
+UNUSED_BY = {"finetune": {("dept",), ("train", "lr_prompt"), ("train", "lr_lowrank"), ("init_adapter",),
+                          ("on_length_mismatch",)},
+             "pt": {("train", "lr"), ("train", "lr_lowrank"), ("save_model",)},
+             "dept": {("train", "lr"), ("save_model",)}}
 
 
 def code_version() -> str:
@@ -92,7 +97,7 @@ def _drop(config: dict, paths) -> dict:
 
 def job_fingerprint(cfg: JobConfig) -> tuple[str, dict]:
     """(digest, the fingerprinted record): compare records to name the keys that differ."""
-    record = {"config": _drop(to_dict(cfg), NOT_RESULT_DEFINING), "data": data_identity(cfg),
+    record = {"config": _drop(to_dict(cfg), NOT_RESULT_DEFINING | UNUSED_BY[cfg.method]), "data": data_identity(cfg),
               "model": _model_identity(cfg.model), "code": code_version()}
     if cfg.init_adapter and Path(cfg.init_adapter).is_dir():
         record["init_adapter"] = _folder_identity(Path(cfg.init_adapter), "adapter_model.*")

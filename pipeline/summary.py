@@ -17,7 +17,7 @@ def summarize(name: str, jobs: list, results: dict[str, dict]) -> dict:
     for job in jobs:
         result = results[job.key]
         if job.meta["type"] == "train":
-            sources.append({"stage": job.stage, "tasks": job.meta["tasks"], "test": result.get("test", {}),
+            sources.append({"stage": job.stage, "tasks": job.meta["tasks"], "test": _rounded(result.get("test", {})),
                             "best_step": result.get("best_step"), "final_loss": result.get("final_loss"),
                             "method": result.get("config", {}).get("method")})
             continue
@@ -35,9 +35,18 @@ def summarize(name: str, jobs: list, results: dict[str, dict]) -> dict:
     return summary
 
 
+def _rounded(metrics: dict) -> dict:
+    """Scores rounded to 2 decimals (percentages: 55.00000000000001 reads 55.0); counts as they are."""
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def _leaf(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
 def _metric_text(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()
-                     if isinstance(v, float) and k != "score" and not k.endswith(".score"))
+                     if isinstance(v, float) and _leaf(k) not in ("score", "n", "invalid"))
 
 
 def markdown(summary: dict) -> str:
@@ -68,14 +77,20 @@ def markdown(summary: dict) -> str:
 
 
 def aggregates(summary: dict) -> dict[str, float]:
-    """Parent-run metrics: `<target>.k<k>.<start>.mean|std` and each source stage's test metrics."""
+    """The parent run's metrics: `<target>.k<k>.<start>.mean|std` per transfer cell (prefixed `<stage>.` when a
+    recipe has several transfer stages) and each train stage's test scores as `<stage>.test_<metric>`. Names carry
+    no '/' (the MLflow UI would make chart sections of it)."""
     out = {}
+    stages = {row["stage"] for row in summary["transfer"]}
     for row in summary["transfer"]:
         if row["mean"] is not None:
             stem = f"{row['target']}.k{row['k']}.{row['start']}"
+            if len(stages) > 1:
+                stem = f"{row['stage']}.{stem}"
+            stem = stem.replace("/", "_")
             out[f"{stem}.mean"], out[f"{stem}.std"] = row["mean"], row["std"]
     for source in summary["sources"]:
         for key, value in source["test"].items():
-            if isinstance(value, float) and key != "score":
-                out[f"{source['stage']}.test_{key}"] = round(value, 2)
+            if isinstance(value, float) and _leaf(key) not in ("score", "n", "invalid"):
+                out[f"{source['stage']}.test_{key}".replace("/", "_")] = round(value, 2)
     return out

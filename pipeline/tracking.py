@@ -47,6 +47,7 @@ CONTEXTS = {"training": "training", "train": "training", "validation": "validati
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_KEY_LEN = 250
+FLUSH_EVERY_S = 10.0  # buffered training metrics reach MLflow at least this often
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.:/=+\-]{1,250}$")
 _BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
 _FILE_STORE_HINT = ("MLflow 3 refuses the plain file store (maintenance mode); use a database store such as "
@@ -171,15 +172,51 @@ def _name(key: str) -> str:
 
 
 def flatten_params(params: dict, prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}, "c": [1, 2]} -> {"a.b": "1", "c": "[1, 2]"}: what MLflow stores as params."""
+    """{"a": {"b": 1}, "c": [1, 2], "d": None} -> {"a.b": "1", "c": "[1, 2]"}: what MLflow stores as params.
+
+    None is left out (never the string "None"): an unset option is no parameter value.
+    """
     out: dict[str, str] = {}
     for key, value in params.items():
         name = f"{prefix}.{key}" if prefix else str(key)
+        if value is None:
+            continue
         if isinstance(value, dict) and value:
             out.update(flatten_params(value, name))
         else:
             out[_name(name)] = _param_value(value)
     return out
+
+
+def metric_name(key: str) -> str:
+    """A metric name the MLflow UI shows as one chart: no '/' (the UI would make a chart section of the prefix)."""
+    return _name(str(key).replace("/", "_"))
+
+
+def split_record(record: dict, invalid_curves: bool = False) -> tuple[dict[str, float], dict[str, str]]:
+    """A training-loop record as (metrics to plot, tags).
+
+    `step` is the x axis, not a metric. Counts that do not change over a run (`eval_n`, `test_n`, per task
+    `eval_<task>.n`) and the test split's invalid-output count become tags (`dept.test_n`, ...), as do
+    `eval_*invalid` counts unless `invalid_curves` (generation can produce invalid outputs, and fewer over training
+    is a curve worth seeing; label scoring never does). Scores (`eval_*`, `test_*`) are rounded to 4 decimals, so
+    55.00000000000001 reads 55.0. Non-numbers are dropped.
+    """
+    metrics: dict[str, float] = {}
+    tags: dict[str, str] = {}
+    for key, value in record.items():
+        if key == "step":
+            continue
+        number = _numeric(value)
+        if number is None:
+            continue
+        leaf = str(key).rsplit(".", 1)[-1].removeprefix("eval_").removeprefix("test_")
+        scored = str(key).startswith(("eval_", "test_"))
+        if scored and (leaf == "n" or (leaf == "invalid" and (key.startswith("test_") or not invalid_curves))):
+            tags[_name(f"dept.{metric_name(key)}")] = f"{number:g}"
+            continue
+        metrics[metric_name(key)] = round(number, 4) if scored and math.isfinite(number) else number
+    return metrics, tags
 
 
 def _numeric(value: Any) -> float | None:
@@ -199,10 +236,11 @@ def _check_key(key: str) -> str:
 
 
 def _rank_now() -> int:
-    """This process's rank: torch.distributed's when it is up, else the launcher's RANK variable, else 0."""
+    """This process's rank: the launcher's RANK variable when set (it equals torch.distributed's rank), else
+    torch.distributed's when it is up, else 0."""
     import sys
 
-    if "torch" in sys.modules:
+    if os.environ.get("RANK") is None and "torch" in sys.modules:
         import torch.distributed as dist
 
         from pipeline.distributed import rank
@@ -253,6 +291,7 @@ class Tracker:
         self.parent_id: str | None = None
         self._keys: dict[str, str] = {}  # dept.key -> run id, for runs opened by this tracker
         self._open: list[str] = []  # run ids opened by this tracker and not finished yet (children after parent)
+        self._streams: list[_MetricStream] = []  # callbacks with buffered metric points
 
     # -- plumbing
 
@@ -293,7 +332,29 @@ class Tracker:
                     f"restore it (`mlflow experiments restore --experiment-id {exp.experiment_id}`) or choose "
                     f"another experiment name")
             self._experiment_id = exp.experiment_id
+        self._check_artifact_location()
         return self._experiment_id
+
+    def _check_artifact_location(self) -> None:
+        """With a tracking server, artifacts must go through it (`mlflow-artifacts:`) or to a shared store (s3:,
+        gs:, ...): a local path of the server's machine is one the training machine writes to its own disk and no
+        other client can download from (MLflow then answers "No artifacts found")."""
+        if urllib.parse.urlparse(self.uri).scheme.lower() not in ("http", "https"):
+            return
+        location = self.client.get_experiment(self._experiment_id).artifact_location or ""
+        scheme = urllib.parse.urlparse(location).scheme.lower()
+        if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
+            raise PipelineError(
+                f"MLflow experiment {self.experiment!r} at {self.uri} stores artifacts at {location!r}, a path on "
+                f"the local disk, so adapters logged from here could not be downloaded from another machine: start "
+                f"the server with its artifact proxy (`mlflow server --serve-artifacts --artifacts-destination DIR`, "
+                f"the default since MLflow 2; no --default-artifact-root with a local path) and use a new experiment "
+                f"(--tracking.experiment=NAME): an experiment's artifact location cannot change")
+
+    def describe_experiment(self, description: str) -> None:
+        """The experiment's description in the UI (its `mlflow.note.content` tag); empty text changes nothing."""
+        if self.active and description and description.strip():
+            self.client.set_experiment_tag(self._experiment(), "mlflow.note.content", description.strip())
 
     @property
     def experiment_id(self) -> str | None:
@@ -471,6 +532,7 @@ class Tracker:
         if run_id == self.parent_id:
             to_close = [r for r in self._open if r != run_id] + [run_id]
         for rid in to_close:
+            self.flush(rid)
             self.client.set_terminated(rid, status=status)
             if rid in self._open:
                 self._open.remove(rid)
@@ -499,7 +561,7 @@ class Tracker:
         for key, value in metrics.items():
             number = _numeric(value)
             if number is not None:
-                items.append(Metric(_name(key), number, now, int(step)))
+                items.append(Metric(metric_name(key), number, now, int(step)))
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i:i + 1000])
 
@@ -547,27 +609,31 @@ class Tracker:
         self.client.log_inputs(run_id, datasets=[entity])
         return digest
 
-    def callback_for(self, run_id: str | None = None) -> Callable[[int, dict], None]:
-        """A `(step, metrics) -> None` for the training loop: logs the numeric metrics at that step.
+    def callback_for(self, run_id: str | None = None, invalid_curves: bool = False,
+                     flush_every_s: float = FLUSH_EVERY_S) -> Callable[[int, dict], None]:
+        """A `(step, record) -> None` for the training loop's callbacks: what `split_record` makes of each record.
 
-        A failing MLflow call is logged as a warning and does not stop training (a lost metric point costs less
-        than a lost run); parent/child/finish errors still raise.
+        Points are buffered and sent in batches (one request per `flush_every_s` seconds or 1000 points, and at
+        once for validation and test records), so logging every step costs little; `finish` and leaving the
+        `with` block send what is left. A failing MLflow call is logged as a warning and does not stop training (a
+        lost metric point costs less than a lost run); parent/child/finish errors still raise.
         """
         run_id = self._current(run_id)
         if not (self.active and run_id):
             return lambda step, metrics: None
-        failures = [0]
+        stream = _MetricStream(self, run_id, invalid_curves, flush_every_s)
+        self._streams.append(stream)
+        return stream
 
-        def callback(step: int, metrics: dict) -> None:
-            try:
-                self.log_metrics(metrics, step, run_id)
-            except Exception as exc:  # noqa: BLE001 -- see docstring
-                failures[0] += 1
-                if failures[0] <= 3 or math.log2(failures[0]).is_integer():
-                    log.warning("MLflow metric logging failed at step %s (%d failures so far): %s",
-                                step, failures[0], exc)
-
-        return callback
+    def flush(self, run_id: str | None = None) -> None:
+        """Send the metric points buffered for `run_id` (None: every run)."""
+        for stream in list(self._streams):
+            if run_id is None or stream.run_id == run_id:
+                stream.flush()
+                if run_id is not None:
+                    self._streams.remove(stream)
+        if run_id is None:
+            self._streams.clear()
 
     # -- context manager
 
@@ -578,9 +644,53 @@ class Tracker:
         if not self.active or not self._open:
             return
         status = "FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
+        try:
+            self.flush()  # the curve up to the failure is worth keeping
+        except Exception as err:  # noqa: BLE001 -- never hide the original exception
+            log.warning("could not send the last MLflow metrics: %s", err)
         for run_id in reversed(list(self._open)):
             try:
                 self.client.set_terminated(run_id, status=status)
             except Exception as err:  # noqa: BLE001 -- never hide the original exception
                 log.warning("could not mark MLflow run %s %s: %s", run_id, status, err)
         self._open.clear()
+
+
+class _MetricStream:
+    """One run's training-loop callback: records split into metrics and tags, buffered, sent in batches."""
+
+    def __init__(self, tracker: Tracker, run_id: str, invalid_curves: bool, flush_every_s: float):
+        self.tracker, self.run_id, self.invalid_curves = tracker, run_id, invalid_curves
+        self.flush_every_s = flush_every_s
+        self.points: list = []
+        self.tags: dict[str, str] = {}
+        self.sent_at = time.monotonic()
+        self.failures = 0
+
+    def __call__(self, step: int, record: dict) -> None:
+        from mlflow.entities import Metric
+
+        metrics, tags = split_record(record, self.invalid_curves)
+        now = int(time.time() * 1000)
+        self.points += [Metric(k, v, now, int(step)) for k, v in metrics.items()]
+        self.tags.update(tags)
+        evaluated = any(str(k).startswith(("eval_", "test_")) for k in record)
+        if evaluated or len(self.points) >= 1000 or time.monotonic() - self.sent_at >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if not (self.points or self.tags):
+            return
+        from mlflow.entities import RunTag
+
+        points, tags = self.points, self.tags
+        self.points, self.tags, self.sent_at = [], {}, time.monotonic()
+        try:
+            for i in range(0, max(len(points), 1), 1000):
+                batch_tags = [RunTag(k, v) for k, v in tags.items()] if i == 0 else []
+                self.tracker.client.log_batch(self.run_id, metrics=points[i:i + 1000], tags=batch_tags)
+        except Exception as exc:  # noqa: BLE001 -- see Tracker.callback_for
+            self.failures += 1
+            if self.failures <= 3 or math.log2(self.failures).is_integer():
+                log.warning("MLflow metric logging failed (%d points lost, %d failures so far): %s",
+                            len(points), self.failures, exc)

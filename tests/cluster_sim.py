@@ -24,18 +24,24 @@ whose hostnames do not resolve to the cluster network).
 
 Everything is created under a random id and removed on exit, even when the body raises: the processes of every
 node (`ip netns pids`), the namespaces (their veths go with them), the temporary directory, and /run/sshd when
-this harness created it. `missing()` says why a machine cannot host the simulation (not root, no ip / sshd /
+this harness created it. `WriteWatch(dir)` records which process (its RANK, its node) wrote which file under a
+directory, through the kernel's fanotify, whatever wrote it (Python, torch's C++ writer, safetensors' Rust).
+`missing()` says why a machine cannot host the simulation (not root, no ip / sshd /
 pdsh / ssh / ssh-keygen, no namespace support); tests skip with that reason.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -298,3 +304,93 @@ class SimCluster:
 
     def namespaces(self) -> list[str]:
         return list(self._namespaces)
+
+
+# ----------------------------------------------------------------------------------------------- who wrote what
+_FAN_CLOEXEC, _FAN_NONBLOCK = 0x1, 0x2
+_FAN_MARK_ADD, _FAN_MARK_REMOVE, _FAN_MARK_FILESYSTEM = 0x1, 0x2, 0x100
+_FAN_CLOSE_WRITE, _FAN_Q_OVERFLOW = 0x8, 0x4000
+_AT_FDCWD = -100
+_EVENT = struct.Struct("IBBHQii")  # struct fanotify_event_metadata
+
+
+class WriteWatch:
+    """Every file closed after writing under `root` while the watch runs: (path relative to root, pid, RANK of the
+    writing process or None, namespace of the node it ran in or None for the machine's own).
+
+    fanotify watches the whole filesystem holding `root` (a mount mark would miss the nodes' processes, whose
+    mount namespaces hold copies of the mounts); events outside `root` are dropped. Needs root.
+    """
+
+    def __init__(self, root: Path, nodes: list[Node] = ()):
+        self.root = os.path.realpath(root) + os.sep
+        self.namespaces = {f"net:[{os.stat(f'/run/netns/{n.ns}').st_ino}]": n.ns for n in nodes}
+        self.writes: list[tuple[str, int, str | None, str | None]] = []
+        self.overflow = False
+        self._stop = threading.Event()
+        self._fd = -1
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "WriteWatch":
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = libc.fanotify_init(_FAN_CLOEXEC | _FAN_NONBLOCK, os.O_RDONLY)
+        if self._fd < 0:
+            raise OSError(ctypes.get_errno(), "fanotify_init")
+        if libc.fanotify_mark(self._fd, _FAN_MARK_ADD | _FAN_MARK_FILESYSTEM, ctypes.c_uint64(_FAN_CLOSE_WRITE),
+                              _AT_FDCWD, self.root.encode()) != 0:
+            err = ctypes.get_errno()
+            os.close(self._fd)
+            raise OSError(err, "fanotify_mark")
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.2)  # events of the last closes
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        os.close(self._fd)
+
+    def _read(self) -> None:
+        while True:
+            ready, _, _ = select.select([self._fd], [], [], 0.1)
+            if not ready:
+                if self._stop.is_set():
+                    return
+                continue
+            try:
+                buf = os.read(self._fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            offset = 0
+            while offset + _EVENT.size <= len(buf):
+                length, _, _, _, mask, fd, pid = _EVENT.unpack_from(buf, offset)
+                offset += length
+                if mask & _FAN_Q_OVERFLOW:
+                    self.overflow = True
+                if fd < 0:
+                    continue
+                try:
+                    path = os.readlink(f"/proc/self/fd/{fd}")
+                finally:
+                    os.close(fd)
+                if not path.startswith(self.root):
+                    continue
+                self.writes.append((path[len(self.root):], pid, *self._who(pid)))
+
+    def _who(self, pid: int) -> tuple[str | None, str | None]:
+        rank = ns = None
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = next((e[5:].decode() for e in environ if e.startswith(b"RANK=")), None)
+            ns = self.namespaces.get(os.readlink(f"/proc/{pid}/ns/net"))
+        except OSError:
+            pass
+        return rank, ns
+
+    def by_rank(self) -> dict[str | None, set[str]]:
+        out: dict[str | None, set[str]] = {}
+        for path, _, rank, _ in self.writes:
+            out.setdefault(rank, set()).add(path)
+        return out

@@ -23,6 +23,10 @@ def _cache(tmp_path_factory):
     os.environ.setdefault("DEPT_CACHE", str(tmp_path_factory.mktemp("dept-cache")))
 
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                      "CROSS_RANK", "CROSS_SIZE")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -32,7 +36,8 @@ def free_port() -> int:
 def run(args: list[str], nproc: int = 1, launcher: str = "python", env: dict | None = None, timeout: int = 600,
         check: bool = True) -> subprocess.CompletedProcess:
     """Run `dept ARGS` as a user would: one plain process, or `launch.sh` with the deepspeed launcher / torchrun."""
-    full_env = {**os.environ, "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1", **(env or {})}
+    inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}  # an in-process group's
+    full_env = {**inherited, "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1", **(env or {})}
     if launcher == "python":
         cmd = [sys.executable, "-m", "pipeline.cli", *args]
     else:
@@ -102,3 +107,12 @@ def shipped_data() -> Path:
     if not SHIPPED_DATA.is_dir():
         pytest.skip(f"real task data not found at {SHIPPED_DATA}: set DEPT_DATA_DIR (default ../shared/data)")
     return SHIPPED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_process_group():
+    """A one-rank process group for in-process engine tests. It stays up for the session: DeepSpeed keeps its
+    communication backend once created. `run` strips the launcher variables it sets from subprocesses."""
+    from pipeline.engine import init_distributed
+
+    init_distributed()

@@ -1,28 +1,110 @@
-"""`dept bench`: the compare table on a tiny geometry, end to end in a subprocess (real DeepSpeed engine, real RTE
-lengths, PEFT reference, MLflow), and its --help."""
+"""`dept bench`: its flags (derived from BenchArgs, presets, one-line refusals), the rows it plans, that it is a
+client of the library (no DeepSpeed names, no torch at import), and end to end in a subprocess: the compare table
+on a tiny geometry (real engine, real RTE lengths, PEFT reference, MLflow) and the 2-rank scale run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
+import subprocess
+import sys
 
 import pytest
-from conftest import run
+from conftest import REPO, run
 
+from pipeline.bench import bench_flags
+from pipeline.bench.settings import PRESETS, REFS, BenchArgs, bench_args, with_model_overrides
+from pipeline.bench.variants import plan_variants
 from pipeline.dept import count_trainable, rank_for_budget
+from pipeline.errors import PipelineError
 
 MEASURED = ("step_s", "step_min_s", "step_max_s", "tokens_per_s", "step_tensor_peak_mb", "rss_peak_mb", "infer_s",
             "epoch_s", "enc_tokens")
 
 
-def test_bench_help_documents_the_flags():
+def test_bench_help_is_derived_from_bench_args():
+    """Every BenchArgs field is a flag of `dept bench --help` with its own help text; the presets are listed."""
     proc = run(["bench", "--help"])
-    text = proc.stdout + proc.stderr
-    for flag in ("--preset", "--mode", "--model", "--ms", "--pt_tokens", "--max_length", "--batch_size", "--steps",
-                 "--warmup", "--lengths", "--refs", "--output_dir", "--ds_config", "--mlflow_uri", "--seed",
-                 "--hidden", "--layers", "--intermediate"):
-        assert flag in text, f"{flag} missing from dept bench --help"
-    assert "paper" in text and "scale" in text and "rank_for_budget" in text
+    text = proc.stdout
+    for spec in dataclasses.fields(BenchArgs):
+        line = next((x for x in text.splitlines() if x.strip().startswith(f"--{spec.name} ")), None)
+        assert line is not None, f"--{spec.name} missing from dept bench --help"
+        assert spec.metadata["help"][:40] in line, spec.name
+    assert "rank_for_budget" in text and "compare | scale" in text
+    for preset in PRESETS:
+        assert f"  {preset} " in text, preset
+    flags = bench_flags()
+    assert list(flags) == [f.name for f in dataclasses.fields(BenchArgs)]
+    assert flags["group_by_length"] is bool and flags["memory_profile"] is bool  # bare --flag on the command line
+
+
+def test_bench_presets_yield_to_explicit_flags_and_set_mode_defaults():
+    paper = bench_args({"preset": "paper", "batch_size": "4", "ms": "40,60"})  # strings, as the command line gives
+    assert (paper.batch_size, paper.ms, paper.grad_accum, paper.model) == (4, [40, 60], 4, "random:t5-base")
+    assert paper.refs == list(REFS) and paper.ds_config == "zero3_cpu"
+    scale = bench_args({"preset": "scale-dev", "layers": 2, "ms": (8, 16)})  # fire's parsed values work too
+    assert (scale.mode, scale.hidden, scale.layers, scale.ms) == ("scale", 256, 2, [8])  # scale keeps the first m
+    assert (scale.ds_config, scale.refs, scale.batch_size, scale.max_length) == ("zero3_cpu_bf16", [], 0, 64)
+    assert bench_args({"mode": "scale", "refs": "bare"}).refs == ["bare"]
+    assert bench_args({"refs": "none"}).refs == [] and bench_args({"refs": "all"}).refs == list(REFS)
+    assert bench_args({}).mode == "compare" and bench_args({}).ms == [0, 20, 40, 60, 80, 100]
+    for name in PRESETS:  # every preset is a valid setting
+        assert bench_args({"preset": name}).preset == name
+
+
+def test_bench_model_overrides_follow_the_architecture():
+    llama = with_model_overrides(bench_args({"mode": "scale", "model": "random:tiny-llama", "hidden": 256,
+                                             "overrides": '{"num_key_value_heads": 1}'}))
+    assert llama.overrides == {"hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1}
+    t5 = with_model_overrides(bench_args({"model": "random:tiny-t5", "hidden": 128, "layers": 3}))
+    assert t5.overrides == {"d_model": 128, "num_layers": 3, "num_decoder_layers": 3, "num_heads": 2, "d_kv": 64}
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"ms": "0,120", "pt_tokens": 100}, "every m in --ms must lie in 0..l"),
+    ({"preset": "papr"}, "did you mean 'paper'"),
+    ({"refs": "bare,nope"}, "refs[1]: 'nope' is not one of"),
+    ({"refs": "none,bare"}, "all and none stand alone"),
+    ({"steps": "0"}, "steps: must be at least 1"),
+    ({"mode": "scale", "grad_accum": 2}, "leave --grad_accum at 1"),
+    ({"hidden": 64, "model": "./my-model"}, "--hidden needs a random:<preset> model"),
+    ({"ds_config": "zero9"}, "neither a shipped DeepSpeed config"),
+    ({"batch_size": 0}, "--batch_size must be at least 1 in compare mode"),
+    ({"lenghts": "rte"}, "did you mean 'lengths'"),
+])
+def test_bench_args_refuse_bad_values_in_one_line(flags, message):
+    with pytest.raises(PipelineError, match=re.escape(message)) as caught:
+        bench_args(flags)
+    assert "\n" not in str(caught.value)
+
+
+def test_bench_plans_budget_rows_then_reference_rows():
+    rows = plan_variants(bench_args({"ms": "40,100", "max_length": 48, "lengths": "rte"}), d_model=64)
+    r = rank_for_budget(100, 40, 48, 64)
+    assert [v.key for v in rows] == [f"dept_m40_r{r}", "pt_l100", "pt_l100_pad48", "bare_p40", "bare_p100",
+                                     "eager_bare_p100", "eager_pt_l100", "peft_pt_l100"]
+    assert [v.loop for v in rows[-3:]] == ["eager", "eager", "peft"]
+    padded = plan_variants(bench_args({"ms": "60", "refs": "padded,bare"}), d_model=768)
+    assert [v.key for v in padded] == ["dept_m60_r30", "bare_p60"]  # inputs padded to s already: no padded row
+    with pytest.raises(PipelineError, match="nothing to train"):
+        plan_variants(bench_args({"ms": "0", "pt_tokens": 1}), d_model=64)
+
+
+def test_importing_the_bench_package_imports_no_torch():
+    code = "import sys, pipeline.bench; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_bench_source_names_no_deepspeed_internals():
+    """The bench is a client of the library: DeepSpeed is reached only through pipeline.engine."""
+    forbidden = re.compile(r"deepspeed|ds_numel|ds_tensor|ds_id|GatheredParameters")
+    files = sorted((REPO / "pipeline" / "bench").glob("**/*.py"))
+    assert len(files) >= 8
+    hits = [f"{path.name}:{n}: {line.strip()}" for path in files
+            for n, line in enumerate(path.read_text().splitlines(), 1) if forbidden.search(line)]
+    assert not hits, hits
 
 
 @pytest.mark.slow

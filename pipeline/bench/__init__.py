@@ -1,7 +1,7 @@
 """`dept bench`: what DePT's shorter prompt buys in step time, memory and inference, measured on the real step.
 
 A client of the library: backbones from `pipeline.backbone`, the DePT module from `pipeline.model`/`pipeline.dept`,
-the DeepSpeed side only through `pipeline.engine` (no DeepSpeed name appears in this package), data from
+DeepSpeed only through `pipeline.engine` (this package imports no DeepSpeed module, reads no attribute of it), data from
 `pipeline.data`/`pipeline.tasks`, MLflow through `pipeline.tracking`.
 
 Honest timing on a noisy machine: every configuration runs inside one process on one set of weights, and the

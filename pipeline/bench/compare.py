@@ -20,6 +20,7 @@ from pipeline.bench.compare_report import compare_markdown, compare_report, plot
 from pipeline.bench.inputs import Batches, tokenized_rows
 from pipeline.bench.loops import (
     EngineLoop,
+    PlainLoop,
     PromptSwitch,
     bench_engine,
     engine_prompts,
@@ -41,7 +42,7 @@ class Bench:
 
     args: BenchArgs
     variants: list[Variant]
-    loops: dict  # Variant.loop -> EngineLoop | PlainLoop
+    loops: dict[str, EngineLoop | PlainLoop]  # by Variant.loop
     batches: Batches
     rank: int
     world: int

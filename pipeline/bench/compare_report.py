@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,12 +57,16 @@ def merge_ranks(variants: list[Variant], per_rank: list[dict]) -> None:
         v.real_tokens = [sum(r["real"][v.key][i] for r in per_rank) for i in range(len(v.real_tokens))]
 
 
+@dataclass
 class References:
     """The rows others are compared with: PT l through the engine, bare at each length, the no-engine rows."""
 
-    def __init__(self, l: int, pt, bare, eager_pt, eager_bare, peft):
-        self.l = l
-        self.pt, self.bare, self.eager_pt, self.eager_bare, self.peft = pt, bare, eager_pt, eager_bare, peft
+    l: int
+    pt: Variant | None
+    bare: dict[int, Variant]
+    eager_pt: Variant | None
+    eager_bare: Variant | None
+    peft: Variant | None
 
     @classmethod
     def find(cls, args: BenchArgs, variants: list[Variant]) -> References:
@@ -74,13 +79,13 @@ class References:
         return cls(l, pt, bare, by_key.get(f"eager_pt_l{l}"), by_key.get(f"eager_bare_p{l}"),
                    by_key.get(f"peft_pt_l{l}"))
 
-    def time_base(self, v: Variant):
+    def time_base(self, v: Variant) -> Variant | None:
         """What `time / PT l` divides by: PT l (or bare L+l for bare rows), on the row's own harness."""
         if v.harness == "eager":
             return self.eager_pt if v.kind != "bare" else self.eager_bare
         return self.bare.get(self.l) if v.kind == "bare" else self.pt
 
-    def same_length_bare(self, v: Variant):
+    def same_length_bare(self, v: Variant) -> Variant | None:
         """The bare backbone at the row's total input length, on the row's own harness."""
         return self.eager_bare if v.harness == "eager" and v.kind != "bare" else self.bare.get(v.m)
 

@@ -56,7 +56,6 @@ class MemorySampler:
             self.sample()
 
 
-
 # ---- Accelerator memory and synchronisation, by torch.accelerator on the engine's device. Candidates for
 # pipeline.engine (next to peak_memory_mb), so that every accelerator call has one home: see synchronize,
 # reset_peak_memory, memory_allocated_mb and device_memory_mb below.
@@ -118,18 +117,23 @@ def tensor_peak(step: Callable[[], object], device: torch.device) -> tuple[float
     return peak / 2**20, None
 
 
-def measured(call: Callable[[], object], sampler: MemorySampler, label: str,
-             device: torch.device) -> tuple[float, object]:
-    """(seconds, result) of `call()`, the accelerator synchronised on both sides; the RSS sampler files what it
-    sees meanwhile under `label`."""
-    sampler.label = label
+def timed(call: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """(seconds, result) of `call()`, the accelerator synchronised on both sides."""
     synchronize(device)
     start = time.perf_counter()
     result = call()
     synchronize(device)
-    seconds = time.perf_counter() - start
-    sampler.label = "between"
-    return seconds, result
+    return time.perf_counter() - start, result
+
+
+def measured(call: Callable[[], object], sampler: MemorySampler, label: str,
+             device: torch.device) -> tuple[float, object]:
+    """`timed(call)`, the RSS sampler filing what it sees meanwhile under `label` (then under "between")."""
+    sampler.label = label
+    try:
+        return timed(call, device)
+    finally:
+        sampler.label = "between"
 
 
 def summary(values: list[float]) -> dict:
@@ -140,11 +144,9 @@ def summary(values: list[float]) -> dict:
             "mean": statistics.fmean(finite), "n": len(finite)}
 
 
-
 def paired(a: list[float], b: list[float]) -> dict:
     """Ratios a_i / b_i of steps taken in the same round (side by side), summarised."""
     return summary([x / y for x, y in zip(a, b) if y])
-
 
 
 def rss_mb() -> float:

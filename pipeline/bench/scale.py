@@ -17,7 +17,7 @@ from pipeline import distributed, engine
 from pipeline.backbone import Backbone, load_backbone
 from pipeline.bench.inputs import tokenized_rows
 from pipeline.bench.loops import bench_engine, training_ds_config
-from pipeline.bench.measure import MemorySampler, device_memory_mb, measured, reset_peak_memory, rss_mb, summary
+from pipeline.bench.measure import MemorySampler, device_memory_mb, reset_peak_memory, rss_mb, summary, timed
 from pipeline.bench.output import count_label, fmt, settings_record, track, write_outputs
 from pipeline.bench.settings import BenchArgs
 from pipeline.data import collate
@@ -98,8 +98,8 @@ def take_steps(args: BenchArgs, built: Sharded, rows: list[dict], sampler: Memor
         first = (step * args.batch_size + rank * micro) % max(len(rows) - micro, 1)
         batch = collate(rows[first:first + micro], backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder,
                         args.max_length)
-        label = "warm-up" if step < args.warmup else "steps"
-        seconds, loss = measured(partial(one_step, trainer, batch), sampler, label, trainer.device)
+        sampler.label = "warm-up" if step < args.warmup else "steps"  # one label a phase: the plot marks each
+        seconds, loss = timed(partial(one_step, trainer, batch), trainer.device)
         if step >= args.warmup:
             times.append(seconds)
             losses.append(loss)
@@ -164,9 +164,9 @@ def scale_notes(result: dict, on_cpu: bool) -> list[str]:
         "step and pages the allocator keeps after freeing them; sampled RSS = the highest 50 ms sample.",
         "system peak used = total RAM - the lowest available memory seen by any rank during the run "
         "(system-wide: other processes on the machine count too); headroom = that lowest available memory.",
-        "load s = building the backbone already sharded (HfDeepSpeedConfig alive, from_config) and the DePT module; "
-        "engine init s = building the training engine (`engine.Engine`: DeepSpeed's initialize); step s = forward + backward + optimizer step, median over the timed "
-        "steps (slowest rank per step), after the warm-up steps.",
+        "load s = building the backbone already sharded (`engine.sharded_construction`, from_config) and the DePT "
+        "module; engine init s = building the training engine (`engine.Engine`); step s = forward + backward + "
+        "optimizer step, median over the timed steps (slowest rank per step), after the warm-up steps.",
         "To find the largest size that fits, raise --hidden / --layers / --intermediate until headroom nears 0 "
         "(keep ~1 GB spare: the OS and the launcher need some).",
     ] + ([] if on_cpu else ["accelerator: alloc peak = max_memory_allocated per rank; headroom on the device = "

@@ -132,7 +132,8 @@ class BenchArgs:
                 raise PipelineError("scale mode takes one micro-batch per step: leave --grad_accum at 1")
         resized = [f"--{name}" for name in ("hidden", "layers", "intermediate", "heads") if getattr(self, name)]
         if resized and not self.model.startswith(RANDOM_PREFIX):
-            raise PipelineError(f"{'/'.join(resized)} need a random:<preset> model; use --overrides with the "
+            verb = "needs" if len(resized) == 1 else "need"
+            raise PipelineError(f"{'/'.join(resized)} {verb} a random:<preset> model; use --overrides with the "
                                 "config's own field names for a model directory")
         ds_config_path(self.ds_config)  # a missing file is refused now, not after the backbone is built
 
@@ -151,9 +152,9 @@ def bench_args(flags: dict) -> BenchArgs:
     """BenchArgs from `dept bench` flags (strings from the command line, or Python values): explicit flags win
     over the preset's values, the preset's over the mode's defaults."""
     types = field_types(BenchArgs)
-    preset = coerce(flags.get("preset") or None, types["preset"], "bench.preset")
-    chosen = {**PRESETS.get(preset, {}), **flags}
-    mode = coerce(chosen.get("mode", "compare"), types["mode"], "bench.mode")
+    preset = coerce(flags.get("preset") or None, types["preset"], "--preset")
+    chosen = {**PRESETS.get(preset, {}), **flags, "preset": preset}
+    mode = coerce(chosen.get("mode", "compare"), types["mode"], "--mode")
     defaults = dict(SCALE_DEFAULTS) if mode == "scale" else {"refs": _default_refs()}
     return from_flags(BenchArgs, {**defaults, **chosen}, "bench")
 

@@ -16,7 +16,9 @@ another slot from k examples. Rows are generated deterministically per (task, sp
 from __future__ import annotations
 
 import random
+from functools import partial
 
+from pipeline.errors import PipelineError
 from pipeline.tasks.task import Task
 
 GIRLS = ("Lily", "Sue", "Anna", "Mia")
@@ -46,10 +48,13 @@ SPLIT_SALT = {"train": 1, "validation": 2, "test": 3}
 
 
 def story_task(name: str) -> Task:
-    """The `Task` of a stories task: classification over its slot's words, accuracy, the rows' own splits."""
+    """The registered `Task` of a stories task: classification over its slot's words, accuracy, rows generated
+    per split (train/validation/test), no files, no hub."""
+    if name not in STORY_TASKS:
+        raise PipelineError(f"unknown stories task {name!r}: choose one of {', '.join(STORY_TASKS)}")
     return Task(name=name, hub_path=None, hub_config=None, input_fields=("story",), label_column="label",
                 labels=SLOT_LABELS[STORY_TASKS[name]], metrics=("accuracy",), split_rule="original",
-                kind="classification")
+                kind="classification", generate=partial(story_rows, name))
 
 
 def story(rng: random.Random, slots: dict[str, str]) -> str:

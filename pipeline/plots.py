@@ -1,0 +1,127 @@
+"""Pictures of a recipe's results: `summary.png` next to `summary.md`, and each job's `curves.png`.
+
+    summary.png  train stages: training loss and validation score against step; each transfer stage: test score
+                 against k, from the source adapter and from scratch, mean with error bars (std over seeds)
+    curves.png   one job: loss, learning rate of each parameter group (relative to its peak, so warm-up then decay
+                 reads the same for a 0.3 prompt rate and a 1e-4 low-rank one), validation score (best step marked)
+
+The look follows `dept bench`'s plots (pipeline/bench/compare_report.py): matplotlib's Agg backend and default style,
+light grids, small legends, 110 dpi. matplotlib is imported inside the functions, only when a picture is drawn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DPI = 110
+START_STYLE = {"source": ("o-", "source adapter"), "scratch": ("s--", "from scratch")}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _finish(fig, axes, path: Path) -> Path:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def plot_job(result: dict, title: str, path: str | Path) -> Path:
+    """A job's `curves.png` from its results (`history`: the logged training records, `evals`: validations)."""
+    plt = _pyplot()
+    history, evals = result.get("history") or [], result.get("evals") or []
+    fig, (ax_loss, ax_lr, ax_val) = plt.subplots(1, 3, figsize=(13, 3.6))
+    steps, losses = _series(history, "loss")
+    ax_loss.plot(steps, losses, ".-", label="training loss (mean over the logging window)")
+    ax_loss.set(xlabel="step", ylabel="loss", title="loss")
+    groups = sorted({k for r in history for k in r if k.startswith("lr_")})
+    for key in groups:
+        xs, ys = _series(history, key)
+        peak = max(ys, default=0.0)
+        ax_lr.plot(xs, [y / peak if peak else 0.0 for y in ys], ".-", label=f"{key[3:]} (peak {peak:.3g})")
+    ax_lr.set(xlabel="step", ylabel="learning rate / its peak", title="learning rate", ylim=(0, 1.08))
+    xs, ys = _series(evals, "score")
+    if xs:
+        ax_val.plot(xs, ys, "o-", label="validation score")
+        best = result.get("best_step")
+        if best in xs:
+            ax_val.plot([best], [ys[xs.index(best)]], "*", markersize=12, label=f"best step {best}")
+        test = result.get("test_score")
+        if isinstance(test, (int, float)) and best is not None:
+            ax_val.plot([best], [test], "D", label=f"test at best step: {test:.1f}")
+    else:
+        ax_val.text(0.5, 0.5, "no validation", ha="center", va="center", transform=ax_val.transAxes, color="grey")
+    ax_val.set(xlabel="step", ylabel="score", title="validation")
+    fig.suptitle(title, fontsize=10)
+    try:
+        return _finish(fig, (ax_loss, ax_lr, ax_val), path)
+    finally:
+        plt.close(fig)
+
+
+def plot_summary(summary: dict, train_results: dict[str, dict], path: str | Path) -> Path:
+    """A recipe's `summary.png`: `summary` from `pipeline.summary.summarize`, `train_results[stage]` the results of
+    each train stage's job (their `history` and `evals`)."""
+    plt = _pyplot()
+    transfer_stages = list(dict.fromkeys(row["stage"] for row in summary["transfer"]))
+    panels = (2 if train_results else 0) + len(transfer_stages)
+    if panels == 0:
+        raise ValueError("nothing to plot: the summary has neither train nor transfer stages")
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.0), squeeze=False)
+    axes = list(axes[0])
+    used = []
+    if train_results:
+        ax_loss, ax_val = axes[0], axes[1]
+        for stage, result in train_results.items():
+            xs, ys = _series(result.get("history") or [], "loss")
+            ax_loss.plot(xs, ys, ".-", label=stage)
+            xs, ys = _series(result.get("evals") or [], "score")
+            if xs:
+                ax_val.plot(xs, ys, "o-", label=stage)
+        ax_loss.set(xlabel="step", ylabel="training loss", title="train stages: loss")
+        ax_val.set(xlabel="step", ylabel="validation score", title="train stages: validation")
+        used += [ax_loss, ax_val]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, stage in zip(axes[len(used):], transfer_stages):
+        rows = [r for r in summary["transfer"] if r["stage"] == stage and r["mean"] is not None]
+        targets = list(dict.fromkeys(r["target"] for r in rows))
+        ks = sorted({r["k"] for r in rows})
+        for i, target in enumerate(targets):
+            for start, (style, label) in START_STYLE.items():
+                series = sorted((r for r in rows if r["target"] == target and r["start"] == start),
+                                key=lambda r: r["k"])
+                if not series:
+                    continue
+                ax.errorbar([r["k"] for r in series], [r["mean"] for r in series], yerr=[r["std"] for r in series],
+                            fmt=style, capsize=3, color=colors[i % len(colors)], label=f"{target}, {label}")
+        if len(ks) > 1:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        n = sorted({r["n"] for r in rows})
+        seeds = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
+        ax.set(xlabel="k (training examples)", ylabel=f"test score, mean +- std over {seeds} seed(s)",
+               title=f"{stage}: score against k")
+        used.append(ax)
+    fig.suptitle(summary["recipe"], fontsize=10)
+    try:
+        return _finish(fig, used, path)
+    finally:
+        plt.close(fig)

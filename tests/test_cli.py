@@ -1,0 +1,98 @@
+"""The command line is derived from the typed configuration: the same names everywhere, strict before anything runs
+(unknown flags, stray words, bad values: one line, exit 2), help and version (fast, in-process)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pipeline.cli import COMMANDS, CLI_ONLY_TRAIN, known_flags, main
+from pipeline.config import DataArgs, DeptArgs, JobConfig, RecipeSpec, StageSpec, TrainArgs, flag_name
+
+ALIASES = {"lora_rank": "r", "task": "tasks", "custom_task": "tasks", "mode": "eval_mode"}  # documented in --help
+
+
+def names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_train_flags_recipe_keys_and_config_fields_are_one_set():
+    flags, _ = known_flags(COMMANDS["train"])
+    fields = names(DeptArgs) | names(TrainArgs) | names(DataArgs) | (names(JobConfig) - {"dept", "train", "data"})
+    as_fields = {ALIASES.get(f, f) for f in flags} - set(CLI_ONLY_TRAIN)
+    assert as_fields == fields
+    # a recipe spells the same fields: run-level keys at the top or in a stage, the rest in its sections
+    run_level = names(JobConfig) - {"dept", "train", "data"}
+    recipe_run_keys = (names(RecipeSpec) | names(StageSpec)) & run_level
+    assert recipe_run_keys == run_level - {"output_dir"} | {"output_dir"}
+    assert {"dept", "train", "data"} <= names(RecipeSpec) & names(StageSpec)
+
+
+def test_every_alias_is_documented_in_help(capsys):
+    assert main(["train", "--help"]) == 0
+    shown = capsys.readouterr().out
+    for spec in dataclasses.fields(DeptArgs):
+        assert f"--{flag_name(spec)}" in shown
+    assert "--lora_rank" in shown and "recipe key r" in shown and "--custom_task" in shown
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command, capsys):
+    assert main([command, "--help"]) == 0 and main([command, "-h"]) == 0
+    assert "usage: dept" in capsys.readouterr().out
+
+
+def test_version_and_overview(capsys):
+    from pipeline import __version__
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"dept-pipeline {__version__}"
+    assert main([]) == 0 and "commands:" in capsys.readouterr().out
+
+
+TRAIN = ["train", "--model", "random:tiny-t5", "--task", "rte", "--output_dir"]
+BAD = {
+    "typo'd flag": (["--learning_rate", "1e-4"], "unknown flag --learning_rate"),
+    "near miss": (["--lr_promt", "0.1"], "did you mean 'lr_prompt'?"),
+    "stray word": (["steps=10"], "unexpected word 'steps=10' (did you mean --steps=10?)"),
+    "not a number": (["--steps", "ten"], "error: --steps: expected an integer, got 'ten'"),
+    "bad choice": (["--prompt_init", "TXT"], "'TXT' is not one of TEXT, VOCAB, RANDOM (did you mean 'TEXT'?)"),
+    "bad eval mode": (["--eval_mode", "scor"], "(did you mean 'score'?)"),
+    "negative rate": (["--lr_prompt", "-0.1"], "--lr_prompt: must be at least 0, got -0.1"),
+    "warmup never ends": (["--steps", "30"], "warmup_steps 500 >= steps 30"),
+    "r with budget": (["--lora_rank", "4", "--budget_tokens", "100"], "give r (4) or budget_tokens (100), not both"),
+    "pt with r": (["--method", "pt", "--lora_rank", "4"], "method pt is prompt tuning without a low-rank pair"),
+    "unknown command flag value": (["--on_nonfinite", "ignore"], "'ignore' is not one of stop, skip"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_flags_are_refused_before_anything_runs(case, tmp_path, capsys):
+    extra, expected = BAD[case]
+    out = tmp_path / "out"
+    assert main([*TRAIN, str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_run_accepts_key_value_words_and_refuses_unknown_keys(tmp_path, capsys):
+    assert main(["run", "quickstart", "train.steps=3", "train.warmup_steps=1", "--dry_run"]) == 0
+    assert "steps=3" in capsys.readouterr().out
+    assert main(["run", "quickstart", "train.stpes=3", "--dry_run"]) == 2
+    assert "recipe.train.stpes: unknown key (did you mean 'steps'?)" in capsys.readouterr().err
+    assert main(["run", "quickstart", "--dry_runn"]) == 2
+    assert "did you mean 'dry_run'?" in capsys.readouterr().err
+    assert main(["run", "quickstart", "extra", "--dry_run"]) == 2
+    assert "unexpected word 'extra'" in capsys.readouterr().err
+
+
+def test_unknown_command_is_refused(capsys):
+    assert main(["trian"]) == 2
+    assert "did you mean 'train'?" in capsys.readouterr().err
+
+
+def test_a_batch_the_ranks_cannot_split_is_refused_at_planning(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main(["run", "quickstart", "--dry_run"]) == 2
+    assert "not divisible by world size 3" in capsys.readouterr().err
