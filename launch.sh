@@ -111,6 +111,7 @@ else
   # No GPU: DeepSpeed's CPU accelerator, gloo backend. The launcher does not limit threads per rank.
   export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
   NPROC=${NPROC:-2}
+  [[ $NPROC =~ ^[0-9]+$ ]] && (( NPROC > 0 )) || die "NPROC must be a positive number of ranks, got $NPROC"
   local_ranks=$NPROC
   if (( ${#HOSTS[@]} > 0 )) && [[ $LAUNCHER == deepspeed ]]; then
     local_ranks=${SLOTS[${NODE_RANK:-0}]}
@@ -142,7 +143,7 @@ check_hosts() {
     [[ $rc == 0 ]] && continue
     if [[ -z $failed ]]; then
       if [[ $rc == 97 ]]; then
-        reason="${HOSTS[$i]} cannot see the working directory $PWD or the python $PY: every rank runs in the launching directory with the same python, so both must be on a filesystem all nodes share"
+        reason="host ${HOSTS[$i]} (HOSTFILE line ${LINENOS[$i]}) cannot see the working directory $PWD or the python $PY: every rank runs in the launching directory with the same python, so both must be on a filesystem all nodes share"
       else
         local why
         why=$(tr -d '\r' < "$dir/$i.err" | grep -v '^[[:space:]]*$' | tail -n 1 || true)

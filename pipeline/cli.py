@@ -60,13 +60,15 @@ def run(recipe: str = "quickstart", **flags) -> None:
 def train(**flags) -> None:
     from pipeline import distributed
     from pipeline.job import run_job
+    from pipeline.preflight import check_job
 
     overwrite = coerce(flags.pop("overwrite", False), bool, "--overwrite")
     if "custom_task" in flags:
         if "task" in flags:
             raise PipelineError("give --task or --custom_task, not both")
         flags["task"] = [_custom_task(flags.pop("custom_task"))]
-    cfg = from_flags(JobConfig, flags, "train")
+    cfg = from_flags(JobConfig, flags, "")
+    check_job(cfg)
     prepare_output_dir(cfg, overwrite)
     result = run_job(cfg)
     if distributed.rank() == 0:
@@ -82,7 +84,7 @@ def evaluate(**flags) -> None:
     from pipeline import distributed
     from pipeline.inference import evaluate_adapter
 
-    metrics = evaluate_adapter(from_flags(EvaluateArgs, flags, "evaluate"))
+    metrics = evaluate_adapter(from_flags(EvaluateArgs, flags, ""))
     if distributed.rank() == 0:
         print(json.dumps(metrics, indent=2))
 
@@ -92,7 +94,7 @@ def predict(**flags) -> None:
     from pipeline.inference import metrics_path
     from pipeline.inference import predict as run_prediction
 
-    args = from_flags(PredictArgs, flags, "predict")
+    args = from_flags(PredictArgs, flags, "")
     metrics = run_prediction(args)
     if distributed.rank() == 0:
         extra = f"; {_main_metrics(metrics)} (in {metrics_path(args.output)})" if metrics else ""
@@ -136,31 +138,21 @@ def _main_metrics(metrics: dict) -> str:
 
 
 def prepare_output_dir(cfg: JobConfig, overwrite: bool) -> None:
-    """A finished job is never overwritten silently; an unfinished one resumes only with the same settings."""
-    import json
+    """A finished job is never overwritten silently; a checkpointed one resumes only with the same settings."""
     import shutil
 
-    from pipeline.fingerprint import differences, job_fingerprint
+    from pipeline.fingerprint import recorded_state
 
     out = Path(cfg.output_dir)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    if (out / "results.json").exists() and not overwrite:
+    state, changed = recorded_state(cfg)
+    if state == "finished" and not overwrite:
         raise PipelineError(f"{out} already holds a finished job (results.json): pass --overwrite to replace it or "
                             "choose another --output_dir")
-    digest, record = job_fingerprint(cfg)
-    record_file = out / "job.json"
-    if record_file.exists() and not overwrite:
-        old = json.loads(record_file.read_text())
-        if old.get("fingerprint") != digest:
-            keys = ", ".join(differences(old.get("record", {}), record)[:5])
-            raise PipelineError(f"{out} holds an unfinished job started with other settings ({keys}): pass "
-                                "--overwrite to start over or choose another --output_dir")
-    if overwrite and out.exists() and rank0:
+    if state == "changed" and not overwrite:
+        raise PipelineError(f"{out} holds a checkpointed job started with other settings ({', '.join(changed[:5])}): "
+                            "pass --overwrite to start over or choose another --output_dir")
+    if overwrite and out.exists() and int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(out)
-    if rank0:
-        from pipeline import atomic
-
-        atomic.write_json(record_file, {"fingerprint": digest, "record": record})
 
 
 # ----------------------------------------------------------------------------------------------- the flags

@@ -69,10 +69,10 @@ class DeptArgs:
 
     def __post_init__(self):
         if self.r is not None and self.budget_tokens is not None:
-            raise PipelineError(f"dept: give r ({self.r}) or budget_tokens ({self.budget_tokens}), not both: "
+            raise PipelineError(f"give r ({self.r}) or budget_tokens ({self.budget_tokens}), not both: "
                                 "budget_tokens computes r")
         if self.prompt_init == "TEXT" and not self.init_text.strip():
-            raise PipelineError("dept.init_text is empty: give a text for TEXT init or set prompt_init to VOCAB/RANDOM")
+            raise PipelineError("init_text is empty: give a text for TEXT init or set prompt_init to VOCAB/RANDOM")
 
 
 @dataclass
@@ -103,13 +103,13 @@ class TrainArgs:
 
     def __post_init__(self):
         if self.on_nonfinite == "skip" and self.grad_accum > 1:
-            raise PipelineError("train.on_nonfinite=skip needs grad_accum 1 (a skipped micro-batch would shift "
+            raise PipelineError("on_nonfinite=skip needs grad_accum 1 (a skipped micro-batch would shift "
                                 "DeepSpeed's accumulation boundary): use on_nonfinite=stop")
         if self.warmup_steps and self.warmup_steps >= self.steps:
-            raise PipelineError(f"train.warmup_steps {self.warmup_steps} >= steps {self.steps}: the learning rate "
+            raise PipelineError(f"warmup_steps {self.warmup_steps} >= steps {self.steps}: the learning rate "
                                 "would never leave warm-up; lower warmup_steps (e.g. to steps // 10)")
         if self.batch_size % self.grad_accum:
-            raise PipelineError(f"train.batch_size {self.batch_size} is not divisible by grad_accum "
+            raise PipelineError(f"batch_size {self.batch_size} is not divisible by grad_accum "
                                 f"{self.grad_accum}: choose a multiple of {self.grad_accum}")
 
 
@@ -133,9 +133,9 @@ class DataArgs:
 
     def __post_init__(self):
         if self.train_file and self.tasks:
-            raise PipelineError("data: give tasks (--task / --custom_task) or train_file, not both")
+            raise PipelineError("give tasks (--task / --custom_task) or train_file, not both")
         if self.k is not None and len(self.tasks) > 1:
-            raise PipelineError("data.k: k-shot sampling applies to one target task, not to a mixture of "
+            raise PipelineError("k-shot sampling (k) applies to one target task, not to a mixture of "
                                 f"{len(self.tasks)}: give one task")
         if self.train_file and self.evaluate:
             self.evaluate = False  # a plain source/target file has no validation split
@@ -169,7 +169,7 @@ class JobConfig:
             raise PipelineError(f"method pt is prompt tuning without a low-rank pair: drop r={self.dept.r} "
                                 "(or use method dept)")
         if self.method != "dept" and self.dept.budget_tokens is not None:
-            raise PipelineError(f"dept.budget_tokens applies to method dept only, not {self.method}")
+            raise PipelineError(f"budget_tokens applies to method dept only, not {self.method}")
         if not self.data.tasks and not self.data.train_file:
             raise PipelineError("a job needs data: --task NAME, --custom_task FILE or --train_file FILE")
 
@@ -318,26 +318,28 @@ def build(cls, raw, path: str):
         raise PipelineError(f"{path}: expected a mapping, got {type(raw).__name__} {raw!r}")
     types_ = field_types(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
+
+    def at(name: str) -> str:
+        return f"{path}.{name}" if path else name
+
     for key in raw:
         if key not in known:
-            raise PipelineError(f"{path}.{key}: unknown key{did_you_mean(str(key), known)}; known keys: "
+            raise PipelineError(f"{at(key)}: unknown key{did_you_mean(str(key), known)}; known keys: "
                                 f"{', '.join(known)}")
     values = {}
     for name, spec in known.items():
-        where = f"{path}.{name}"
         if name in raw:
-            value = coerce(raw[name], types_[name], where)
+            value = coerce(raw[name], types_[name], at(name))
             minimum = spec.metadata.get("minimum")
             if minimum is not None and isinstance(value, (int, float)) and value < minimum:
-                raise PipelineError(f"{where}: must be at least {minimum:g}, got {value!r}")
+                raise PipelineError(f"{at(name)}: must be at least {minimum:g}, got {value!r}")
             values[name] = value
         elif spec.default is MISSING and spec.default_factory is MISSING:
-            raise PipelineError(f"{where}: required key is missing")
+            raise PipelineError(f"{at(name)}: required key is missing")
     try:
         return cls(**values)
-    except PipelineError as err:
-        text = str(err)
-        raise PipelineError(text if text.startswith(path.split(".")[0]) else f"{path}: {text}") from None
+    except PipelineError as err:  # a cross-field rule of __post_init__: say where (a recipe stage, say)
+        raise PipelineError(f"{path}: {err}" if path and not str(err).startswith(path) else str(err)) from None
 
 
 def to_dict(obj) -> dict:

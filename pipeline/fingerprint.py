@@ -22,8 +22,10 @@ from pipeline.config import JobConfig, to_dict
 NOT_RESULT_DEFINING = {("output_dir",), ("train", "log_every"), ("train", "save_every"), ("train", "keep_checkpoints"),
                        ("train", "comm_timeout_s"), ("data", "eval_batch_size"), ("data", "data_dir")}
 # Fields a method never reads: changing them does not change its result.
-UNUSED_BY = {"finetune": {("dept",), ("train", "lr_prompt"), ("train", "lr_lowrank"), ("init_adapter",),
-                          ("on_length_mismatch",)},
+UNUSED_BY = {"finetune": {("dept", "num_virtual_tokens"), ("dept", "r"), ("dept", "budget_tokens"),
+                          ("dept", "lora_alpha"), ("dept", "prompt_init"), ("dept", "init_text"),
+                          ("train", "lr_prompt"), ("train", "lr_lowrank"), ("init_adapter",),
+                          ("on_length_mismatch",)},  # dept.max_length still sets the tokenized length
              "pt": {("train", "lr"), ("train", "lr_lowrank"), ("save_model",)},
              "dept": {("train", "lr"), ("save_model",)}}
 
@@ -116,3 +118,35 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             keys.append(where)
     return keys
+
+
+JOB_RECORD = "job.json"  # written when a job starts training: its fingerprint and record
+
+
+def recorded_state(cfg: JobConfig) -> tuple[str, list[str]]:
+    """What `cfg.output_dir` holds for this job: ("new" | "finished" | "resumable" | "changed", differing keys).
+
+    finished: results.json with this job's fingerprint. resumable: a complete checkpoint of a job started with this
+    fingerprint. changed: either of those, started with other settings (the keys name what differs). new: nothing
+    that counts (a folder without results or a complete checkpoint is started over).
+    """
+    out = Path(cfg.output_dir)
+    results, record_file, latest = out / "results.json", out / JOB_RECORD, out / "checkpoints" / "latest"
+    checkpointed = latest.is_file() and (out / "checkpoints" / latest.read_text().strip() / "complete").exists()
+    if not results.exists() and not checkpointed:
+        return "new", []
+    digest, record = job_fingerprint(cfg)
+    try:
+        old = json.loads(record_file.read_text()) if record_file.exists() else {}
+    except json.JSONDecodeError:
+        old = {}
+    if results.exists():
+        try:
+            finished_with = json.loads(results.read_text()).get("fingerprint")
+        except json.JSONDecodeError:
+            finished_with = None
+        if finished_with == digest:
+            return "finished", []
+    elif old.get("fingerprint") == digest:
+        return "resumable", []
+    return "changed", differences(old.get("record", {}), record) or ["(recorded by an older version)"]

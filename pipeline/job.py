@@ -98,8 +98,9 @@ def run_job(cfg: JobConfig, callbacks=(), on_data=None) -> dict:
     def evaluator_for(backbone, max_length: int):
         return make_evaluator(job_data, cfg.data, backbone.tokenizer, backbone.is_encoder_decoder, max_length)
 
-    result = train(cfg, job_data.train, evaluator_for if cfg.data.evaluate and job_data.tasks else None, callbacks)
-    digest, _ = job_fingerprint(cfg)
+    digest, record = job_fingerprint(cfg)
+    result = train(cfg, job_data.train, evaluator_for if cfg.data.evaluate and job_data.tasks else None, callbacks,
+                   start_record={"fingerprint": digest, "record": record})
     results = {"config": to_dict(cfg), "fingerprint": digest, **result.to_dict(),
                "tasks": [t.name for t in job_data.tasks], "data_sizes": job_data.sizes,
                "data_revisions": {t.name: t.revision for t in job_data.tasks if t.hub_path},

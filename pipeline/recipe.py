@@ -71,6 +71,7 @@ class Job:
     config: JobConfig
     meta: dict  # stage type, target, k, seed, start (source | scratch)
     init_from_stage: str | None = None  # its init adapter is that stage's output
+    model_from_stage: str | None = None  # its model is that (finetune) stage's saved backbone
 
     @property
     def name(self) -> str:
@@ -247,6 +248,11 @@ def _stage_model(spec: RecipeSpec, stage: StageSpec) -> str:
     return model
 
 
+def _model_stage(spec: RecipeSpec, stage: StageSpec) -> str | None:
+    model = stage.model or spec.model
+    return model[len("stage:"):] if model.startswith("stage:") else None
+
+
 def _job_config(spec: RecipeSpec, stage: StageSpec, output_dir: Path, data: dict, seed: int | None,
                 init_adapter: str | None, path: str) -> JobConfig:
     train = {**spec.train, **stage.train}
@@ -289,7 +295,7 @@ def plan(recipe: Recipe) -> list[Job]:
             adapter, from_stage = _adapter_of(spec, stage.init_adapter)
             cfg = _job_config(spec, stage, out / stage.name, {"tasks": list(stage.tasks)}, None, adapter, path)
             jobs.append(Job(stage.name, stage.name, cfg, {"type": "train", "tasks": [task_label(t) for t in stage.tasks]},
-                            from_stage))
+                            from_stage, _model_stage(spec, stage)))
             continue
         adapter, from_stage = _adapter_of(spec, stage.source)
         starts = ([("source", adapter)] if stage.source else []) + ([("scratch", None)] if stage.control else [])
@@ -300,35 +306,26 @@ def plan(recipe: Recipe) -> list[Job]:
                         key = f"{stage.name}/{task_label(target)}/k{k}/seed{seed}/{start}"
                         cfg = _job_config(spec, stage, out / key, {"tasks": [target], "k": k}, seed, init, path)
                         meta = {"type": "transfer", "target": task_label(target), "k": k, "seed": seed, "start": start}
-                        jobs.append(Job(stage.name, key, cfg, meta, from_stage if init else None))
+                        jobs.append(Job(stage.name, key, cfg, meta, from_stage if init else None,
+                                        _model_stage(spec, stage)))
     return jobs
 
 
 def check_feasible(recipe: Recipe, jobs: list[Job]) -> None:
-    """Refuse now what a job would fail on later: unknown tasks, custom tasks that do not parse, missing data
-    files, k-shot sizes a target cannot supply, a DeepSpeed config that does not exist, a batch the ranks cannot
-    split. Reads task files (no torch, no model)."""
-    import os
+    """Refuse now what a job would fail on later (`preflight.check_job`: DeepSpeed config, model path, shapes,
+    data and k-shot sizes, batch over the ranks), naming the job. Source adapters made by earlier stages do not
+    exist yet and are not checked. Reads task files (no torch, no model)."""
+    from pipeline.preflight import check_job
 
-    from pipeline.resources import ds_config_path
-    from pipeline.tasks.feasibility import check_job_data
-
-    ds_config_path(recipe.spec.ds_config)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     checked: set[str] = set()
     for job in jobs:
-        train = job.config.train
-        if train.batch_size % (world * train.grad_accum):
-            raise PipelineError(f"{job.key}: batch_size {train.batch_size} is not divisible by world size {world} x "
-                                f"grad_accum {train.grad_accum}: choose a multiple of {world * train.grad_accum}")
-        identity = json.dumps([to_dict(job.config.data), job.config.train.seed], sort_keys=True, default=str)
-        if identity in checked:
-            continue
-        checked.add(identity)
-        try:
-            check_job_data(job.config.data, job.config.train.seed)
+        data_key = json.dumps([to_dict(job.config.data), job.config.train.seed], sort_keys=True, default=str)
+        try:  # a model or adapter an earlier stage makes does not exist yet
+            check_job(job.config, data=data_key not in checked, model=job.model_from_stage is None,
+                      init_adapter=job.init_from_stage is None)
         except PipelineError as err:
             raise PipelineError(f"{job.key}: {err}") from None
+        checked.add(data_key)
 
 
 def describe_plan(recipe: Recipe, jobs: list[Job]) -> str:

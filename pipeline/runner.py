@@ -6,8 +6,14 @@
 
 Reads top to bottom: load + validate -> plan -> feasibility -> what each job's folder holds (finished with the same
 fingerprint: reuse; unfinished with the same fingerprint: resume; anything else: refuse, or with --rerun_changed
-start over) -> tracking checked -> parent run -> each job in its child run -> summary.json, summary.md, printed
-table and where to look in the MLflow UI.
+start over) -> tracking checked -> parent run -> each job in its child run -> summary.json, summary.md,
+summary.png, printed table and where to look in the MLflow UI.
+
+What MLflow shows (rank 0 logs): the experiment's description is the recipe's `description`; the parent run (named
+after the recipe) holds the summary table as its description, the (target, k, start) means and stds as metrics and
+summary.png; each job's child run is named by what differs between jobs (`run_names`), carries the params its
+method reads (`job_params`, `outcome_params`), its stage, world size and lineage as tags (`dept.source_run_id`,
+`dept.backbone_run_id`), its curves as metrics and curves.png, results.json and its adapters as artifacts.
 """
 
 from __future__ import annotations
@@ -26,12 +32,11 @@ import yaml
 from pipeline import atomic
 from pipeline.config import to_dict
 from pipeline.errors import PipelineError
-from pipeline.fingerprint import differences, job_fingerprint
+from pipeline.fingerprint import job_fingerprint, recorded_state
 from pipeline.recipe import Job, Recipe, check_feasible, describe_plan, load_recipe, plan, resolved_dict
 from pipeline.summary import aggregates, summarize
 
 log = logging.getLogger(__name__)
-JOB_RECORD = "job.json"  # written when a job starts: its fingerprint, to compare on a re-run
 
 
 @dataclass
@@ -42,22 +47,14 @@ class JobState:
 
 
 def job_state(job: Job, upstream_changed: bool) -> JobState:
-    """What a job's folder holds, compared with the job as configured now."""
-    out = Path(job.config.output_dir)
-    results, record_file = out / "results.json", out / JOB_RECORD
-    if not out.exists() or not (results.exists() or record_file.exists()):
+    """What a job's folder holds, compared with the job as configured now (`fingerprint.recorded_state`)."""
+    state, changed = recorded_state(job.config)
+    if state == "new":
         return JobState(job, "start", [])
     if upstream_changed:
         return JobState(job, "rerun", [f"init_adapter (stage {job.init_from_stage} changes)"])
-    digest, record = job_fingerprint(job.config)
-    try:
-        old = json.loads(record_file.read_text()) if record_file.exists() else {}
-    except json.JSONDecodeError:
-        old = {}
-    if old.get("fingerprint") == digest:
-        return JobState(job, "reuse" if results.exists() else "resume", [])
-    return JobState(job, "rerun", differences(old.get("record", {}), record) or ["(no record: written by an older "
-                                                                                  "version)"])
+    action = {"finished": "reuse", "resumable": "resume", "changed": "rerun"}[state]
+    return JobState(job, action, changed)
 
 
 def job_states(jobs: list[Job]) -> list[JobState]:
@@ -194,7 +191,7 @@ def _execute(state: JobState, tracker, recipe_key: str, run_job, name: str,
         log.info("%s: settings changed (%s): starting it over", job.key, ", ".join(state.changed_keys[:4]))
         shutil.rmtree(out)
     distributed.barrier()
-    digest, record = job_fingerprint(job.config)  # the init adapter exists now
+    digest, _ = job_fingerprint(job.config)  # the init adapter exists now
     child_key = f"{recipe_key}-{job.key.replace('/', '.')}-{digest[:8]}"
     if state.action == "reuse" and results_file.exists():
         if distributed.rank() == 0:
@@ -212,13 +209,11 @@ def _execute(state: JobState, tracker, recipe_key: str, run_job, name: str,
     if job.config.init_adapter and not Path(job.config.init_adapter).exists():
         raise PipelineError(f"{job.key}: the source adapter {job.config.init_adapter} does not exist; did its stage "
                             "finish? run the recipe from the start")
-    if distributed.rank() == 0:
-        atomic.write_json(out / JOB_RECORD, {"fingerprint": digest, "record": record, "key": job.key})
     child = tracker.child(name, child_key, job_params(job))
     tracker.set_tags({**job_tags(job, digest), **lineage}, run_id=child)
     callback = tracker.callback_for(child, invalid_curves=job.config.data.eval_mode == "generate")
     result = run_job(job.config, callbacks=[callback],
-                     on_data=lambda name, context, rows: tracker.log_dataset(rows, name, context, run_id=child))
+                     on_data=lambda data, context, rows: tracker.log_dataset(rows, data, context, run_id=child))
     if distributed.rank() == 0:
         _log_outcome(tracker, job, child, result, name)
     tracker.finish(child)
@@ -231,7 +226,8 @@ def _execute(state: JobState, tracker, recipe_key: str, run_job, name: str,
 def run_names(jobs: list[Job]) -> dict[str, str]:
     """The MLflow run name of each job: what differs between the jobs of a stage comes first, so that the runs
     table's narrow name column tells them apart ("k=4 seed=1 source syn-target-food" when a stage has one target;
-    "cb k=4 seed=1 scratch" when it has several). Train jobs: "<stage>: <tasks>". The stage is a tag."""
+    "cb k=4 seed=1 scratch" when it has several; "k=4 scratch seed=1 rte" with one seed), the target last among
+    what does not differ. Train jobs: "<stage>: <tasks>". The stage is a tag."""
     names = {}
     for job in jobs:
         if job.meta["type"] == "train":
@@ -241,7 +237,8 @@ def run_names(jobs: list[Job]) -> dict[str, str]:
         parts = {"target": str(job.meta["target"]), "k": f"k={job.meta['k']}", "seed": f"seed={job.meta['seed']}",
                  "start": str(job.meta["start"])}
         varying = [f for f in parts if len({str(j.meta[f]) for j in peers}) > 1]
-        names[job.key] = " ".join(parts[f] for f in varying + [f for f in parts if f not in varying])
+        constant = [f for f in ("k", "seed", "start", "target") if f not in varying]
+        names[job.key] = " ".join(parts[f] for f in varying + constant)
     return names
 
 
@@ -375,23 +372,27 @@ def _model_fits(model_dir: Path) -> bool:
 
 
 def _log_outcome(tracker, job: Job, run_id: str | None, result: dict, name: str) -> None:
-    """Rank 0, after a job: its resolved params, best step, curves.png, results.json, adapters (best_adapter only
-    when its weights differ from the final adapter's) and a backbone saved by a finetune stage."""
+    """Rank 0, after a job: curves.png (also without tracking); to its run (`run_id`) the resolved params, the
+    reported test score, best step, curves.png, results.json, adapters (best_adapter only when its weights differ
+    from the final adapter's) and a backbone saved by a finetune stage."""
     from pipeline.plots import plot_job
 
+    out = Path(job.config.output_dir)
+    picture = out / "curves.png"
+    if not picture.exists():  # drawn with tracking off as well
+        _picture(plot_job, result, f"{name} ({job.stage})", picture)
     if run_id is None:
         return
-    out = Path(job.config.output_dir)
     try:
         tracker.log_params(outcome_params(result), run_id=run_id)
     except PipelineError as exc:  # a job re-attached with another resolved shape: keep the run, say so
         log.warning("%s: %s", job.key, exc)
+    if isinstance(result.get("test_score"), (int, float)):  # the score the summary reports, at the best step
+        tracker.log_metrics({"test_score": round(result["test_score"], 4)}, step=result.get("best_step") or 0,
+                            run_id=run_id)
     tags = {"dept.best_step": str(result.get("best_step"))} if result.get("best_step") is not None else {}
     if (out / "best_adapter").is_dir():
         tags["dept.best_adapter"] = adapter_artifact(out / "best_adapter")
-    picture = out / "curves.png"
-    if not picture.exists():
-        _picture(plot_job, result, f"{name} ({job.stage})", picture)
     for item in ("results.json", "curves.png", "adapter"):
         if (out / item).exists():
             tracker.log_artifact(out / item, run_id=run_id)

@@ -10,6 +10,12 @@ Runs are found again by the tag `dept.key` (a stable identity of a recipe execut
 computes): re-running a recipe re-attaches to its runs instead of creating new ones. Everything goes through
 `MlflowClient` with explicit run ids: no global active run, so nesting and re-attaching are explicit.
 
+What reaches MLflow from the training loop (`callback_for`, `split_record`): curves only (loss, learning rates,
+tokens/s, memory, validation scores), sent in batches; `step` is the x axis, counts that do not change (`eval_n`, ...)
+are tags; metric names carry no '/'; None is never a param value. With a tracking server, artifacts must go through
+its artifact proxy (`mlflow-artifacts:`) or a shared store: an experiment whose artifacts would land on a local path
+is refused before any run starts, since other machines could not download them.
+
 `import pipeline.tracking` stays cheap: mlflow, pandas and torch are imported inside the functions that use them.
 """
 
@@ -199,8 +205,11 @@ def split_record(record: dict, invalid_curves: bool = False) -> tuple[dict[str, 
     `step` is the x axis, not a metric. Counts that do not change over a run (`eval_n`, `test_n`, per task
     `eval_<task>.n`) and the test split's invalid-output count become tags (`dept.test_n`, ...), as do
     `eval_*invalid` counts unless `invalid_curves` (generation can produce invalid outputs, and fewer over training
-    is a curve worth seeing; label scoring never does). Scores (`eval_*`, `test_*`) are rounded to 4 decimals, so
-    55.00000000000001 reads 55.0. Non-numbers are dropped.
+    is a curve worth seeing; label scoring never does). Selection scores that repeat one of the metrics next to
+    them are dropped: a task's `<task>.score` in a mixture, and `test_score` (the caller logs the score it reports,
+    which may be another metric than the one the best step was selected on); `eval_score`, the selection curve,
+    stays. Scores (`eval_*`, `test_*`) are rounded to 4 decimals, so 55.00000000000001 reads 55.0. Non-numbers are
+    dropped.
     """
     metrics: dict[str, float] = {}
     tags: dict[str, str] = {}
@@ -212,6 +221,8 @@ def split_record(record: dict, invalid_curves: bool = False) -> tuple[dict[str, 
             continue
         leaf = str(key).rsplit(".", 1)[-1].removeprefix("eval_").removeprefix("test_")
         scored = str(key).startswith(("eval_", "test_"))
+        if scored and leaf == "score" and key != "eval_score":
+            continue
         if scored and (leaf == "n" or (leaf == "invalid" and (key.startswith("test_") or not invalid_curves))):
             tags[_name(f"dept.{metric_name(key)}")] = f"{number:g}"
             continue

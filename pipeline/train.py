@@ -126,12 +126,14 @@ def param_groups(model: DePTModel, cfg: JobConfig) -> list[dict]:
 
 
 def train(cfg: JobConfig, rows: list[dict], make_evaluator: Callable[[Backbone, int], object] | None = None,
-          callbacks: list[Callback] = ()) -> TrainResult:
+          callbacks: list[Callback] = (), start_record: dict | None = None) -> TrainResult:
     """Train on `rows` ({source, target} dicts). Collective: every rank calls it with the same rows.
 
     `make_evaluator(backbone, max_length)` gives an object with `validate(module, step) -> dict` (with `score`, higher is
     better) and `test(module) -> dict` (`evaluation.Evaluator`): validation every `eval_every` steps (or once at
-    the end); the best adapter is kept in `best_adapter/` and scores the test split.
+    the end); the best adapter is kept in `best_adapter/` and scores the test split. `start_record` (the job's
+    fingerprint) is written to `<output_dir>/job.json` when training starts afresh: a later run resumes the
+    checkpoints only when its own fingerprint matches it.
     """
     opts = cfg.train
     rank, world = engine.init_distributed(opts.comm_timeout_s)
@@ -157,6 +159,8 @@ def train(cfg: JobConfig, rows: list[dict], make_evaluator: Callable[[Backbone, 
     history = _restore_history(out / "metrics.jsonl", start, rank)
     if rank == 0 and start:
         log.info("resumed from step %d", start)
+    if rank == 0 and start_record is not None and not start:
+        atomic.write_json(out / "job.json", start_record)
 
     micro = opts.batch_size // (world * opts.grad_accum)
     lengths = [len(r["input_ids"]) for r in tokenized] if opts.group_by_length else None

@@ -36,6 +36,7 @@ import ctypes
 import os
 import secrets
 import select
+import shlex
 import shutil
 import signal
 import struct
@@ -47,7 +48,7 @@ from pathlib import Path
 
 SUBNET = "10.231.0"
 IFNAME = "eth0"
-TOOLS = ("ip", "sshd", "ssh", "ssh-keygen", "pdsh")
+TOOLS = ("ip", "sshd", "ssh", "ssh-keygen", "pdsh", "unshare")
 
 
 def _which(tool: str) -> str | None:
@@ -62,7 +63,7 @@ def missing() -> str | None:
     absent = [tool for tool in TOOLS if _which(tool) is None]
     if absent:
         return (f"the simulated cluster needs {', '.join(absent)} "
-                "(Debian: apt-get install -y iproute2 openssh-server openssh-client pdsh)")
+                "(Debian: apt-get install -y iproute2 openssh-server openssh-client pdsh util-linux)")
     probe = f"dptprobe{secrets.token_hex(3)}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=10)
     if made.returncode != 0:
@@ -140,14 +141,21 @@ class Node:
         _ip("-n", self.cluster.switch, "link", "set", self.veth, "up")
 
     # --- sshd -------------------------------------------------------------------------------------------------
-    def start_sshd(self, timeout: float = 20) -> None:
-        """Start (or restart after kill_all) the node's sshd and wait until a key login works."""
+    def start_sshd(self, timeout: float = 20, hide: list[Path] = ()) -> None:
+        """Start (or restart after kill_all) the node's sshd and wait until a key login works.
+
+        `hide`: directories this node does not share (an empty tmpfs covers each, in a mount namespace of the
+        node's sshd and its sessions only), as on a node missing a network mount."""
         if self.sshd is not None and self.sshd.poll() is None:
             return
+        sshd = [_which("sshd"), "-D", "-e", "-f", str(self.dir / "sshd_config")]
+        if hide:
+            mounts = " && ".join(f"mount -t tmpfs -o size=1m,mode=0700 dptsim {shlex.quote(str(d))}" for d in hide)
+            sshd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                    f"{mounts} && exec {' '.join(shlex.quote(a) for a in sshd)}"]
         log = open(self.dir / "sshd.log", "ab")
         try:
-            self.sshd = self.popen([_which("sshd"), "-D", "-e", "-f", str(self.dir / "sshd_config")],
-                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self.sshd = self.popen(sshd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         finally:
             log.close()
         deadline = time.monotonic() + timeout

@@ -15,7 +15,7 @@ from pathlib import Path
 # Top to bottom: a module may import only modules below it. Packages (tasks, bench) are one layer each; inside a
 # package any import order is fine as long as there is no cycle.
 LAYERS = [
-    "pipeline", "cli", "runner", "bench", "recipe", "job", "inference", "train", "evaluation", "checkpoint",
+    "pipeline", "cli", "runner", "bench", "recipe", "preflight", "job", "inference", "train", "evaluation", "checkpoint",
     "faults", "interop", "adapters", "model", "backbone", "tokenizer", "engine", "dept", "data", "summary", "plots",
     "fingerprint", "tracking", "tasks", "metrics", "config", "resources", "distributed", "atomic", "cache", "errors",
     "_version",

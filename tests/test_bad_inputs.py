@@ -1,7 +1,9 @@
 """The catalogue of bad inputs: every command refuses them with one clear line on stderr (what was wrong and how
 to fix it), exit status 2, no traceback, and no partial output.
 
-Each case runs the real CLI in a subprocess, as a user would. Cases that need a trained adapter share one tiny run.
+Each case runs the CLI's `main` in-process (a one-rank process group: no subprocess per case); a few run the
+installed `dept` console script in a subprocess too, as a user would. Cases that need a trained adapter share one
+tiny run.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run, write_toy_task
+from conftest import run, write_toy_task
+from pipeline.cli import main
 
-pytestmark = pytest.mark.slow  # ~40 subprocesses of a few seconds each
+pytestmark = pytest.mark.usefixtures("one_process_group")
 
 CATALOGUE: dict[str, tuple] = {}
 
@@ -33,12 +36,13 @@ def case(name: str, expected: str, makes: str | None = "out"):
 def train(ctx, *extra):
     return ["train", "--model", str(ctx["model"]), "--output_dir", str(ctx["tmp"] / "out"), "--train_file",
             str(ctx["data"]), "--num_virtual_tokens", "4", "--lora_rank", "2", "--max_length", "16",
-            "--batch_size", "4", "--steps", "2", *extra]
+            "--batch_size", "4", "--steps", "2", "--warmup_steps", "1", *extra]
 
 
 def task_train(ctx, *extra):
     return ["train", "--model", str(ctx["model"]), "--output_dir", str(ctx["tmp"] / "out"), "--num_virtual_tokens",
-            "4", "--lora_rank", "2", "--max_length", "16", "--batch_size", "4", "--steps", "2", *extra]
+            "4", "--lora_rank", "2", "--max_length", "16", "--batch_size", "4", "--steps", "2", "--warmup_steps", "1",
+            *extra]
 
 
 # -- models, DePT shapes, configs --------------------------------------------------------------------------
@@ -46,22 +50,31 @@ case("unknown model path", "does not exist")(lambda c: [*train(c)[:2], "./no/suc
 case("unknown hub model name", "not reachable on the hub")(
     lambda c: [*train(c)[:2], "no-such-org/no-such-model", *train(c)[3:]])
 case("unknown random preset", "unknown random preset")(lambda c: [*train(c)[:2], "random:t5-huge", *train(c)[3:]])
-case("negative m", "num_virtual_tokens must be a non-negative integer")(lambda c: train(c, "--num_virtual_tokens", "-1"))
+case("negative m", "--num_virtual_tokens: must be at least 0")(lambda c: train(c, "--num_virtual_tokens", "-1"))
 case("r beyond min(s, d)", "exceeds min(s=16")(lambda c: train(c, "--lora_rank", "40"))
 case("m = 0 and r = 0", "nothing to train")(lambda c: train(c, "--num_virtual_tokens", "0", "--lora_rank", "0"))
-case("budget cannot be met", "budget cannot be met")(lambda c: train(c, "--budget_tokens", "2"))
-case("s out of range", "max_length must be at least 1")(lambda c: train(c, "--max_length", "0"))
-case("unknown method", "method must be one of")(lambda c: train(c, "--method", "lora"))
-case("unknown prompt init", "prompt_init must be one of")(lambda c: train(c, "--prompt_init", "WORDS"))
+case("budget cannot be met", "budget cannot be met")(lambda c: train(c, "--lora_rank", "none", "--budget_tokens", "2"))
+case("s out of range", "--max_length: must be at least 1")(lambda c: train(c, "--max_length", "0"))
+case("unknown method", "'lora' is not one of dept, pt, finetune")(lambda c: train(c, "--method", "lora"))
+case("unknown prompt init", "'WORDS' is not one of TEXT, VOCAB, RANDOM")(lambda c: train(c, "--prompt_init", "WORDS"))
 case("missing DeepSpeed config", "DeepSpeed config")(lambda c: train(c, "--ds_config", str(c["tmp"] / "nope.json")))
 case("DeepSpeed config not JSON", "is not valid JSON")(lambda c: train(c, "--ds_config", str(c["bad_json"])))
-case("batch size zero", "batch_size must be at least 1")(lambda c: train(c, "--batch_size", "0"))
-case("bad on_nonfinite", "on_nonfinite must be stop or skip")(lambda c: train(c, "--on_nonfinite", "ignore"))
-case("bad eval mode", "eval mode must be one of")(lambda c: task_train(c, "--task", "rte", "--eval_mode", "beam"))
+case("batch size zero", "--batch_size: must be at least 1")(lambda c: train(c, "--batch_size", "0"))
+case("bad on_nonfinite", "'ignore' is not one of stop, skip")(lambda c: train(c, "--on_nonfinite", "ignore"))
+case("bad eval mode", "'beam' is not one of generate, score")(lambda c: task_train(c, "--task", "rte", "--eval_mode", "beam"))
+
+case("typo'd flag", "unknown flag --learning_rate")(lambda c: train(c, "--learning_rate", "1e-4"))
+case("steps not a number", "--steps: expected an integer, got 'ten'")(lambda c: train(c, "--steps", "ten"))
+case("negative learning rate", "--lr_prompt: must be at least 0")(lambda c: train(c, "--lr_prompt", "-1"))
+case("warmup never ends", "warmup_steps 500 >= steps 30")(lambda c: train(c, "--steps", "30", "--warmup_steps", "500"))
+case("batch not divisible by accumulation", "batch_size 4 is not divisible by grad_accum 3")(
+    lambda c: train(c, "--grad_accum", "3"))
+case("unknown shipped DeepSpeed config", "neither a shipped DeepSpeed config")(lambda c: train(c, "--ds_config", "zero9"))
+case("DeepSpeed config not ZeRO-3", "ZeRO stage 2")(lambda c: train(c, "--ds_config", str(c["zero2"])))
 
 # -- data ----------------------------------------------------------------------------------------------
-case("no data source", "exactly one of --task")(lambda c: task_train(c))
-case("two data sources", "exactly one of --task")(lambda c: task_train(c, "--task", "rte", "--train_file", str(c["data"])))
+case("no data source", "a job needs data: --task NAME")(lambda c: task_train(c))
+case("two data sources", "give tasks (--task / --custom_task) or train_file, not both")(lambda c: task_train(c, "--task", "rte", "--train_file", str(c["data"])))
 case("missing train file", "does not exist")(lambda c: train(c)[:6] + [str(c["tmp"] / "nope.jsonl")] + train(c)[7:])
 case("corrupt JSONL line", "line 3")(lambda c: train(c)[:6] + [str(c["corrupt"])] + train(c)[7:])
 case("missing split file", "validation")(lambda c: task_train(c, "--task", "qqp"))  # shipped QQP has no validation
@@ -76,10 +89,10 @@ case("custom task: unknown key", "unknown")(lambda c: task_train(c, "--custom_ta
 
 # -- adapters ------------------------------------------------------------------------------------------
 case("init adapter missing", "does not exist")(lambda c: train(c, "--init_adapter", str(c["tmp"] / "none")))
-case("init adapter m/r mismatch", "match them")(lambda c: train(c, "--num_virtual_tokens", "6", "--init_adapter", str(c["adapter"])))
-case("init adapter s mismatch", "max_length s=16")(lambda c: train(c, "--max_length", "12", "--init_adapter", str(c["adapter"])))
+case("init adapter m/r mismatch", "has num_virtual_tokens=4 but 6 was given")(lambda c: train(c, "--num_virtual_tokens", "6", "--init_adapter", str(c["adapter"])))
+case("init adapter s mismatch", "has max_length s=16 (rows of A) but 12 was given")(lambda c: train(c, "--max_length", "12", "--init_adapter", str(c["adapter"])))
 case("init adapter tampered", "checksum")(lambda c: train(c, "--init_adapter", str(c["tampered"])))
-case("finished run without --overwrite", "already holds a finished run", makes=None)(
+case("finished run without --overwrite", "already holds a finished job", makes=None)(
     lambda c: train(c)[:4] + [str(c["finished"])] + train(c)[5:])
 case("predict: adapter missing", "does not exist", makes="preds.jsonl")(
     lambda c: ["predict", "--model", str(c["model"]), "--adapter", str(c["tmp"] / "none"), "--data", str(c["data"]),
@@ -87,7 +100,7 @@ case("predict: adapter missing", "does not exist", makes="preds.jsonl")(
 case("predict: no source column", "no 'source' column", makes="preds.jsonl")(
     lambda c: ["predict", "--model", str(c["model"]), "--adapter", str(c["adapter"]), "--data", str(c["no_source"]),
                "--output", str(c["tmp"] / "preds.jsonl")])
-case("evaluate: unknown split", "splits")(
+case("evaluate: unknown split", "'dev' is not one of train, validation, test")(
     lambda c: ["evaluate", "--model", str(c["model"]), "--adapter", str(c["adapter"]), "--task", "rte", "--split", "dev"])
 case("export a DePT adapter to PEFT", "PEFT has no DePT", makes="peft")(
     lambda c: ["export-adapter", str(c["adapter"]), str(c["tmp"] / "peft")])
@@ -95,15 +108,13 @@ case("import a non-DePT adapter", "PROMPT_TUNING_LORA", makes="imported")(
     lambda c: ["import-adapter", str(c["lora_dir"]), str(c["tmp"] / "imported")])
 
 # -- recipes and tracking --------------------------------------------------------------------------------
-case("recipe file missing", "does not exist", makes=None)(lambda c: ["run", str(c["tmp"] / "nope.yaml")])
+case("recipe file missing", "nor an existing file", makes=None)(lambda c: ["run", str(c["tmp"] / "nope.yaml")])
 case("recipe not YAML", "is not valid YAML", makes=None)(lambda c: ["run", str(c["bad_yaml"])])
-case("recipe unknown key", "recipe.stages[0].tasx: unknown key")(lambda c: ["run", str(c["recipe_unknown_key"])])
+case("recipe unknown key", "recipe.stages[0].tasx: unknown key (did you mean 'tasks'?)")(lambda c: ["run", str(c["recipe_unknown_key"])])
 case("recipe override of a missing stage", "no stage 'nope'")(
-    lambda c: ["run", str(REPO / "recipes" / "quickstart.yaml"), f"--output_dir={c['tmp'] / 'out'}",
-               "--stages.nope.steps=3"])
+    lambda c: ["run", "quickstart", f"--output_dir={c['tmp'] / 'out'}", "--stages.nope.train.steps=3"])
 case("file tracking store", "MLFLOW_ALLOW_FILE_STORE")(
-    lambda c: ["run", str(REPO / "recipes" / "quickstart.yaml"), f"--output_dir={c['tmp'] / 'out'}",
-               f"--tracking.uri=file://{c['tmp'] / 'mlruns'}"])
+    lambda c: ["run", "quickstart", f"--output_dir={c['tmp'] / 'out'}", f"--tracking.uri=file://{c['tmp'] / 'mlruns'}"])
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +123,9 @@ def shared(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-inputs")
     data = write_toy_task(root / "toy.jsonl", n=16)
     finished = root / "finished"
-    run(["train", "--model", str(tiny_models["t5"]), "--output_dir", str(finished), "--train_file", str(data),
-         "--num_virtual_tokens", "4", "--lora_rank", "2", "--max_length", "16", "--batch_size", "4", "--steps", "2"])
+    assert main(["train", "--model", str(tiny_models["t5"]), "--output_dir", str(finished), "--train_file", str(data),
+                 "--num_virtual_tokens", "4", "--lora_rank", "2", "--max_length", "16", "--batch_size", "4", "--steps",
+                 "2", "--warmup_steps", "1"]) == 0
     tampered = root / "tampered"
     shutil.copytree(finished / "adapter", tampered)
     weights = tampered / "adapter_model.safetensors"
@@ -122,6 +134,7 @@ def shared(tiny_models, tmp_path_factory):
     lines = data.read_text().splitlines()
     corrupt.write_text("\n".join(lines[:2] + ['{"source": "broken'] + lines[2:]) + "\n")
     (root / "bad.json").write_text("{zero_optimization: 3")
+    (root / "zero2.json").write_text('{"zero_optimization": {"stage": 2}}')
     (root / "bad.yaml").write_text("name: [unclosed\n")
     (root / "not_mapping.yaml").write_text("- a\n- b\n")
     (root / "no_source.jsonl").write_text('{"text": "hello"}\n')
@@ -145,7 +158,7 @@ def shared(tiny_models, tmp_path_factory):
     (root / "recipe_unknown_key.yaml").write_text(yaml.safe_dump(
         {"name": "x", "model": "random:tiny-t5", "output_dir": str(root / "never"), "stages": [{"name": "a", "tasx": ["rte"]}]}))
     return {"model": tiny_models["t5"], "data": data, "adapter": finished / "adapter", "finished": finished,
-            "tampered": tampered, "corrupt": corrupt, "bad_json": root / "bad.json", "bad_yaml": root / "bad.yaml",
+            "tampered": tampered, "corrupt": corrupt, "bad_json": root / "bad.json", "zero2": root / "zero2.json", "bad_yaml": root / "bad.yaml",
             "not_mapping": root / "not_mapping.yaml", "no_source": root / "no_source.jsonl", "lora_dir": lora,
             "custom_missing_column": root / "custom_missing_column.yaml",
             "custom_bad_label": root / "custom_bad_label.yaml", "custom_empty": root / "custom_empty.yaml", "custom_unknown_key": root / "custom_unknown_key.yaml",
@@ -157,16 +170,27 @@ def test_the_catalogue_is_large():
 
 
 @pytest.mark.parametrize("name", list(CATALOGUE))
-def test_bad_input_is_refused_with_one_line(name, shared, tmp_path):
+def test_bad_input_is_refused_with_one_line(name, shared, tmp_path, capsys, monkeypatch):
     build, expected, makes = CATALOGUE[name]
     ctx = {**shared, "tmp": tmp_path}
     before = sorted(p.name for p in Path(shared["finished"]).iterdir())
-    proc = run(build(ctx), check=False, env={"HF_HUB_OFFLINE": "1"})  # no hub here: fail fast, not after retries
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error")]
-    assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
-    assert len(errors) == 1 and expected in errors[0], f"{name}: {errors or lines[-3:]}"
-    assert "Traceback" not in proc.stderr
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: fail fast, not after retries
+    monkeypatch.chdir(tmp_path)
+    rc = main(build(ctx))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert rc == 2, f"{name}: exit {rc}\n{err[-2000:]}"
+    assert len(errors) == 1 and expected in errors[0], f"{name}: {errors or err.splitlines()[-3:]}"
     if makes:
         assert not (tmp_path / makes).exists(), f"{name}: left {makes} behind"
     assert sorted(p.name for p in Path(shared["finished"]).iterdir()) == before  # nothing else touched
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["typo'd flag", "init adapter tampered", "recipe not YAML"])
+def test_the_console_script_exits_2_with_one_line_and_no_traceback(name, shared, tmp_path):
+    build, expected, _ = CATALOGUE[name]
+    proc = run(build({**shared, "tmp": tmp_path}), check=False, env={"HF_HUB_OFFLINE": "1"})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode == 2 and len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

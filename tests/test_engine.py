@@ -119,3 +119,82 @@ def test_killed_run_resumes_to_the_same_adapter_and_loss_curve(tiny_models, toy_
     _, straight, _ = adapters.read_adapter(tmp_path / "straight" / "adapter")
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _op_build_dir() -> "Path":
+    from pathlib import Path
+
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    name = get_accelerator().create_op_builder("ShareMemCommBuilder").NAME
+    return Path(_get_build_directory(name, verbose=False))
+
+
+PREPARE = "from pipeline.engine import prepare_cpu_comm_op; prepare_cpu_comm_op(); print('ready')"
+
+
+def _extensions_copy(tmp_path):
+    """A TORCH_EXTENSIONS_DIR holding a copy of the built op (so nothing is compiled here)."""
+    import shutil
+
+    from pipeline.engine import prepare_cpu_comm_op
+
+    prepare_cpu_comm_op()  # built once on this machine (cached)
+    built = _op_build_dir()
+    root = tmp_path / "extensions"
+    shutil.copytree(built, root / built.name)
+    return root, root / built.name / "lock"
+
+
+def test_a_stale_build_lock_is_removed_with_a_message_not_waited_on_forever(tmp_path):
+    """A first run interrupted while DeepSpeed compiled its CPU op left torch's build lock behind; every later start
+    used to wait on it silently, forever."""
+    import os
+    import subprocess
+    import sys
+
+    root, lock = _extensions_copy(tmp_path)
+    lock.write_text("")  # left by an interrupted build: nobody holds it open
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root)}
+    proc = subprocess.run([sys.executable, "-c", PREPARE], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ready", proc.stderr[-2000:]
+    assert f"removing the stale lock {lock}" in proc.stderr and not lock.exists()
+
+
+def test_a_lock_held_by_a_live_build_is_waited_for_with_a_message(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root, lock = _extensions_copy(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", f"import os, time; fd = os.open({str(lock)!r}, os.O_CREAT | "
+                               "os.O_EXCL); print('held', flush=True); time.sleep(25); os.close(fd); "
+                               f"os.remove({str(lock)!r})"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root)}
+    proc = subprocess.run([sys.executable, "-c", PREPARE], env=env, capture_output=True, text=True, timeout=120)
+    holder.wait(timeout=30)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ready", proc.stderr[-2000:]
+    assert "a build outside dept holds" in proc.stderr and "stale" not in proc.stderr
+
+
+def test_a_job_checkpointed_on_two_ranks_resumes_on_one(tiny_models, toy_task, tmp_path):
+    """The checkpoint holds whole tensors (prompt, A, B and their AdamW moments), not per-rank partitions: a job
+    killed on 2 ranks continues on 1 and ends with the adapter and losses of an uninterrupted 1-rank job."""
+    args = train_args(tiny_models["t5"], toy_task, tmp_path / "moved", "--save_every", "4")
+    killed = run(args, nproc=2, launcher="deepspeed", env={"DEPT_FAULT_KILL_AT_STEP": "8"}, check=False)
+    assert killed.returncode != 0 and not (tmp_path / "moved" / "results.json").exists()
+    resumed = run(args)  # one plain process
+    assert "resuming a checkpoint written on 2 ranks on 1 ranks" in resumed.stderr
+    run(train_args(tiny_models["t5"], toy_task, tmp_path / "one", "--save_every", "4"))
+    moved, one = read_results(tmp_path / "moved"), read_results(tmp_path / "one")
+    assert moved["world_size"] == 1
+    assert losses(tmp_path / "moved") == pytest.approx(losses(tmp_path / "one"), rel=1e-5, abs=1e-6)
+    _, a, _ = adapters.read_adapter(tmp_path / "moved" / "adapter")
+    _, b, _ = adapters.read_adapter(tmp_path / "one" / "adapter")
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+    print("2 -> 1 ranks: max |loss diff| "
+          f"{max(abs(x - y) for x, y in zip(losses(tmp_path / 'moved'), losses(tmp_path / 'one'))):.2e}, "
+          f"max |adapter diff| {max((a[n] - b[n]).abs().max().item() for n in b):.2e}")

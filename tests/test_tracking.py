@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.tracking import Tracker, check_reachable, flatten_params, resolve_tracking_uri
+from pipeline.tracking import Tracker, check_reachable, flatten_params, resolve_tracking_uri, split_record
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,9 +90,58 @@ def test_sqlite_dir_created_and_must_be_writable(tmp_path):
 
 
 def test_flatten_params():
-    assert flatten_params({"a": {"b": 1, "c": {"d": "x"}}, "e": [1, 2], "f": None, "g": {}}) == {
-        "a.b": "1", "a.c.d": "x", "e": "[1, 2]", "f": "None", "g": "{}"}
+    assert flatten_params({"a": {"b": 1, "c": {"d": "x", "z": None}}, "e": [1, 2], "f": None, "g": {}}) == {
+        "a.b": "1", "a.c.d": "x", "e": "[1, 2]", "g": "{}"}  # None is no value: never the string "None"
     assert len(flatten_params({"long": "x" * 10_000})["long"]) == 6000  # MLflow's limit on a param value
+
+
+def test_split_record_keeps_curves_and_moves_constants_to_tags():
+    record = {"step": 20, "loss": 0.5, "lr_prompt": 0.3, "tokens_per_s": 10, "peak_mem_mb": 700.0, "note": "x",
+              "eval_accuracy": 55.00000000000001, "eval_score": 55.00000000000001, "eval_n": 16, "eval_invalid": 2,
+              "eval_cb.f1_macro": 40.123456, "eval_cb.n": 8, "eval_cb.score": 40.123456, "eval_rte/x.accuracy": 1.0,
+              "test_accuracy": 60.0, "test_score": 60.0, "test_n": 16, "test_invalid": 1}
+    metrics, tags = split_record(record)
+    assert metrics == {"loss": 0.5, "lr_prompt": 0.3, "tokens_per_s": 10.0, "peak_mem_mb": 700.0,
+                       "eval_accuracy": 55.0, "eval_score": 55.0, "eval_cb.f1_macro": 40.1235,
+                       "eval_rte_x.accuracy": 1.0, "test_accuracy": 60.0}
+    assert tags == {"dept.eval_n": "16", "dept.eval_invalid": "2", "dept.eval_cb.n": "8", "dept.test_n": "16",
+                    "dept.test_invalid": "1"}
+    metrics, tags = split_record(record, invalid_curves=True)  # generation: invalid outputs over training
+    assert metrics["eval_invalid"] == 2.0 and "dept.eval_invalid" not in tags and tags["dept.test_invalid"] == "1"
+    assert not any("/" in k for k in metrics) and "step" not in metrics
+
+
+def test_callback_batches_points_and_sends_them_by_finish(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(None, tmp_path)
+    tracker = Tracker(uri, "batched")
+    tracker.describe_experiment("what this experiment is for")
+    tracker.parent("recipe", "b")
+    run = tracker.child("train", "b/train", {"lr": 0.3})
+    callback = tracker.callback_for(run, flush_every_s=3600)
+    client = MlflowClient(uri)
+    for step in range(1, 6):
+        callback(step, {"step": step, "loss": 1.0 / step, "lr_prompt": 0.3})
+    assert client.get_metric_history(run, "loss") == []  # buffered: no request per step
+    callback(5, {"eval_accuracy": 50.0, "eval_n": 4})  # a validation is sent at once, with what was buffered
+    assert [m.step for m in client.get_metric_history(run, "loss")] == [1, 2, 3, 4, 5]
+    assert client.get_run(run).data.tags["dept.eval_n"] == "4"
+    callback(6, {"step": 6, "loss": 0.1})
+    tracker.finish(run)
+    assert [m.step for m in client.get_metric_history(run, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert "step" not in client.get_run(run).data.metrics and "eval_n" not in client.get_run(run).data.metrics
+    experiment = client.get_experiment_by_name("batched")
+    assert experiment.tags["mlflow.note.content"] == "what this experiment is for"
+
+    with pytest.raises(RuntimeError):  # a crash keeps the curve up to it
+        with Tracker(uri, "batched") as crashed:
+            crashed.parent("recipe", "c")
+            child = crashed.child("train", "c/train", {})
+            crashed.callback_for(child, flush_every_s=3600)(1, {"loss": 2.0})
+            raise RuntimeError("training crashed")
+    assert [m.value for m in client.get_metric_history(child, "loss")] == [2.0]
+    assert client.get_run(child).info.status == "FAILED"
 
 
 def test_bad_key_refused(tmp_path):
@@ -296,17 +346,18 @@ def _http_json(url: str, body: dict | None = None) -> dict:
         return json.loads(resp.read())
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+@contextlib.contextmanager
+def running_server(tmp_path: Path, *extra: str):
+    """A real `mlflow server` on 127.0.0.1 (sqlite store in tmp_path); its URI. Stopped, with its workers, at exit."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    log_file = open(tmp_path / "server.log", "w")
+    log_path = tmp_path / f"server-{port}.log"
+    log_file = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server-{port}.db", *extra],
         cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
@@ -316,8 +367,7 @@ def mlflow_server(tmp_path):
                 break
             except PipelineError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("mlflow server did not start:\n"
-                                         + (tmp_path / "server.log").read_text()[-3000:]) from None
+                    raise AssertionError("mlflow server did not start:\n" + log_path.read_text()[-3000:]) from None
                 time.sleep(0.5)
         yield uri
     finally:
@@ -333,6 +383,12 @@ def mlflow_server(tmp_path):
             except subprocess.TimeoutExpired:
                 continue
         log_file.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    with running_server(tmp_path, "--artifacts-destination", str(tmp_path / "server-artifacts")) as uri:
+        yield uri
 
 
 @pytest.mark.slow
@@ -359,5 +415,22 @@ def test_real_server_over_http(mlflow_server, tmp_path):
     assert by_id[child]["info"]["status"] == by_id[parent]["info"]["status"] == "FINISHED"
     assert by_id[child]["inputs"]["dataset_inputs"][0]["dataset"]["name"] == "tiny"
     assert any((tmp_path / "server-artifacts").rglob("note.txt"))
+    # through the server's artifact proxy, not a path on this machine's disk
+    assert by_id[child]["info"]["artifact_uri"].startswith("mlflow-artifacts:")
     # Re-attach over HTTP as well.
     assert Tracker(mlflow_server, "dept-http").parent("recipe", "http-key") == parent
+
+
+@pytest.mark.slow
+def test_server_storing_artifacts_on_its_local_disk_is_refused_before_training(tmp_path):
+    local_root = tmp_path / "server-local-artifacts"
+    with running_server(tmp_path, "--no-serve-artifacts", "--default-artifact-root", str(local_root)) as uri:
+        tracker = Tracker(uri, "no-proxy")
+        with pytest.raises(PipelineError) as err:
+            tracker.parent("recipe", "np")
+        message = str(err.value)
+        assert "\n" not in message and "--serve-artifacts" in message and "--tracking.experiment" in message
+        assert str(local_root) in message
+        assert _http_json(f"{uri}/api/2.0/mlflow/runs/search", {"experiment_ids": [
+            _http_json(f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=no-proxy")
+            ["experiment"]["experiment_id"]]}).get("runs", []) == []  # no run was started
