@@ -183,11 +183,16 @@ def materialized_random(model: str, seed: int, overrides: dict | None, cache_dir
     torch.manual_seed(seed)
     net = auto.from_config(config)
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
-    net.save_pretrained(work)
+    # Written by hand, not save_pretrained: under torch.distributed that writes the weights on global rank 0 only,
+    # and a rank whose copy had no weights could win the rename below. save_model dedups tied embeddings.
+    from safetensors.torch import save_model
+
+    net.config.save_pretrained(work)
+    save_model(net, str(work / "model.safetensors"))
     tokenizer.save_pretrained(work)
     try:
         os.rename(work, target)
-    except OSError:  # another rank or process finished first
+    except OSError:  # another rank or process finished first (with identical files)
         shutil.rmtree(work, ignore_errors=True)
     return target
 

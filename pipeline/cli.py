@@ -32,6 +32,7 @@ from pipeline.config import (
     RecipeSpec,
     RunArgs,
     build,
+    capped,
     coerce,
     describe,
     did_you_mean,
@@ -67,7 +68,7 @@ def train(**flags) -> None:
         if "task" in flags:
             raise PipelineError("give --task or --custom_task, not both")
         flags["task"] = [_custom_task(flags.pop("custom_task"))]
-    cfg = from_flags(JobConfig, flags, "")
+    cfg = capped(from_flags(JobConfig, flags, ""))
     check_job(cfg)
     prepare_output_dir(cfg, overwrite)
     result = run_job(cfg)
@@ -323,8 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         if debug or world == 1 or not any(w in text.lower() for w in ("timeout", "timed out", "closed by peer",
                                                                         "connection reset", "nccl", "gloo")):
             raise
-        print(f"error{who}: lost contact with another rank ({text.splitlines()[0][:160]}); the failed rank's own "
-              "log names the cause; raise comm_timeout_s if steps are just slow", file=sys.stderr)
+        from pipeline.distributed import name_lost_peers
+
+        lost = name_lost_peers(err)  # checks in with the rendezvous store: a few seconds at most
+        print(f"error{who}: lost contact with {lost} ({text.splitlines()[0][:160]}); that rank's own log names the "
+              "cause; re-run the same command to resume from the last checkpoint, or raise comm_timeout_s if steps "
+              "are just slow", file=sys.stderr)
         return 3
     return 0
 

@@ -564,3 +564,36 @@ class ExportAdapterArgs:
     out: str = option(MISSING, "the directory to write", positional=True)
     format: Literal["peft"] = option("peft", "peft (PeftModel.from_pretrained(base_model, out))")
     base_model: str | None = option(None, "the backbone's name or directory (default: the one the adapter records)")
+
+
+# ---------------------------------------------------------------------------------------------- quick tries
+
+MAX_STEPS_ENV = "DEPT_MAX_STEPS"
+
+
+def capped(cfg: JobConfig) -> JobConfig:
+    """`cfg` with at most $DEPT_MAX_STEPS steps, for trying commands quickly (results are not the recipe's).
+
+    Warm-up, evaluation and checkpoint cadence shrink in proportion, so the schedule keeps its shape. The capped
+    values are what the job records (results.json, MLflow, fingerprint): a later uncapped run does not reuse it.
+    """
+    import os
+
+    text = os.environ.get(MAX_STEPS_ENV, "").strip()
+    if not text:
+        return cfg
+    cap = coerce(text, int, MAX_STEPS_ENV)
+    if cap < 1:
+        raise PipelineError(f"{MAX_STEPS_ENV}={text}: give a positive number of steps or unset it")
+    train = cfg.train
+    if train.steps <= cap:
+        return cfg
+    ratio = cap / train.steps
+
+    def scaled(value: int) -> int:
+        return 0 if value == 0 else max(1, int(value * ratio))
+
+    warmup = min(scaled(train.warmup_steps), cap - 1) if train.warmup_steps else 0
+    new = dataclasses.replace(train, steps=cap, warmup_steps=warmup, eval_every=scaled(train.eval_every),
+                              save_every=scaled(train.save_every), log_every=min(train.log_every, cap))
+    return dataclasses.replace(cfg, train=new)

@@ -133,8 +133,13 @@ def peer_info() -> dict:
     if addr and addr not in addrs:
         addrs.insert(0, addr)
     node = os.environ.get("CROSS_RANK", os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "")))
-    return {"rank": rank(), "node": int(node) if node.isdigit() else None, "host": socket.gethostname(),
-            "addr": addr or (addrs[0] if addrs else ""), "addrs": addrs}
+    return {
+        "rank": rank(),
+        "node": int(node) if node.isdigit() else None,
+        "host": socket.gethostname(),
+        "addr": addr or (addrs[0] if addrs else ""),
+        "addrs": addrs,
+    }
 
 
 def record_peers() -> list[dict]:
@@ -189,8 +194,11 @@ def _describe(ranks: list[int], table: list[dict] | None) -> str:
 def _ranks_at(addresses: list[str], table: list[dict] | None, me: int) -> list[int]:
     if not table:
         return []
-    hits = [e["rank"] for e in table if e["rank"] != me and any(a in e.get("addrs", []) or a == e.get("addr")
-                                                                for a in addresses)]
+    hits = [
+        e["rank"]
+        for e in table
+        if e["rank"] != me and any(a in e.get("addrs", []) or a == e.get("addr") for a in addresses)
+    ]
     if not hits and any(a.startswith("127.") or a == "::1" for a in addresses):  # loopback: a rank of my host
         mine = table[me] if 0 <= me < len(table) else {}
         hits = [e["rank"] for e in table if e["rank"] != me and e.get("host") == mine.get("host")]
@@ -214,8 +222,13 @@ def alive_ranks(grace_s: float = 5.0, store=None) -> list[int] | None:
         return [0]
     try:
         if store is None:
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                  timeout=timedelta(seconds=max(1.0, min(grace_s, 5.0))), wait_for_workers=False)
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                is_master=False,
+                timeout=timedelta(seconds=max(1.0, min(grace_s, 5.0))),
+                wait_for_workers=False,
+            )
         store.set(f"{_ALIVE_PREFIX}{me}", "1")
         count_key = _ALIVE_PREFIX + "count"
         store.add(count_key, 1)
@@ -251,8 +264,9 @@ def name_lost_peers(error: BaseException | str, grace_s: float = 5.0, store=None
     alive = alive_ranks(grace_s, store)
     if alive is None:  # the store does not answer: the host of MASTER_ADDR (rank 0's node) is gone
         master = os.environ.get("MASTER_ADDR", "?")
-        holders = ([e["rank"] for e in table if master in e.get("addrs", []) or master == e.get("addr")]
-                   if table else []) or [0]
+        holders = (
+            [e["rank"] for e in table if master in e.get("addrs", []) or master == e.get("addr")] if table else []
+        ) or [0]
         return f"{_describe(holders, table)}, whose rendezvous store at {master} does not answer"
     lost = [r for r in range(world_size()) if r not in alive]
     if lost:

@@ -78,6 +78,7 @@ def init_distributed(timeout_s: float = 1800) -> tuple[int, int]:
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints op loading; stdout is for results
         deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
     _unlink_shm_buffer()
+    distributed.record_peers()  # rank -> host, address: so a lost rank can be named later
     return dist.get_rank(), dist.get_world_size()
 
 

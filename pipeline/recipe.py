@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import (
+from pipeline.config import (  # noqa: I001
     DataArgs,
     DeptArgs,
     JobConfig,
@@ -37,6 +37,7 @@ from pipeline.config import (
     StageSpec,
     TrainArgs,
     build,
+    capped,
     check_partial,
     did_you_mean,
     to_dict,
@@ -263,7 +264,7 @@ def _job_config(spec: RecipeSpec, stage: StageSpec, output_dir: Path, data: dict
            "on_length_mismatch": stage.on_length_mismatch or spec.on_length_mismatch,
            "model_overrides": spec.model_overrides, "dept": {**spec.dept, **stage.dept}, "train": train,
            "data": {**spec.data, **stage.data, **data}}
-    return build(JobConfig, raw, path)
+    return capped(build(JobConfig, raw, path))
 
 
 def _adapter_of(spec: RecipeSpec, ref: str | None) -> tuple[str | None, str | None]:

@@ -162,59 +162,42 @@ def train(cfg: JobConfig, rows: list[dict], make_evaluator: Callable[[Backbone, 
     if rank == 0 and start_record is not None and not start:
         atomic.write_json(out / "job.json", start_record)
 
-    micro = opts.batch_size // (world * opts.grad_accum)
     lengths = [len(r["input_ids"]) for r in tokenized] if opts.group_by_length else None
     pad_to = shape.max_length if (shape and opts.pad_to_max_length) else None
     pad_id = backbone.tokenizer.pad_token_id
     prompt_tokens = shape.num_virtual_tokens if shape else 0
     trainer.train()
-    progress = _progress(rank, start, opts.steps)
     window = _Window()
-    for step in range(start, opts.steps):
-        tick = time.perf_counter()
-        seed_step(opts.seed, step, rank)
-        rates = trainer.learning_rates()  # the rates this step applies
-        batch_ids = global_batch(len(tokenized), opts.batch_size, step, opts.seed, lengths)
-        step_loss, tokens = 0.0, 0
-        for accum in range(opts.grad_accum):
-            first = (accum * world + rank) * micro
-            batch = collate([tokenized[i] for i in batch_ids[first:first + micro]], pad_id,
-                            backbone.is_encoder_decoder, pad_to)
-            tokens += int(batch["attention_mask"].sum()) + micro * prompt_tokens
-            loss = trainer.forward(batch)
-            if nan_at(step + 1):
-                loss = loss * float("nan")
-            if distributed.any_rank(not torch.isfinite(loss).item()):
-                if opts.on_nonfinite == "stop":
-                    raise PipelineError(f"non-finite loss at step {step + 1}: lower the learning rates or use "
-                                        "on_nonfinite=skip; the last good adapter and checkpoint are kept")
-                log.warning("non-finite loss at step %d: step skipped", step + 1)
-                state["skipped_steps"].append(step + 1)
-                break
-            trainer.backward(loss)
-            trainer.step()
-            step_loss += loss.item() / opts.grad_accum
-        done = step + 1
-        window.add(distributed.mean_over_ranks(step_loss), tokens * world, time.perf_counter() - tick)
-        progress.update(1)
+    with _progress(rank, start, opts.steps) as progress:  # closed (newline) even on an error
+        for step in range(start, opts.steps):
+            tick = time.perf_counter()
+            seed_step(opts.seed, step, rank)
+            rates = trainer.learning_rates()  # the rates this step applies
+            batches = [collate([tokenized[i] for i in ids], pad_id, backbone.is_encoder_decoder, pad_to)
+                       for ids in rank_micro_batches(global_batch(len(tokenized), opts.batch_size, step, opts.seed,
+                                                                  lengths), rank, world, opts.grad_accum)]
+            step_loss = _optimizer_step(trainer, batches, step, opts, state)
+            tokens = sum(int(b["attention_mask"].sum()) + len(b["input_ids"]) * prompt_tokens for b in batches)
+            done = step + 1
+            window.add(distributed.mean_over_ranks(step_loss), tokens * world, time.perf_counter() - tick)
+            progress.update(1)
 
-        if done % opts.log_every == 0 or done == opts.steps:
-            record = {"step": done, **window.flush(), **{f"lr_{name}": lr for name, lr in rates.items()},
-                      "peak_mem_mb": engine.peak_memory_mb()}
-            history.append(record)
-            if rank == 0:
-                _append_jsonl(out / "metrics.jsonl", record)
-                progress.set_postfix(loss=f"{record['loss']:.4f}")
-            for callback in callbacks:
-                callback(done, record)
-        if evaluator and opts.eval_every and (done % opts.eval_every == 0 or done == opts.steps):
-            _validate(trainer.module, evaluator, done, state, out, backbone.name, callbacks)
-        if opts.save_every and done % opts.save_every == 0 and done < opts.steps:
-            checkpoints.save(trainer, done, state)
-            fault("DEPT_FAULT_KILL_AT_STEP", done, rank)  # a kill right after a complete checkpoint
-        fault("DEPT_FAULT_RAISE_AT_STEP", done, rank)
-        fault("DEPT_FAULT_HANG_AT_STEP", done, rank)
-    progress.close()
+            if done % opts.log_every == 0 or done == opts.steps:
+                record = {"step": done, **window.flush(), **{f"lr_{name}": lr for name, lr in rates.items()},
+                          "peak_mem_mb": engine.peak_memory_mb()}
+                history.append(record)
+                if rank == 0:
+                    _append_jsonl(out / "metrics.jsonl", record)
+                    progress.set_postfix(loss=f"{record['loss']:.4f}")
+                for callback in callbacks:
+                    callback(done, record)
+            if evaluator and opts.eval_every and (done % opts.eval_every == 0 or done == opts.steps):
+                _validate(trainer.module, evaluator, done, state, out, backbone.name, callbacks)
+            if opts.save_every and done % opts.save_every == 0 and done < opts.steps:
+                checkpoints.save(trainer, done, state)
+                fault("DEPT_FAULT_KILL_AT_STEP", done, rank)  # a kill right after a complete checkpoint
+            fault("DEPT_FAULT_RAISE_AT_STEP", done, rank)
+            fault("DEPT_FAULT_HANG_AT_STEP", done, rank)
 
     if evaluator and not opts.eval_every:
         _validate(trainer.module, evaluator, opts.steps, state, out, backbone.name, callbacks)
@@ -239,6 +222,34 @@ def train(cfg: JobConfig, rows: list[dict], make_evaluator: Callable[[Backbone, 
         trainable_names=[name for name, _ in trainer.trainable],
         dept_shape=shape.to_dict() if shape else None, sharding=sharding, probe=probe, world_size=world,
         notes=notes)
+
+
+def rank_micro_batches(global_ids: list[int], rank: int, world: int, grad_accum: int) -> list[list[int]]:
+    """This rank's micro-batches of a global batch: accumulation step a takes slice a, and within it the ranks
+    take consecutive parts (rank r of slice a: rows [(a * world + r) * micro, ... + micro))."""
+    micro = len(global_ids) // (world * grad_accum)
+    return [global_ids[(a * world + rank) * micro:(a * world + rank + 1) * micro] for a in range(grad_accum)]
+
+
+def _optimizer_step(trainer, batches: list[dict], step: int, opts, state: dict) -> float:
+    """Forward and backward over this rank's micro-batches, then the optimizer step (DeepSpeed steps at the
+    accumulation boundary); returns the mean loss. A non-finite loss on any rank stops the job, or skips the step."""
+    total = 0.0
+    for batch in batches:
+        loss = trainer.forward(batch)
+        if nan_at(step + 1):
+            loss = loss * float("nan")
+        if distributed.any_rank(not torch.isfinite(loss).item()):
+            if opts.on_nonfinite == "stop":
+                raise PipelineError(f"non-finite loss at step {step + 1}: lower the learning rates or use "
+                                    "on_nonfinite=skip; the last good adapter and checkpoint are kept")
+            log.warning("non-finite loss at step %d: step skipped", step + 1)
+            state["skipped_steps"].append(step + 1)
+            return total
+        trainer.backward(loss)
+        trainer.step()
+        total += loss.item() / len(batches)
+    return total
 
 
 class _Window:

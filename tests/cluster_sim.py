@@ -62,8 +62,10 @@ def missing() -> str | None:
         return "the simulated cluster needs root (network namespaces, sshd)"
     absent = [tool for tool in TOOLS if _which(tool) is None]
     if absent:
-        return (f"the simulated cluster needs {', '.join(absent)} "
-                "(Debian: apt-get install -y iproute2 openssh-server openssh-client pdsh util-linux)")
+        return (
+            f"the simulated cluster needs {', '.join(absent)} "
+            "(Debian: apt-get install -y iproute2 openssh-server openssh-client pdsh util-linux)"
+        )
     probe = f"dptprobe{secrets.token_hex(3)}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=10)
     if made.returncode != 0:
@@ -82,7 +84,7 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 class Node:
     """One simulated host: a namespace, its address and its sshd."""
 
-    def __init__(self, cluster: "SimCluster", index: int):
+    def __init__(self, cluster: SimCluster, index: int):
         self.cluster = cluster
         self.index = index
         self.ns = f"{cluster.prefix}n{index}"
@@ -151,8 +153,15 @@ class Node:
         sshd = [_which("sshd"), "-D", "-e", "-f", str(self.dir / "sshd_config")]
         if hide:
             mounts = " && ".join(f"mount -t tmpfs -o size=1m,mode=0700 dptsim {shlex.quote(str(d))}" for d in hide)
-            sshd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                    f"{mounts} && exec {' '.join(shlex.quote(a) for a in sshd)}"]
+            sshd = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f"{mounts} && exec {' '.join(shlex.quote(a) for a in sshd)}",
+            ]
         log = open(self.dir / "sshd.log", "ab")
         try:
             self.sshd = self.popen(sshd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -161,8 +170,9 @@ class Node:
         deadline = time.monotonic() + timeout
         while True:
             if self.sshd.poll() is not None:
-                raise RuntimeError(f"sshd of {self.ns} exited {self.sshd.returncode}: "
-                                   f"{(self.dir / 'sshd.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"sshd of {self.ns} exited {self.sshd.returncode}: {(self.dir / 'sshd.log').read_text()[-2000:]}"
+                )
             probe = self.cluster.ssh(self.cluster.nodes[0] if self.index else self, self, ["true"], timeout=10)
             if probe.returncode == 0:
                 return
@@ -173,30 +183,38 @@ class Node:
     def _configure(self) -> None:
         self.dir.mkdir()
         key = self.dir / "ssh_host_ed25519_key"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", self.ns, "-f", str(key)],
-                       check=True, capture_output=True, timeout=30)
-        (self.dir / "sshd_config").write_text("\n".join([
-            f"ListenAddress {self.addr}",
-            "Port 22",
-            f"HostKey {key}",
-            f"PidFile {self.dir / 'sshd.pid'}",
-            f"AuthorizedKeysFile {self.cluster.dir / 'authorized_keys'}",
-            "PermitRootLogin prohibit-password",
-            "PubkeyAuthentication yes",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "UsePAM no",
-            "StrictModes no",  # the key files live under /tmp (world-writable), which strict modes refuse
-            "PrintMotd no",
-            "X11Forwarding no",
-            "AllowTcpForwarding no",
-            # the deepspeed launcher passes its environment inside the remote command line (`export K=V; ...`),
-            # so sshd needs no AcceptEnv / PermitUserEnvironment
-            "PermitUserEnvironment no",
-            "MaxStartups 64:30:128",
-            "LogLevel ERROR",
-            "",
-        ]))
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", self.ns, "-f", str(key)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        (self.dir / "sshd_config").write_text(
+            "\n".join(
+                [
+                    f"ListenAddress {self.addr}",
+                    "Port 22",
+                    f"HostKey {key}",
+                    f"PidFile {self.dir / 'sshd.pid'}",
+                    f"AuthorizedKeysFile {self.cluster.dir / 'authorized_keys'}",
+                    "PermitRootLogin prohibit-password",
+                    "PubkeyAuthentication yes",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "StrictModes no",  # the key files live under /tmp (world-writable), which strict modes refuse
+                    "PrintMotd no",
+                    "X11Forwarding no",
+                    "AllowTcpForwarding no",
+                    # the deepspeed launcher passes its environment inside the remote command line (`export K=V; ...`),
+                    # so sshd needs no AcceptEnv / PermitUserEnvironment
+                    "PermitUserEnvironment no",
+                    "MaxStartups 64:30:128",
+                    "LogLevel ERROR",
+                    "",
+                ]
+            )
+        )
 
 
 class SimCluster:
@@ -214,7 +232,7 @@ class SimCluster:
         self._namespaces: list[str] = []
 
     # --- lifecycle --------------------------------------------------------------------------------------------
-    def __enter__(self) -> "SimCluster":
+    def __enter__(self) -> SimCluster:
         try:
             self._create()
         except BaseException:
@@ -230,8 +248,12 @@ class SimCluster:
         if reason:
             raise RuntimeError(reason)
         key = self.dir / "id_ed25519"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{self.prefix}-client", "-f", str(key)],
-                       check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{self.prefix}-client", "-f", str(key)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         (self.dir / "authorized_keys").write_text((self.dir / "id_ed25519.pub").read_text())
         if not os.path.isdir("/run/sshd"):  # sshd's privilege-separation directory
             os.makedirs("/run/sshd", mode=0o755)
@@ -249,7 +271,18 @@ class SimCluster:
             self._namespaces.append(node.ns)
             _ip("-n", node.ns, "link", "set", "lo", "up")
             # the pair is born in the switch namespace: one end stays on the bridge, the other moves to the node
-            _ip("-n", self.switch, "link", "add", node.veth, "type", "veth", "peer", "name", f"{self.prefix}p{node.index}")
+            _ip(
+                "-n",
+                self.switch,
+                "link",
+                "add",
+                node.veth,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"{self.prefix}p{node.index}",
+            )
             _ip("-n", self.switch, "link", "set", f"{self.prefix}p{node.index}", "netns", node.ns)
             _ip("-n", node.ns, "link", "set", f"{self.prefix}p{node.index}", "name", IFNAME)
             _ip("-n", node.ns, "addr", "add", f"{node.addr}/24", "dev", IFNAME)
@@ -259,26 +292,30 @@ class SimCluster:
             host_key = (node.dir / "ssh_host_ed25519_key.pub").read_text().split()
             known.append(f"{node.addr} {host_key[0]} {host_key[1]}")
         (self.dir / "known_hosts").write_text("\n".join(known) + "\n")
-        (self.dir / "ssh_config").write_text("\n".join([
-            f"Host {SUBNET}.*",
-            "  User root",
-            f"  IdentityFile {key}",
-            "  IdentitiesOnly yes",
-            f"  UserKnownHostsFile {self.dir / 'known_hosts'}",
-            "  GlobalKnownHostsFile /dev/null",
-            "  StrictHostKeyChecking yes",
-            "  BatchMode yes",
-            "  ConnectTimeout 5",
-            "  ServerAliveInterval 5",
-            "  ServerAliveCountMax 3",
-            "  LogLevel ERROR",
-            "Host *",  # anything else: refuse at once instead of trying root's own keys and config
-            "  BatchMode yes",
-            "  IdentitiesOnly yes",
-            "  IdentityFile /dev/null",
-            "  ConnectTimeout 5",
-            "",
-        ]))
+        (self.dir / "ssh_config").write_text(
+            "\n".join(
+                [
+                    f"Host {SUBNET}.*",
+                    "  User root",
+                    f"  IdentityFile {key}",
+                    "  IdentitiesOnly yes",
+                    f"  UserKnownHostsFile {self.dir / 'known_hosts'}",
+                    "  GlobalKnownHostsFile /dev/null",
+                    "  StrictHostKeyChecking yes",
+                    "  BatchMode yes",
+                    "  ConnectTimeout 5",
+                    "  ServerAliveInterval 5",
+                    "  ServerAliveCountMax 3",
+                    "  LogLevel ERROR",
+                    "Host *",  # anything else: refuse at once instead of trying root's own keys and config
+                    "  BatchMode yes",
+                    "  IdentitiesOnly yes",
+                    "  IdentityFile /dev/null",
+                    "  ConnectTimeout 5",
+                    "",
+                ]
+            )
+        )
         for node in self.nodes:
             node.start_sshd()
 
@@ -339,13 +376,21 @@ class WriteWatch:
         self._fd = -1
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "WriteWatch":
+    def __enter__(self) -> WriteWatch:
         libc = ctypes.CDLL(None, use_errno=True)
         self._fd = libc.fanotify_init(_FAN_CLOEXEC | _FAN_NONBLOCK, os.O_RDONLY)
         if self._fd < 0:
             raise OSError(ctypes.get_errno(), "fanotify_init")
-        if libc.fanotify_mark(self._fd, _FAN_MARK_ADD | _FAN_MARK_FILESYSTEM, ctypes.c_uint64(_FAN_CLOSE_WRITE),
-                              _AT_FDCWD, self.root.encode()) != 0:
+        if (
+            libc.fanotify_mark(
+                self._fd,
+                _FAN_MARK_ADD | _FAN_MARK_FILESYSTEM,
+                ctypes.c_uint64(_FAN_CLOSE_WRITE),
+                _AT_FDCWD,
+                self.root.encode(),
+            )
+            != 0
+        ):
             err = ctypes.get_errno()
             os.close(self._fd)
             raise OSError(err, "fanotify_mark")
@@ -385,7 +430,7 @@ class WriteWatch:
                     os.close(fd)
                 if not path.startswith(self.root):
                     continue
-                self.writes.append((path[len(self.root):], pid, *self._who(pid)))
+                self.writes.append((path[len(self.root) :], pid, *self._who(pid)))
 
     def _who(self, pid: int) -> tuple[str | None, str | None]:
         rank = ns = None

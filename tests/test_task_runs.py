@@ -20,7 +20,7 @@ def rte_args(model_dir, out, mode, *extra):
             "--max_eval_rows", "24", "--lr_lowrank", "0.01", *extra]
 
 
-@pytest.mark.parametrize("arch,mode", [("t5", "generate"), ("llama", "score"), ("t5", "score"), ("llama", "generate")])
+@pytest.mark.parametrize("arch,mode", [("t5", "generate"), ("llama", "score")])  # LLaMA generation: test_real_backbone
 def test_tiny_backbone_trains_on_rte_on_two_ranks(arch, mode, tiny_models, tmp_path):
     run(rte_args(tiny_models[arch], tmp_path / "run", mode), nproc=2, launcher="deepspeed")
     result = read_results(tmp_path / "run")
@@ -40,8 +40,6 @@ def test_predict_and_evaluate_reuse_the_adapter(tiny_models, tmp_path):
     model = tiny_models["t5"]
     run(rte_args(model, tmp_path / "run", "score"), nproc=2, launcher="deepspeed")
     rows = tmp_path / "rows.jsonl"
-    source = json.loads((tmp_path / "run" / "results.json").read_text())
-    del source
     from pipeline.tasks import load_raw_split
 
     raw = load_raw_split("rte", "validation")[:10]

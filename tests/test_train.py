@@ -57,6 +57,16 @@ def test_the_global_batch_is_a_function_of_the_step_only():
     assert global_batch(3, 8, 0, seed=1).count(0) >= 2  # fewer rows than a batch: repeated to fill it
 
 
+def test_the_ranks_split_every_global_batch_without_overlap():
+    from pipeline.train import rank_micro_batches
+
+    ids = list(range(100, 124))  # a global batch of 24 rows, 2 ranks x 3 accumulation steps of 4
+    parts = {rank: rank_micro_batches(ids, rank, 2, 3) for rank in (0, 1)}
+    assert parts[0] == [[100, 101, 102, 103], [108, 109, 110, 111], [116, 117, 118, 119]]
+    assert sorted(i for rank in parts.values() for micro in rank for i in micro) == ids
+    assert rank_micro_batches(ids, 0, 1, 1) == [ids]
+
+
 def test_one_rank_trains_two_rates_on_their_schedule(tmp_path, toy_task):
     cfg = job(tmp_path, toy_task, steps=8)
     result = train(cfg, read_source_target(toy_task))
