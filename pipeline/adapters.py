@@ -33,8 +33,9 @@ def adapter_tensors(prompt_module: DePTPrompt) -> dict[str, torch.Tensor]:
         return {name: param.detach().float().clone().cpu() for name, param in named.items()}
 
 
-def save_adapter(prompt_module: DePTPrompt, path: str | Path, backbone_name: str, rank: int = 0,
-                 extra: dict | None = None) -> dict[str, torch.Tensor]:
+def save_adapter(
+    prompt_module: DePTPrompt, path: str | Path, backbone_name: str, rank: int = 0, extra: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Gather on every rank, write on rank 0 (atomically). Returns the gathered tensors."""
     tensors = adapter_tensors(prompt_module)
     if rank == 0:
@@ -42,8 +43,13 @@ def save_adapter(prompt_module: DePTPrompt, path: str | Path, backbone_name: str
     return tensors
 
 
-def write_adapter(tensors: dict[str, torch.Tensor], config: DeptConfig, path: str | Path, backbone_name: str,
-                  extra: dict | None = None) -> None:
+def write_adapter(
+    tensors: dict[str, torch.Tensor],
+    config: DeptConfig,
+    path: str | Path,
+    backbone_name: str,
+    extra: dict | None = None,
+) -> None:
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise PipelineError(f"refusing to write adapter {path}: tensor {name} holds NaN/inf values")
@@ -71,18 +77,26 @@ def read_adapter(path: str | Path) -> tuple[DeptConfig, dict[str, torch.Tensor],
     if not path.is_dir():
         raise PipelineError(f"adapter {path} does not exist: pass a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}")
     if not config_file.exists() or not weights_file.exists():
-        hint = " (an authors' DePT adapter? convert it with `dept import-adapter`)" if (path / "adapter_model.bin").exists() else ""
+        hint = (
+            " (an authors' DePT adapter? convert it with `dept import-adapter`)"
+            if (path / "adapter_model.bin").exists()
+            else ""
+        )
         raise PipelineError(f"adapter {path} lacks {CONFIG_NAME} or {WEIGHTS_NAME}{hint}")
     try:
         meta = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise PipelineError(f"adapter config {config_file} is not valid JSON ({err.msg}, line {err.lineno})") from None
     if meta.get("format_version") != FORMAT_VERSION:
-        raise PipelineError(f"adapter {path} is not a dept-pipeline adapter (format_version {meta.get('format_version')!r})")
+        raise PipelineError(
+            f"adapter {path} is not a dept-pipeline adapter (format_version {meta.get('format_version')!r})"
+        )
     digest = hashlib.sha256(weights_file.read_bytes()).hexdigest()
     if meta.get("weights_sha256") != digest:
-        raise PipelineError(f"adapter {path}: {WEIGHTS_NAME} does not match its recorded checksum (truncated or "
-                            "modified file); re-export or retrain the adapter")
+        raise PipelineError(
+            f"adapter {path}: {WEIGHTS_NAME} does not match its recorded checksum (truncated or "
+            "modified file); re-export or retrain the adapter"
+        )
     fields = {k: meta[k] for k in DeptConfig.__dataclass_fields__ if k in meta}
     config = DeptConfig(**fields)
     tensors = load_file(str(weights_file))
@@ -101,8 +115,10 @@ def expected_shapes(config: DeptConfig) -> dict[str, tuple[int, ...]]:
 def check_shapes(tensors: dict[str, torch.Tensor], config: DeptConfig, where: str) -> None:
     expected = expected_shapes(config)
     if set(tensors) != set(expected):
-        raise PipelineError(f"{where}: tensors {sorted(tensors)} but a m={config.num_virtual_tokens}, r={config.r} "
-                            f"adapter holds {sorted(expected)}")
+        raise PipelineError(
+            f"{where}: tensors {sorted(tensors)} but a m={config.num_virtual_tokens}, r={config.r} "
+            f"adapter holds {sorted(expected)}"
+        )
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise PipelineError(f"{where}: {name} has shape {list(tensors[name].shape)}, config says {list(shape)}")
@@ -111,11 +127,15 @@ def check_shapes(tensors: dict[str, torch.Tensor], config: DeptConfig, where: st
 def check_fits(config: DeptConfig, d_model: int, max_length: int, where: str) -> None:
     """An adapter fits a backbone when d matches, and a run when its A has exactly s rows."""
     if config.d_model != d_model:
-        raise PipelineError(f"adapter {where} has d_model {config.d_model} but the backbone's embeddings are "
-                            f"{d_model} wide: use an adapter trained on this backbone geometry")
+        raise PipelineError(
+            f"adapter {where} has d_model {config.d_model} but the backbone's embeddings are "
+            f"{d_model} wide: use an adapter trained on this backbone geometry"
+        )
     if config.r > 0 and config.max_length != max_length:
-        raise PipelineError(f"adapter {where} has max_length s={config.max_length} (rows of A) but this run uses "
-                            f"s={max_length}: set max_length to {config.max_length} or choose how to resize A")
+        raise PipelineError(
+            f"adapter {where} has max_length s={config.max_length} (rows of A) but this run uses "
+            f"s={max_length}: set max_length to {config.max_length} or choose how to resize A"
+        )
 
 
 def load_into(prompt_module: DePTPrompt, tensors: dict[str, torch.Tensor]) -> None:
@@ -127,8 +147,9 @@ def load_into(prompt_module: DePTPrompt, tensors: dict[str, torch.Tensor]) -> No
             getattr(prompt_module, name).copy_(tensor)
 
 
-def fit_length(config: DeptConfig, tensors: dict[str, torch.Tensor], max_length: int, policy: str,
-               where: str) -> tuple[DeptConfig, dict[str, torch.Tensor]]:
+def fit_length(
+    config: DeptConfig, tensors: dict[str, torch.Tensor], max_length: int, policy: str, where: str
+) -> tuple[DeptConfig, dict[str, torch.Tensor]]:
     """Adapt A [s, r] to a run with another max length: `error` (default), `truncate` (keep the first rows,
     when the new s is smaller) or `pad` (append zero rows, i.e. no offset for the new positions)."""
     import dataclasses
@@ -137,8 +158,10 @@ def fit_length(config: DeptConfig, tensors: dict[str, torch.Tensor], max_length:
         return config, tensors
     old = config.max_length
     if policy == "error":
-        raise PipelineError(f"adapter {where} has max_length s={old} but this run uses s={max_length}: set "
-                            f"max_length to {old}, or on_length_mismatch to truncate/pad")
+        raise PipelineError(
+            f"adapter {where} has max_length s={old} but this run uses s={max_length}: set "
+            f"max_length to {old}, or on_length_mismatch to truncate/pad"
+        )
     if policy == "truncate" and max_length > old:
         raise PipelineError(f"adapter {where}: cannot truncate A from s={old} to a longer s={max_length}; use pad")
     if policy == "pad" and max_length < old:

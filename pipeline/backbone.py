@@ -2,6 +2,7 @@
 
 `model` strings name where a backbone comes from:
   - a hub name or a local directory (`t5-base`, `meta-llama/Llama-2-7b-hf`, `./my-model`): `from_pretrained`;
+  - a model shipped with the package, by name (`stories260K`, a real pretrained TinyStories LLaMA: the quickstart's);
   - `random:<preset>` (`random:tiny-t5`, `random:t5-base`, `random:llama-7b`, ...): built from a config with
     random weights, for tests, the quickstart and benchmarks. Tiny presets get a sentencepiece tokenizer trained
     on text shipped with the package.
@@ -21,23 +22,55 @@ from torch import nn
 
 from pipeline.engine import gathered, sharded_construction
 from pipeline.errors import PipelineError
+from pipeline.resources import model_location
 
 log = logging.getLogger(__name__)
 
 # Geometries by name. Tiny ones take their vocabulary size from the trained tokenizer.
 PRESETS: dict[str, dict] = {
-    "tiny-t5": dict(arch="t5", d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-                    dropout_rate=0.0, feed_forward_proj="relu", tie_word_embeddings=True),
-    "tiny-llama": dict(arch="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                       tie_word_embeddings=False),
+    "tiny-t5": dict(
+        arch="t5",
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        feed_forward_proj="relu",
+        tie_word_embeddings=True,
+    ),
+    "tiny-llama": dict(
+        arch="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    ),
     "t5-small": dict(arch="t5", vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
     "t5-base": dict(arch="t5", vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12),
     "t5-large": dict(arch="t5", vocab_size=32128, d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_heads=16),
-    "llama-1b": dict(arch="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                     num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=32),
-    "llama-7b": dict(arch="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+    "llama-1b": dict(
+        arch="llama",
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
+    "llama-7b": dict(
+        arch="llama",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
 }
 RANDOM_PREFIX = "random:"
 # Random presets small enough to build whole on one process are built once per (preset, seed, overrides) and saved
@@ -67,7 +100,7 @@ def build_config(model: str, vocab_size: int, overrides: dict | None = None, spe
     """A transformers config for `random:<preset>` with `overrides` (any config field) applied."""
     from transformers import LlamaConfig, T5Config
 
-    preset_name = model[len(RANDOM_PREFIX):]
+    preset_name = model[len(RANDOM_PREFIX) :]
     if preset_name not in PRESETS:
         raise PipelineError(
             f"unknown random preset {preset_name!r}: choose one of {', '.join(sorted(PRESETS))} (random:<preset>)"
@@ -90,6 +123,7 @@ def load_tokenizer(model: str, cache_dir: str | Path | None = None):
     """The model's own tokenizer, or for `random:` presets one trained with sentencepiece (cached)."""
     from transformers import AutoTokenizer
 
+    model = model_location(model)
     if is_random(model):
         from pipeline.tokenizer import trained_tokenizer
 
@@ -126,7 +160,8 @@ def load_backbone(
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
         raise PipelineError(f"model path {model!r} does not exist: pass an existing model directory")
     name = model
-    if is_random(model) and model[len(RANDOM_PREFIX):] in MATERIALIZED_PRESETS:
+    model = model_location(model)  # a shipped model by name (stories260K)
+    if is_random(model) and model[len(RANDOM_PREFIX) :] in MATERIALIZED_PRESETS:
         model, overrides = str(materialized_random(model, seed, overrides, cache_dir)), None
     tokenizer = load_tokenizer(model, cache_dir)
     with sharded_construction(ds_config):
@@ -170,7 +205,11 @@ def materialized_random(model: str, seed: int, overrides: dict | None, cache_dir
 
     key = json.dumps([model, seed, overrides or {}, transformers.__version__.rsplit(".", 1)[0]], sort_keys=True)
     root = Path(cache_dir) if cache_dir else cache_root()
-    target = root / "random-backbones" / f"{model[len(RANDOM_PREFIX):]}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    target = (
+        root
+        / "random-backbones"
+        / f"{model[len(RANDOM_PREFIX) :]}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    )
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +245,7 @@ def column_major_output_grads(net: nn.Module) -> None:
     over 15 min). The same product with grad_output column-major takes the fast path. Values are unchanged; only the
     memory layout of the incoming gradient is. GPUs never reach the hook's body.
     """
+
     def to_column_major(grad: torch.Tensor) -> torch.Tensor:
         flat = grad.reshape(-1, grad.shape[-1])  # [tokens, out]; splitting dim 0 back keeps the matmul's fold a view
         return flat.t().contiguous().t().view(grad.shape)

@@ -54,8 +54,12 @@ class Checkpoints:
         rank = distributed.rank()
         tag = f"step-{step:08d}"
         if rank == 0:
-            state = {"format_version": FORMAT_VERSION, "step": step, "run_state": run_state,
-                     "world_size": distributed.world_size()}
+            state = {
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "run_state": run_state,
+                "world_size": distributed.world_size(),
+            }
             with atomic.replace_dir(self.root / tag) as tmp:
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
                 (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
@@ -85,14 +89,22 @@ class Checkpoints:
         try:
             state = json.loads((folder / "state.json").read_text())
         except (OSError, json.JSONDecodeError):
-            raise PipelineError(f"checkpoint {folder} has no readable state.json (written by an older version?): "
-                                "delete the checkpoints folder to start over") from None
+            raise PipelineError(
+                f"checkpoint {folder} has no readable state.json (written by an older version?): "
+                "delete the checkpoints folder to start over"
+            ) from None
         if state.get("format_version") != FORMAT_VERSION:
-            raise PipelineError(f"checkpoint {folder} has format {state.get('format_version')!r}, this version reads "
-                                f"{FORMAT_VERSION}: delete the checkpoints folder to start over")
+            raise PipelineError(
+                f"checkpoint {folder} has format {state.get('format_version')!r}, this version reads "
+                f"{FORMAT_VERSION}: delete the checkpoints folder to start over"
+            )
         engine.load_trainable_state(load_file(str(folder / "trainable.safetensors")), state["step"])
         if state["world_size"] != distributed.world_size() and distributed.rank() == 0:
-            log.warning("resuming a checkpoint written on %d ranks on %d ranks: the data order and schedule continue "
-                        "by global step; dropout masks differ from an uninterrupted run on %d ranks",
-                        state["world_size"], distributed.world_size(), distributed.world_size())
+            log.warning(
+                "resuming a checkpoint written on %d ranks on %d ranks: the data order and schedule continue "
+                "by global step; dropout masks differ from an uninterrupted run on %d ranks",
+                state["world_size"],
+                distributed.world_size(),
+                distributed.world_size(),
+            )
         return int(state["step"]), state["run_state"]

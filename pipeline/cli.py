@@ -41,9 +41,11 @@ from pipeline.config import (
 )
 from pipeline.errors import PipelineError
 
-CLI_ONLY_TRAIN = {"overwrite": "replace a finished job in output_dir (otherwise refused)",
-                  "custom_task": "a custom task YAML file (or mapping): name, data_files, input_columns, label_column, "
-                                 "metric [, template, label_words]"}
+CLI_ONLY_TRAIN = {
+    "overwrite": "replace a finished job in output_dir (otherwise refused)",
+    "custom_task": "a custom task YAML file (or mapping): name, data_files, input_columns, label_column, "
+    "metric [, template, label_words]",
+}
 GLOBAL_FLAGS = ("debug", "local_rank", "help")
 
 
@@ -108,8 +110,10 @@ def import_adapter(src: str, out: str, **flags) -> None:
     args = build(ImportAdapterArgs, {"src": src, "out": out, **flags}, "import-adapter")
     config, _, meta = import_authors_adapter(args.src, args.out, args.allow_missing_lowrank)
     note = " (A/B missing: zero offset, behaves as prompt tuning)" if meta.get("lowrank_missing") else ""
-    print(f"imported {args.src} -> {args.out}: m={config.num_virtual_tokens}, r={config.r}, "
-          f"s={config.max_length}, d={config.d_model}, backbone {meta.get('backbone') or '?'}{note}")
+    print(
+        f"imported {args.src} -> {args.out}: m={config.num_virtual_tokens}, r={config.r}, "
+        f"s={config.max_length}, d={config.d_model}, backbone {meta.get('backbone') or '?'}{note}"
+    )
 
 
 def export_adapter(adapter: str, out: str, **flags) -> None:
@@ -147,11 +151,15 @@ def prepare_output_dir(cfg: JobConfig, overwrite: bool) -> None:
     out = Path(cfg.output_dir)
     state, changed = recorded_state(cfg)
     if state == "finished" and not overwrite:
-        raise PipelineError(f"{out} already holds a finished job (results.json): pass --overwrite to replace it or "
-                            "choose another --output_dir")
+        raise PipelineError(
+            f"{out} already holds a finished job (results.json): pass --overwrite to replace it or "
+            "choose another --output_dir"
+        )
     if state == "changed" and not overwrite:
-        raise PipelineError(f"{out} holds a checkpointed job started with other settings ({', '.join(changed[:5])}): "
-                            "pass --overwrite to start over or choose another --output_dir")
+        raise PipelineError(
+            f"{out} holds a checkpointed job started with other settings ({', '.join(changed[:5])}): "
+            "pass --overwrite to start over or choose another --output_dir"
+        )
     if overwrite and out.exists() and int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(out)
 
@@ -169,10 +177,15 @@ class Command:
 
 
 COMMANDS = {
-    "run": Command(run, RunArgs, "every stage of a recipe (source pretraining -> few-shot transfer), tracked in "
-                   "MLflow", overrides=True),
-    "train": Command(train, JobConfig, "one training job on a task, a custom task or a source/target file",
-                     extra=CLI_ONLY_TRAIN),
+    "run": Command(
+        run,
+        RunArgs,
+        "every stage of a recipe (source pretraining -> few-shot transfer), tracked in MLflow",
+        overrides=True,
+    ),
+    "train": Command(
+        train, JobConfig, "one training job on a task, a custom task or a source/target file", extra=CLI_ONLY_TRAIN
+    ),
     "evaluate": Command(evaluate, EvaluateArgs, "an adapter's metrics on a task's split"),
     "predict": Command(predict, PredictArgs, "an adapter's predictions for the rows of a file"),
     "bench": Command(bench, None, "time and memory of DePT vs prompt tuning; ZeRO-3 scale test"),
@@ -206,8 +219,9 @@ def parse(argv: list[str]) -> tuple[str, list[str], dict[str, str]]:
         raise SystemExit(print(f"dept-pipeline {__version__}") or 0)
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        raise PipelineError(f"unknown command {name!r}{did_you_mean(name, COMMANDS)}; commands: "
-                            f"{', '.join(COMMANDS)} (dept --help)")
+        raise PipelineError(
+            f"unknown command {name!r}{did_you_mean(name, COMMANDS)}; commands: {', '.join(COMMANDS)} (dept --help)"
+        )
     command = COMMANDS[name]
     if any(word in ("-h", "--help") for word in rest):
         raise SystemExit(print(help_text(name)) or 0)
@@ -218,8 +232,10 @@ def parse(argv: list[str]) -> tuple[str, list[str], dict[str, str]]:
     def check(key: str) -> None:
         if key in flags or (command.overrides and ("." in key or key in recipe_keys)):
             return  # recipe overrides are checked by the recipe loader, which names their path
-        raise PipelineError(f"{name}: unknown flag --{key}{did_you_mean(key, list(flags) + recipe_keys)} "
-                            f"(dept {name} --help lists the flags)")
+        raise PipelineError(
+            f"{name}: unknown flag --{key}{did_you_mean(key, list(flags) + recipe_keys)} "
+            f"(dept {name} --help lists the flags)"
+        )
 
     words, values, i = [], {}, 0
     while i < len(rest):
@@ -247,14 +263,21 @@ def parse(argv: list[str]) -> tuple[str, list[str], dict[str, str]]:
     if len(words) > len(positionals):
         stray = words[len(positionals)]
         hint = " (did you mean --" + stray + "?)" if "=" in stray else ""
-        raise PipelineError(f"{name}: unexpected word {stray!r}{hint}; dept {name} takes "
-                            f"{len(positionals)} positional argument(s) ({', '.join(positionals) or 'none'})")
+        raise PipelineError(
+            f"{name}: unexpected word {stray!r}{hint}; dept {name} takes "
+            f"{len(positionals)} positional argument(s) ({', '.join(positionals) or 'none'})"
+        )
     return name, words, values
 
 
 def overview() -> str:
-    lines = [f"dept-pipeline {__version__}: Decomposed Prompt Tuning on DeepSpeed ZeRO-3", "",
-             "usage: dept COMMAND [ARGS] [--flag value ...]   (dept COMMAND --help for its flags)", "", "commands:"]
+    lines = [
+        f"dept-pipeline {__version__}: Decomposed Prompt Tuning on DeepSpeed ZeRO-3",
+        "",
+        "usage: dept COMMAND [ARGS] [--flag value ...]   (dept COMMAND --help for its flags)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<15} {command.summary}" for name, command in COMMANDS.items()]
     lines += ["", "Under several ranks: ./launch.sh COMMAND ... (the deepspeed launcher; HOSTFILE=... for nodes)."]
     return "\n".join(lines)
@@ -274,13 +297,20 @@ def help_text(name: str) -> str:
     if command.overrides:
         from pipeline.resources import shipped_names
 
-        lines += ["", "recipe overrides (the command line wins over the file):",
-                  "  --train.steps=100 / train.steps=100     every stage's steps (dept., train., data. sections)",
-                  "  --stages.NAME.train.steps=40            one stage's value (stages by name or index)",
-                  "  --output_dir=DIR --model=NAME --ds_config=NAME   any top-level recipe key",
-                  "", f"shipped recipes: {', '.join(shipped_names('recipe'))}"]
-    lines += ["", "aliases: --lora_rank is the recipe key r (the launchers would take --r for their own flags); "
-              "--task (and --custom_task) fill the data section's tasks; --mode is eval_mode."]
+        lines += [
+            "",
+            "recipe overrides (the command line wins over the file):",
+            "  --train.steps=100 / train.steps=100     every stage's steps (dept., train., data. sections)",
+            "  --stages.NAME.train.steps=40            one stage's value (stages by name or index)",
+            "  --output_dir=DIR --model=NAME --ds_config=NAME   any top-level recipe key",
+            "",
+            f"shipped recipes: {', '.join(shipped_names('recipe'))}",
+        ]
+    lines += [
+        "",
+        "aliases: --lora_rank is the recipe key r (the launchers would take --r for their own flags); "
+        "--task (and --custom_task) fill the data section's tasks; --mode is eval_mode.",
+    ]
     return "\n".join(lines)
 
 
@@ -289,8 +319,11 @@ def help_text(name: str) -> str:
 
 def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -310,10 +343,16 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging()
         import fire
 
-        fire.Fire({n: c.function for n, c in COMMANDS.items()},
-                  command=[name, *positionals, *(f"--{k}={v}" for k, v in values.items())], name="dept")
+        fire.Fire(
+            {n: c.function for n, c in COMMANDS.items()},
+            command=[name, *positionals, *(f"--{k}={v}" for k, v in values.items())],
+            name="dept",
+        )
     except SystemExit as stop:
         return int(stop.code or 0)
+    except BrokenPipeError:  # `dept train --help | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except PipelineError as err:
         if debug:
             raise
@@ -321,15 +360,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as err:  # a peer rank died or hangs: gloo/NCCL errors and collective timeouts
         text = str(err)
-        if debug or world == 1 or not any(w in text.lower() for w in ("timeout", "timed out", "closed by peer",
-                                                                        "connection reset", "nccl", "gloo")):
+        if (
+            debug
+            or world == 1
+            or not any(
+                w in text.lower()
+                for w in ("timeout", "timed out", "closed by peer", "connection reset", "nccl", "gloo")
+            )
+        ):
             raise
         from pipeline.distributed import name_lost_peers
 
         lost = name_lost_peers(err)  # checks in with the rendezvous store: a few seconds at most
-        print(f"error{who}: lost contact with {lost} ({text.splitlines()[0][:160]}); that rank's own log names the "
-              "cause; re-run the same command to resume from the last checkpoint, or raise comm_timeout_s if steps "
-              "are just slow", file=sys.stderr)
+        print(
+            f"error{who}: lost contact with {lost} ({text.splitlines()[0][:160]}); that rank's own log names the "
+            "cause; re-run the same command to resume from the last checkpoint, or raise comm_timeout_s if steps "
+            "are just slow",
+            file=sys.stderr,
+        )
         return 3
     return 0
 

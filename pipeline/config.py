@@ -35,8 +35,16 @@ EVAL_MODES = ("generate", "score")
 DEFAULT_M, DEFAULT_R, DEFAULT_S = 60, 30, 256
 
 
-def option(default: Any = MISSING, help: str = "", *, minimum: float | None = None, cli: str | None = None,
-           positional: bool = False, default_factory: Any = MISSING, cli_only: bool = False):
+def option(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    minimum: float | None = None,
+    cli: str | None = None,
+    positional: bool = False,
+    default_factory: Any = MISSING,
+    cli_only: bool = False,
+):
     """A dataclass field with the metadata the CLI and the validator read.
 
     help: one line for `--help`; minimum: the smallest value allowed; cli: the flag's name when it differs from the
@@ -56,21 +64,31 @@ class DeptArgs:
     """The DePT shape and initialisation (recipe section `dept:`)."""
 
     num_virtual_tokens: int | None = option(None, "m, prompt length (default 60, or the init adapter's)", minimum=0)
-    r: int | None = option(None, "rank of A @ B (default 30, or from budget_tokens, or the init adapter's; pt: 0)",
-                           minimum=0, cli="lora_rank")
-    max_length: int | None = option(None, "s, longest input in tokens = rows of A (default 256, or the init adapter's)",
-                                    minimum=1)
-    budget_tokens: int | None = option(None, "l: choose r so that DePT spends the parameters of prompt tuning with "
-                                       "l tokens, r = (l - m) d / (s + d)", minimum=1)
+    r: int | None = option(
+        None,
+        "rank of A @ B (default 30, or from budget_tokens, or the init adapter's; pt: 0)",
+        minimum=0,
+        cli="lora_rank",
+    )
+    max_length: int | None = option(
+        None, "s, longest input in tokens = rows of A (default 256, or the init adapter's)", minimum=1
+    )
+    budget_tokens: int | None = option(
+        None,
+        "l: choose r so that DePT spends the parameters of prompt tuning with l tokens, r = (l - m) d / (s + d)",
+        minimum=1,
+    )
     lora_alpha: float = option(8.0, "offset scale is lora_alpha / sqrt(r), as in every published run", minimum=1e-12)
-    prompt_init: Literal[PROMPT_INITS] = option("TEXT", "prompt init: TEXT (the init text's "
-                                                             "embeddings, tiled), VOCAB (random vocabulary rows), RANDOM")
+    prompt_init: Literal[PROMPT_INITS] = option(
+        "TEXT", "prompt init: TEXT (the init text's embeddings, tiled), VOCAB (random vocabulary rows), RANDOM"
+    )
     init_text: str = option(AUTHORS_INIT_TEXT, "text whose token embeddings seed a TEXT init (the authors')")
 
     def __post_init__(self):
         if self.r is not None and self.budget_tokens is not None:
-            raise PipelineError(f"give r ({self.r}) or budget_tokens ({self.budget_tokens}), not both: "
-                                "budget_tokens computes r")
+            raise PipelineError(
+                f"give r ({self.r}) or budget_tokens ({self.budget_tokens}), not both: budget_tokens computes r"
+            )
         if self.prompt_init == "TEXT" and not self.init_text.strip():
             raise PipelineError("init_text is empty: give a text for TEXT init or set prompt_init to VOCAB/RANDOM")
 
@@ -90,43 +108,61 @@ class TrainArgs:
     grad_clip: float = option(1.0, "gradient-norm clip (0: none)", minimum=0.0)
     seed: int = option(42, "seed of the init, the data order and dropout", minimum=0)
     log_every: int = option(10, "log loss and learning rates every N steps", minimum=1)
-    eval_every: int = option(0, "validate every N steps (0: once at the end); the best step scores the test split",
-                             minimum=0)
+    eval_every: int = option(
+        0, "validate every N steps (0: once at the end); the best step scores the test split", minimum=0
+    )
     save_every: int = option(0, "write a resumable checkpoint every N steps (0: none)", minimum=0)
     keep_checkpoints: int = option(2, "complete checkpoints kept (the newest always)", minimum=1)
     max_target_length: int = option(32, "longest target in tokens (a truncated target keeps its EOS)", minimum=1)
     pad_to_max_length: bool = option(False, "pad every input to s (the authors' setting; slower, same loss)")
     group_by_length: bool = option(False, "batch rows of similar length together (less padding)")
-    on_nonfinite: Literal["stop", "skip"] = option("stop", "a NaN/inf loss: stop (keep the last good adapter) or "
-                                                   "skip the step")
+    on_nonfinite: Literal["stop", "skip"] = option(
+        "stop", "a NaN/inf loss: stop (keep the last good adapter) or skip the step"
+    )
     comm_timeout_s: float = option(1800.0, "a collective waiting longer fails (lost or hung rank)", minimum=1.0)
+    cpu_threads: int | None = option(
+        None,
+        "CPU threads per rank (default: OMP_NUM_THREADS, else torch's choice); 1 is fastest for tiny models",
+        minimum=1,
+    )
 
     def __post_init__(self):
         if self.on_nonfinite == "skip" and self.grad_accum > 1:
-            raise PipelineError("on_nonfinite=skip needs grad_accum 1 (a skipped micro-batch would shift "
-                                "DeepSpeed's accumulation boundary): use on_nonfinite=stop")
+            raise PipelineError(
+                "on_nonfinite=skip needs grad_accum 1 (a skipped micro-batch would shift "
+                "DeepSpeed's accumulation boundary): use on_nonfinite=stop"
+            )
         if self.warmup_steps and self.warmup_steps >= self.steps:
-            raise PipelineError(f"warmup_steps {self.warmup_steps} >= steps {self.steps}: the learning rate "
-                                "would never leave warm-up; lower warmup_steps (e.g. to steps // 10)")
+            raise PipelineError(
+                f"warmup_steps {self.warmup_steps} >= steps {self.steps}: the learning rate "
+                "would never leave warm-up; lower warmup_steps (e.g. to steps // 10)"
+            )
         if self.batch_size % self.grad_accum:
-            raise PipelineError(f"batch_size {self.batch_size} is not divisible by grad_accum "
-                                f"{self.grad_accum}: choose a multiple of {self.grad_accum}")
+            raise PipelineError(
+                f"batch_size {self.batch_size} is not divisible by grad_accum "
+                f"{self.grad_accum}: choose a multiple of {self.grad_accum}"
+            )
 
 
 @dataclass
 class DataArgs:
     """What a job trains and evaluates on (recipe section `data:`; stages set tasks and k themselves)."""
 
-    tasks: list[str | dict] = option(None, "registered task names (several = a source mixture) or custom task "
-                                     "mappings / YAML files", default_factory=list, cli="task")
+    tasks: list[str | dict] = option(
+        None,
+        "registered task names (several = a source mixture) or custom task mappings / YAML files",
+        default_factory=list,
+        cli="task",
+    )
     train_file: str | None = option(None, "instead of tasks: a JSONL with source/target text columns (no evaluation)")
     data_dir: str | None = option(None, "local <task>/<split>.jsonl root (default $DEPT_DATA_DIR, else the hub)")
     k: int | None = option(None, "k-shot: train on k class-balanced rows drawn with the seed", minimum=1)
     mixture_cap: int = option(100_000, "at most this many rows per task in a mixture", minimum=1)
     max_train_rows: int | None = option(None, "cap the training rows per task (quick runs)", minimum=1)
     max_eval_rows: int | None = option(None, "cap the validation and test rows per task (quick runs)", minimum=1)
-    eval_mode: Literal[EVAL_MODES] = option("generate", "generate (greedy decoding, the paper's) or score "
-                                                     "(rank the label strings by likelihood)")
+    eval_mode: Literal[EVAL_MODES] = option(
+        "generate", "generate (greedy decoding, the paper's) or score (rank the label strings by likelihood)"
+    )
     evaluate: bool = option(True, "validate and test (false: train only, keep the last adapter)")
     eval_batch_size: int = option(32, "rows per evaluation batch per rank", minimum=1)
     max_new_tokens: int = option(20, "greedy decoding length (the paper's 20)", minimum=1)
@@ -135,8 +171,9 @@ class DataArgs:
         if self.train_file and self.tasks:
             raise PipelineError("give tasks (--task / --custom_task) or train_file, not both")
         if self.k is not None and len(self.tasks) > 1:
-            raise PipelineError("k-shot sampling (k) applies to one target task, not to a mixture of "
-                                f"{len(self.tasks)}: give one task")
+            raise PipelineError(
+                f"k-shot sampling (k) applies to one target task, not to a mixture of {len(self.tasks)}: give one task"
+            )
         if self.train_file and self.evaluate:
             self.evaluate = False  # a plain source/target file has no validation split
 
@@ -146,15 +183,21 @@ class JobConfig:
     """One training job: what `dept train` runs, and what each job of a recipe is."""
 
     model: str = option(MISSING, "hub name, local model directory, or random:<preset> (random:tiny-t5, ...)")
-    output_dir: str = option(MISSING, "job directory: adapters, checkpoints, results.json (relative to the "
-                             "working directory)")
-    ds_config: str = option("auto", "DeepSpeed config: a shipped name (zero3_cpu, zero3_gpu, zero3_gpu_bf16, ...), "
-                            "a JSON path, or auto (GPU config with a GPU, CPU config without)")
-    method: Literal[METHODS] = option("dept", "dept | pt (vanilla prompt tuning, r = 0) | finetune "
-                                                       "(every backbone weight trains)")
+    output_dir: str = option(
+        MISSING, "job directory: adapters, checkpoints, results.json (relative to the working directory)"
+    )
+    ds_config: str = option(
+        "auto",
+        "DeepSpeed config: a shipped name (zero3_cpu, zero3_gpu, zero3_gpu_bf16, ...), "
+        "a JSON path, or auto (GPU config with a GPU, CPU config without)",
+    )
+    method: Literal[METHODS] = option(
+        "dept", "dept | pt (vanilla prompt tuning, r = 0) | finetune (every backbone weight trains)"
+    )
     init_adapter: str | None = option(None, "start from this adapter (ours or the authors'); its shape is the default")
     on_length_mismatch: Literal[LENGTH_POLICIES] = option(
-        "error", "the init adapter's s differs from max_length: error | truncate | pad the rows of A")
+        "error", "the init adapter's s differs from max_length: error | truncate | pad the rows of A"
+    )
     save_model: bool = option(False, "finetune: save the trained backbone to <output_dir>/model")
     model_overrides: dict | None = option(None, "config fields of a random:<preset> model, e.g. {num_layers: 4}")
     dept: DeptArgs = option(default_factory=DeptArgs)
@@ -163,11 +206,14 @@ class JobConfig:
 
     def __post_init__(self):
         if self.save_model and self.method != "finetune":
-            raise PipelineError("save_model applies to method finetune only (DePT and PT leave the backbone "
-                                "unchanged): remove save_model")
+            raise PipelineError(
+                "save_model applies to method finetune only (DePT and PT leave the backbone "
+                "unchanged): remove save_model"
+            )
         if self.method == "pt" and self.dept.r:
-            raise PipelineError(f"method pt is prompt tuning without a low-rank pair: drop r={self.dept.r} "
-                                "(or use method dept)")
+            raise PipelineError(
+                f"method pt is prompt tuning without a low-rank pair: drop r={self.dept.r} (or use method dept)"
+            )
         if self.method != "dept" and self.dept.budget_tokens is not None:
             raise PipelineError(f"budget_tokens applies to method dept only, not {self.method}")
         if not self.data.tasks and not self.data.train_file:
@@ -233,8 +279,10 @@ def coerce(value, tp, path: str):
         for choice in choices:
             if text.lower() == str(choice).lower():
                 return choice
-        raise PipelineError(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}"
-                            f"{did_you_mean(text, [str(c) for c in choices])}")
+        raise PipelineError(
+            f"{path}: {value!r} is not one of {', '.join(map(str, choices))}"
+            f"{did_you_mean(text, [str(c) for c in choices])}"
+        )
     if origin in (Union, types.UnionType):  # e.g. str | dict (a task name or a custom task mapping)
         for option_type in typing.get_args(tp):
             if isinstance(value, option_type):
@@ -324,8 +372,9 @@ def build(cls, raw, path: str):
 
     for key in raw:
         if key not in known:
-            raise PipelineError(f"{at(key)}: unknown key{did_you_mean(str(key), known)}; known keys: "
-                                f"{', '.join(known)}")
+            raise PipelineError(
+                f"{at(key)}: unknown key{did_you_mean(str(key), known)}; known keys: {', '.join(known)}"
+            )
     values = {}
     for name, spec in known.items():
         if name in raw:
@@ -405,17 +454,20 @@ def describe(cls, title: str) -> list[str]:
 
 
 def _flag_line(spec: dataclasses.Field, tp) -> str:
-    if spec.metadata.get("positional"):
-        name = spec.name.upper()
-    else:
-        name = f"--{flag_name(spec)}"
+    """`  --flag   help [type; default]`, wrapped to 118 columns under the help column."""
+    import textwrap
+
+    name = spec.name.upper() if spec.metadata.get("positional") else f"--{flag_name(spec)}"
     if spec.default is not MISSING:
-        default = f" (default {spec.default!r})" if spec.default not in (None, "", []) else ""
+        default = f"; default {spec.default!r}" if spec.default not in (None, "", []) else ""
     elif spec.default_factory is not MISSING:
         default = ""
     else:
-        default = " (required)"
-    return f"  {name:<24} {_type_name(tp):<12} {spec.metadata.get('help', '')}{default}"
+        default = "; required"
+    kind = _type_name(tp)
+    text = f"{spec.metadata.get('help', '')} [{'one of ' if _origin(tp) is Literal else ''}{kind}{default}]"
+    lines = textwrap.wrap(text, width=118 - 27) or [""]
+    return "\n".join([f"  {name:<24} {lines[0]}"] + [" " * 27 + line for line in lines[1:]])
 
 
 def check_partial(cls, raw, path: str) -> dict:
@@ -430,8 +482,9 @@ def check_partial(cls, raw, path: str) -> dict:
     out = {}
     for key, value in raw.items():
         if key not in known:
-            raise PipelineError(f"{path}.{key}: unknown key{did_you_mean(str(key), known)}; known keys: "
-                                f"{', '.join(known)}")
+            raise PipelineError(
+                f"{path}.{key}: unknown key{did_you_mean(str(key), known)}; known keys: {', '.join(known)}"
+            )
         out[key] = coerce(value, types_[key], f"{path}.{key}")
         minimum = known[key].metadata.get("minimum")
         if minimum is not None and isinstance(out[key], (int, float)) and out[key] < minimum:
@@ -447,8 +500,9 @@ class TrackingArgs:
     """MLflow tracking of a recipe (recipe section `tracking:`)."""
 
     enabled: bool = option(True, "log to MLflow (rank 0 only)")
-    uri: str | None = option(None, "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else a sqlite store in the "
-                             "recipe's output directory)")
+    uri: str | None = option(
+        None, "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else a sqlite store in the recipe's output directory)"
+    )
     experiment: str | None = option(None, "MLflow experiment (default dept-<recipe name>)")
 
 
@@ -469,7 +523,8 @@ class StageSpec:
     seeds: list[int] = option(default_factory=lambda: [1, 2, 3], help="transfer: seeds per (target, k)")
     control: bool = option(False, "transfer: also train from scratch at each (target, k, seed)")
     on_length_mismatch: Literal[LENGTH_POLICIES] | None = option(
-        None, "the source adapter's s differs: error | truncate | pad (default: the recipe's)")
+        None, "the source adapter's s differs: error | truncate | pad (default: the recipe's)"
+    )
     dept: dict = option(default_factory=dict, help="DeptArgs fields for this stage")
     train: dict = option(default_factory=dict, help="TrainArgs fields for this stage")
     data: dict = option(default_factory=dict, help="DataArgs fields for this stage")
@@ -506,8 +561,7 @@ class EvaluateArgs:
     task: str = option(MISSING, "a registered task")
     split: Literal["train", "validation", "test"] = option("test", "train | validation | test")
     data_dir: str | None = option(None, "local <task>/<split>.jsonl root (default $DEPT_DATA_DIR, else the hub)")
-    eval_mode: Literal[EVAL_MODES] = option("generate", "generate (greedy) | score (rank the labels)",
-                                                     cli="mode")
+    eval_mode: Literal[EVAL_MODES] = option("generate", "generate (greedy) | score (rank the labels)", cli="mode")
     batch_size: int = option(32, "rows per batch per rank", minimum=1)
     max_rows: int | None = option(None, "score only the first N rows", minimum=1)
     max_new_tokens: int = option(20, "greedy decoding length", minimum=1)
@@ -521,12 +575,12 @@ class PredictArgs:
 
     model: str = option(MISSING, "the backbone the adapter was trained on")
     adapter: str = option(MISSING, "adapter directory")
-    data: str = option(MISSING, "JSONL/CSV/parquet rows: a `source` column (and optional `target`, `id`), or "
-                       "hub-schema rows of --task")
+    data: str = option(
+        MISSING, "JSONL/CSV/parquet rows: a `source` column (and optional `target`, `id`), or hub-schema rows of --task"
+    )
     output: str = option(MISSING, "predictions JSONL {id, prediction[, label]}; metrics go to <output>.metrics.json")
     task: str | None = option(None, "render hub-schema rows with this task's template and score with its metrics")
-    eval_mode: Literal[EVAL_MODES] = option("generate", "generate | score (needs --task with labels)",
-                                                     cli="mode")
+    eval_mode: Literal[EVAL_MODES] = option("generate", "generate | score (needs --task with labels)", cli="mode")
     batch_size: int = option(32, "rows per batch per rank", minimum=1)
     max_new_tokens: int = option(20, "greedy decoding length", minimum=1)
     seed: int = option(42, "seed a random:<preset> backbone is built with (the training job's seed)", minimum=0)
@@ -540,8 +594,9 @@ class PredictArgs:
 class RunArgs:
     """`dept run`: every stage of a recipe; `--key=value` (or `key=value`) overrides any recipe key."""
 
-    recipe: str = option("quickstart", "a shipped recipe name (quickstart, glue_t5_base, ...) or a YAML path",
-                         positional=True)
+    recipe: str = option(
+        "quickstart", "a shipped recipe name (quickstart, glue_t5_base, ...) or a YAML path", positional=True
+    )
     dry_run: bool = option(False, "validate, check feasibility and print the plan; train nothing")
     rerun_changed: bool = option(False, "re-run jobs whose settings changed since they ran (default: refuse)")
 
@@ -550,8 +605,9 @@ class RunArgs:
 class ImportAdapterArgs:
     """`dept import-adapter`: a DePT adapter released by the paper's authors into this pipeline's format."""
 
-    src: str = option(MISSING, "the authors' adapter directory (adapter_config.json + adapter_model.bin)",
-                      positional=True)
+    src: str = option(
+        MISSING, "the authors' adapter directory (adapter_config.json + adapter_model.bin)", positional=True
+    )
     out: str = option(MISSING, "where to write the converted adapter", positional=True)
     allow_missing_lowrank: bool = option(False, "import a file without A/B as prompt tuning (B = 0, r kept)")
 
@@ -594,6 +650,12 @@ def capped(cfg: JobConfig) -> JobConfig:
         return 0 if value == 0 else max(1, int(value * ratio))
 
     warmup = min(scaled(train.warmup_steps), cap - 1) if train.warmup_steps else 0
-    new = dataclasses.replace(train, steps=cap, warmup_steps=warmup, eval_every=scaled(train.eval_every),
-                              save_every=scaled(train.save_every), log_every=min(train.log_every, cap))
+    new = dataclasses.replace(
+        train,
+        steps=cap,
+        warmup_steps=warmup,
+        eval_every=scaled(train.eval_every),
+        save_every=scaled(train.save_every),
+        log_every=min(train.log_every, cap),
+    )
     return dataclasses.replace(cfg, train=new)

@@ -40,7 +40,7 @@ from pipeline.resources import ds_config_path
 log = logging.getLogger(__name__)
 
 # transformers' ZeRO-3 hook (HfDeepSpeedConfig) is held through a weak reference inside transformers: it must stay
-# referenced while a model is built (from_pretrained / from_config create parameters already partitioned).
+# referenced while a model is built (from_pretrained / from_config then create parameters already partitioned).
 _hf_zero3_config = None
 
 
@@ -65,8 +65,14 @@ def init_distributed(timeout_s: float = 1800) -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads:  # the deepspeed launcher does not limit threads per rank; torchrun sets 1
         torch.set_num_threads(int(threads))
@@ -125,11 +131,13 @@ def prepare_cpu_comm_op() -> None:
             print(f"dept: removing the stale lock {baton} left by an interrupted build", file=sys.stderr)
             baton.unlink(missing_ok=True)
         if baton.exists():
-            print(f"dept: a build outside dept holds {baton}; if none is running, remove that file",
-                  file=sys.stderr)
+            print(f"dept: a build outside dept holds {baton}; if none is running, remove that file", file=sys.stderr)
         if not built:
-            print(f"dept: building DeepSpeed's {builder.NAME} op once for this machine (about a minute; cached in "
-                  f"{build_dir.parent})", file=sys.stderr)
+            print(
+                f"dept: building DeepSpeed's {builder.NAME} op once for this machine (about a minute; cached in "
+                f"{build_dir.parent})",
+                file=sys.stderr,
+            )
         started = time.time()
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints progress; stdout is for results
             builder.load(verbose=False)
@@ -148,8 +156,10 @@ def _unlink_shm_buffer() -> None:
 
     if dist.get_world_size() == 1:
         return
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    name = (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
+    )
     dist.barrier()  # every rank has opened every buffer during init
     with contextlib.suppress(OSError):
         os.unlink(os.path.join("/dev/shm", name))
@@ -173,8 +183,10 @@ def read_ds_config(value: str, base_dir: Path | None = None) -> dict:
         raise PipelineError(f"DeepSpeed config {path} is not valid JSON ({err.msg}, line {err.lineno})") from None
     stage = ds.get("zero_optimization", {}).get("stage") if isinstance(ds, dict) else None
     if stage != 3:
-        raise PipelineError(f"DeepSpeed config {path} has ZeRO stage {stage!r}: dept-pipeline shards the frozen "
-                            "backbone with ZeRO stage 3; set zero_optimization.stage to 3")
+        raise PipelineError(
+            f"DeepSpeed config {path} has ZeRO stage {stage!r}: dept-pipeline shards the frozen "
+            "backbone with ZeRO stage 3; set zero_optimization.stage to 3"
+        )
     if value == "auto":
         log.info("DeepSpeed config: %s (auto: %s)", path.name, "GPU" if "gpu" in path.stem else "no GPU visible")
     return ds
@@ -184,11 +196,18 @@ def training_ds_config(ds: dict, batch_size: int, grad_accum: int, grad_clip: fl
     """The DeepSpeed config with the job's batch geometry and clipping (the job's values win over the file's)."""
     per_step = world * grad_accum
     if batch_size % per_step:
-        raise PipelineError(f"batch_size {batch_size} is not divisible by world size {world} x grad_accum "
-                            f"{grad_accum}: choose a multiple of {per_step} (or another number of ranks)")
-    return {**ds, "train_batch_size": batch_size, "gradient_accumulation_steps": grad_accum,
-            "train_micro_batch_size_per_gpu": batch_size // per_step, "gradient_clipping": grad_clip,
-            "steps_per_print": 10**9}  # progress is ours
+        raise PipelineError(
+            f"batch_size {batch_size} is not divisible by world size {world} x grad_accum "
+            f"{grad_accum}: choose a multiple of {per_step} (or another number of ranks)"
+        )
+    return {
+        **ds,
+        "train_batch_size": batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_micro_batch_size_per_gpu": batch_size // per_step,
+        "gradient_clipping": grad_clip,
+        "steps_per_print": 10**9,
+    }  # progress is ours
 
 
 def inference_ds_config(ds: dict, world: int) -> dict:
@@ -211,17 +230,19 @@ def dtype_of(ds: dict) -> torch.dtype:
 def sharded_construction(ds: dict | None):
     """Models built inside are created already partitioned over the ranks (no rank ever holds the whole model).
 
-    transformers consults a live `HfDeepSpeedConfig` in from_pretrained / from_config; it stays referenced after
-    the block too, because generation and weight init consult it later.
+    transformers consults a live `HfDeepSpeedConfig` (through a weak reference) in from_pretrained / from_config;
+    it is released after the block, so a model loaded later in the same process without ZeRO-3 (`load_dept` after
+    training, say) is built whole. Generation passes `synced_gpus` explicitly and needs no live config.
     """
     global _hf_zero3_config
     if ds is not None and ds.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         _hf_zero3_config = HfDeepSpeedConfig(ds)
-    else:
+    try:
+        yield
+    finally:
         _hf_zero3_config = None
-    yield
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -265,8 +286,14 @@ def sharding_report(module: torch.nn.Module) -> list[dict]:
         total, local = full_numel(param), held_numel(param)
         held, full = held + local, full + total
         shares.append(local / total)
-    mine = {"rank": distributed.rank(), "held_elements": held, "full_elements": full, "held_fraction": held / full,
-            "min_param_fraction": min(shares), "max_param_fraction": max(shares)}
+    mine = {
+        "rank": distributed.rank(),
+        "held_elements": held,
+        "full_elements": full,
+        "held_fraction": held / full,
+        "min_param_fraction": min(shares),
+        "max_param_fraction": max(shares),
+    }
     return distributed.gather_objects([mine])
 
 
@@ -312,16 +339,20 @@ class Engine:
     warmup-then-decay (DeepSpeed's own schedulers would overwrite both with one rate).
     """
 
-    def __init__(self, model: torch.nn.Module, groups: list[dict], ds: dict, weight_decay: float, warmup: int,
-                 total_steps: int):
+    def __init__(
+        self, model: torch.nn.Module, groups: list[dict], ds: dict, weight_decay: float, warmup: int, total_steps: int
+    ):
         import deepspeed
 
         self.group_names = [g["name"] for g in groups]
         self._factor = warmup_then_linear_decay(warmup, total_steps)
         optimizer = torch.optim.AdamW(groups, eps=1e-6, weight_decay=weight_decay)
         self._engine, self._optimizer, _, self._scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self._factor))
+            model=model,
+            optimizer=optimizer,
+            config=ds,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self._factor),
+        )
         self.module = self._engine.module
         self.device = self._engine.device
         self.trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
@@ -366,12 +397,17 @@ class Engine:
         base = self._optimizer.optimizer
         for flat in self._optimizer.fp32_partitioned_groups_flat:
             if "exp_avg" not in base.state[flat]:
-                base.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
-                                    "exp_avg_sq": torch.zeros_like(flat)}
+                base.state[flat] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(flat),
+                    "exp_avg_sq": torch.zeros_like(flat),
+                }
         missing = [name for name, _ in self.trainable if f"param/{name}" not in state]
         if missing:
-            raise PipelineError(f"checkpoint lacks the trainable tensor {missing[0]}: it was written by another "
-                                "method or DePT shape; start a new output directory")
+            raise PipelineError(
+                f"checkpoint lacks the trainable tensor {missing[0]}: it was written by another "
+                "method or DePT shape; start a new output directory"
+            )
         for name, param in self.trainable:
             safe_set_full_fp32_param(param, state[f"param/{name}"].to(self.device))  # the optimizer's master copy
             for key in ("exp_avg", "exp_avg_sq"):

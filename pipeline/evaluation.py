@@ -28,7 +28,7 @@ def _my_batches(n: int, batch_size: int) -> tuple[list[list[int]], int]:
     mine = list(range(rank, n, world))
     batches = math.ceil(math.ceil(n / world) / batch_size) if n else 0
     padded = mine + [mine[-1] if mine else 0] * (batches * batch_size - len(mine))
-    return [padded[i * batch_size:(i + 1) * batch_size] for i in range(batches)], len(mine)
+    return [padded[i * batch_size : (i + 1) * batch_size] for i in range(batches)], len(mine)
 
 
 def _device(module) -> torch.device:
@@ -36,15 +36,17 @@ def _device(module) -> torch.device:
 
 
 @torch.no_grad()
-def generate_predictions(module, tokenized: list[dict], tokenizer, is_encoder_decoder: bool, batch_size: int = 32,
-                         max_new_tokens: int = 20) -> list[str]:
+def generate_predictions(
+    module, tokenized: list[dict], tokenizer, is_encoder_decoder: bool, batch_size: int = 32, max_new_tokens: int = 20
+) -> list[str]:
     """Greedy decoding of every row, in row order, on every rank."""
     batches, count = _my_batches(len(tokenized), batch_size)
     synced = distributed.world_size() > 1
     texts: list[str] = []
     for indices in batches:
-        batch = collate([tokenized[i] for i in indices], tokenizer.pad_token_id, is_encoder_decoder,
-                        for_generation=True)
+        batch = collate(
+            [tokenized[i] for i in indices], tokenizer.pad_token_id, is_encoder_decoder, for_generation=True
+        )
         batch = {k: v.to(_device(module)) for k, v in batch.items()}
         out = module.generate(**batch, max_new_tokens=max_new_tokens, synced_gpus=synced)
         texts += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
@@ -52,8 +54,9 @@ def generate_predictions(module, tokenized: list[dict], tokenizer, is_encoder_de
 
 
 @torch.no_grad()
-def score_predictions(module, tokenized_by_label: dict[str, list[dict]], tokenizer, is_encoder_decoder: bool,
-                      batch_size: int = 32) -> list[str]:
+def score_predictions(
+    module, tokenized_by_label: dict[str, list[dict]], tokenizer, is_encoder_decoder: bool, batch_size: int = 32
+) -> list[str]:
     """For each row, the label string with the highest total log-likelihood (never an invalid output).
 
     `tokenized_by_label[label]` holds every row tokenized with that label as its target.
@@ -123,23 +126,38 @@ class Evaluator:
             raise PipelineError(f"task {self.task.name!r} has no label set: eval mode 'score' needs one; use generate")
         self._cache: dict[int, object] = {}
 
+    @property
+    def _separator(self) -> dict:
+        separator = getattr(self.task, "separator", None)
+        return {"separator": separator} if separator is not None else {}
+
     def _tokenized(self, rows: list[dict]):
         key = id(rows)
         if key not in self._cache:
             if self.mode == "score":
-                self._cache[key] = {label: tokenize([{**r, "target": label} for r in rows], self.tokenizer,
-                                                    self.is_encoder_decoder, self.max_length)
-                                    for label in self.task.labels}
+                self._cache[key] = {
+                    label: tokenize(
+                        [{**r, "target": label} for r in rows],
+                        self.tokenizer,
+                        self.is_encoder_decoder,
+                        self.max_length,
+                        **self._separator,
+                    )
+                    for label in self.task.labels
+                }
             else:
-                self._cache[key] = tokenize(rows, self.tokenizer, self.is_encoder_decoder, self.max_length)
+                self._cache[key] = tokenize(
+                    rows, self.tokenizer, self.is_encoder_decoder, self.max_length, **self._separator
+                )
         return self._cache[key]
 
     def predictions(self, module, rows: list[dict]) -> list[str]:
         tokenized = self._tokenized(rows)
         if self.mode == "score":
             return score_predictions(module, tokenized, self.tokenizer, self.is_encoder_decoder, self.batch_size)
-        return generate_predictions(module, tokenized, self.tokenizer, self.is_encoder_decoder, self.batch_size,
-                                    self.max_new_tokens)
+        return generate_predictions(
+            module, tokenized, self.tokenizer, self.is_encoder_decoder, self.batch_size, self.max_new_tokens
+        )
 
     def metrics(self, module, rows: list[dict]) -> dict:
         return self.metrics_from(self.predictions(module, rows), rows)

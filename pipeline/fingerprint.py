@@ -19,15 +19,33 @@ from pathlib import Path
 
 from pipeline.config import JobConfig, to_dict
 
-NOT_RESULT_DEFINING = {("output_dir",), ("train", "log_every"), ("train", "save_every"), ("train", "keep_checkpoints"),
-                       ("train", "comm_timeout_s"), ("data", "eval_batch_size"), ("data", "data_dir")}
+NOT_RESULT_DEFINING = {
+    ("output_dir",),
+    ("train", "log_every"),
+    ("train", "save_every"),
+    ("train", "keep_checkpoints"),
+    ("train", "comm_timeout_s"),
+    ("train", "cpu_threads"),
+    ("data", "eval_batch_size"),
+    ("data", "data_dir"),
+}
 # Fields a method never reads: changing them does not change its result.
-UNUSED_BY = {"finetune": {("dept", "num_virtual_tokens"), ("dept", "r"), ("dept", "budget_tokens"),
-                          ("dept", "lora_alpha"), ("dept", "prompt_init"), ("dept", "init_text"),
-                          ("train", "lr_prompt"), ("train", "lr_lowrank"), ("init_adapter",),
-                          ("on_length_mismatch",)},  # dept.max_length still sets the tokenized length
-             "pt": {("train", "lr"), ("train", "lr_lowrank"), ("save_model",)},
-             "dept": {("train", "lr"), ("save_model",)}}
+UNUSED_BY = {
+    "finetune": {
+        ("dept", "num_virtual_tokens"),
+        ("dept", "r"),
+        ("dept", "budget_tokens"),
+        ("dept", "lora_alpha"),
+        ("dept", "prompt_init"),
+        ("dept", "init_text"),
+        ("train", "lr_prompt"),
+        ("train", "lr_lowrank"),
+        ("init_adapter",),
+        ("on_length_mismatch",),
+    },  # dept.max_length still sets the tokenized length
+    "pt": {("train", "lr"), ("train", "lr_lowrank"), ("save_model",)},
+    "dept": {("train", "lr"), ("save_model",)},
+}
 
 
 def code_version() -> str:
@@ -99,8 +117,12 @@ def _drop(config: dict, paths) -> dict:
 
 def job_fingerprint(cfg: JobConfig) -> tuple[str, dict]:
     """(digest, the fingerprinted record): compare records to name the keys that differ."""
-    record = {"config": _drop(to_dict(cfg), NOT_RESULT_DEFINING | UNUSED_BY[cfg.method]), "data": data_identity(cfg),
-              "model": _model_identity(cfg.model), "code": code_version()}
+    record = {
+        "config": _drop(to_dict(cfg), NOT_RESULT_DEFINING | UNUSED_BY[cfg.method]),
+        "data": data_identity(cfg),
+        "model": _model_identity(cfg.model),
+        "code": code_version(),
+    }
     if cfg.init_adapter and Path(cfg.init_adapter).is_dir():
         record["init_adapter"] = _folder_identity(Path(cfg.init_adapter), "adapter_model.*")
     digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]

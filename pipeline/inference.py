@@ -34,8 +34,9 @@ def several_ranks() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def load_model(model: str, adapter: str, ds_config: str = "auto", seed: int = 42,
-               device: str | None = None) -> tuple[DePTModel, Backbone, object]:
+def load_model(
+    model: str, adapter: str, ds_config: str = "auto", seed: int = 42, device: str | None = None
+) -> tuple[DePTModel, Backbone, object]:
     """(model in eval mode, backbone, adapter config). One process: no DeepSpeed, on `device` (default: cuda if
     available, else cpu). Several ranks: sharded under ZeRO-3 (collective)."""
     adapter_cfg, tensors, _ = read_any_adapter(adapter)
@@ -73,8 +74,11 @@ class DeptPredictor:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
         """The training-time forward: logits [batch, T, vocab] (T5: pass decoder_input_ids or labels)."""
         with torch.no_grad():
-            return self.model(input_ids.to(self.device), attention_mask.to(self.device),
-                              **{k: v.to(self.device) for k, v in kwargs.items()}).logits
+            return self.model(
+                input_ids.to(self.device),
+                attention_mask.to(self.device),
+                **{k: v.to(self.device) for k, v in kwargs.items()},
+            ).logits
 
     def generate(self, texts: list[str], max_new_tokens: int = 20, batch_size: int = 32) -> list[str]:
         """Greedy decoding of each text, as evaluation does it."""
@@ -82,10 +86,13 @@ class DeptPredictor:
         tokenized = tokenize(rows, self.tokenizer, self.backbone.is_encoder_decoder, self.adapter_config.max_length)
         out = []
         for start in range(0, len(tokenized), batch_size):
-            batch = collate(tokenized[start:start + batch_size], self.tokenizer.pad_token_id,
-                            self.backbone.is_encoder_decoder, for_generation=True)
-            new = self.model.generate(**{k: v.to(self.device) for k, v in batch.items()},
-                                      max_new_tokens=max_new_tokens)
+            batch = collate(
+                tokenized[start : start + batch_size],
+                self.tokenizer.pad_token_id,
+                self.backbone.is_encoder_decoder,
+                for_generation=True,
+            )
+            new = self.model.generate(**{k: v.to(self.device) for k, v in batch.items()}, max_new_tokens=max_new_tokens)
             out += [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
         return out
 
@@ -112,11 +119,18 @@ def rows_for(data: str, task_name: str | None) -> tuple[list[dict], Task | None]
     task = get_task(task_name) if task_name else None
     if task is None:
         if "source" not in raw[0]:
-            raise PipelineError(f"{data} has no 'source' column: add one (the model input text) or pass --task to "
-                                "render hub-schema rows")
-        return [{"id": r.get("id", i), "source": str(r["source"]),
-                 **({"target": str(r["target"])} if r.get("target") is not None else {})}
-                for i, r in enumerate(raw)], None
+            raise PipelineError(
+                f"{data} has no 'source' column: add one (the model input text) or pass --task to "
+                "render hub-schema rows"
+            )
+        return [
+            {
+                "id": r.get("id", i),
+                "source": str(r["source"]),
+                **({"target": str(r["target"])} if r.get("target") is not None else {}),
+            }
+            for i, r in enumerate(raw)
+        ], None
     rendered = []
     for i, row in enumerate(raw):
         row_id = row.get("idx", row.get("id", i))
@@ -129,8 +143,17 @@ def rows_for(data: str, task_name: str | None) -> tuple[list[dict], Task | None]
 
 def _free_text_task() -> Task:
     """Stand-in task for files without a task: free-text generation, exact-match accuracy, no label set."""
-    return Task(name="file", hub_path=None, hub_config=None, input_fields=("source",), label_column="target",
-                labels=None, metrics=("accuracy",), split_rule="original", kind="classification")
+    return Task(
+        name="file",
+        hub_path=None,
+        hub_config=None,
+        input_fields=("source",),
+        label_column="target",
+        labels=None,
+        metrics=("accuracy",),
+        split_rule="original",
+        kind="classification",
+    )
 
 
 def predict(args: PredictArgs) -> dict:
@@ -141,14 +164,24 @@ def predict(args: PredictArgs) -> dict:
         raise PipelineError("--mode score ranks a task's label strings: pass --task with a classification task")
     model, backbone, adapter_cfg = load_model(args.model, args.adapter, args.ds_config, args.seed)
     labeled = all("target" in r for r in rows)
-    scorer = Evaluator(task or _free_text_task(), [], [], backbone.tokenizer, backbone.is_encoder_decoder,
-                       adapter_cfg.max_length, mode=args.eval_mode, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens)
+    scorer = Evaluator(
+        task or _free_text_task(),
+        [],
+        [],
+        backbone.tokenizer,
+        backbone.is_encoder_decoder,
+        adapter_cfg.max_length,
+        mode=args.eval_mode,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
     predictions = scorer.predictions(model, [{**r, "target": r.get("target", "")} for r in rows])
     metrics = scorer.metrics_from(predictions, rows) if labeled else {}
     if distributed.rank() == 0:
-        lines = [json.dumps({"id": r["id"], "prediction": p, **({"label": r["target"]} if "target" in r else {})})
-                 for r, p in zip(rows, predictions)]
+        lines = [
+            json.dumps({"id": r["id"], "prediction": p, **({"label": r["target"]} if "target" in r else {})})
+            for r, p in zip(rows, predictions)
+        ]
         atomic.write_text(args.output, "\n".join(lines) + "\n")
         if metrics:
             atomic.write_json(metrics_path(args.output), metrics)
@@ -165,6 +198,15 @@ def evaluate_adapter(args: EvaluateArgs) -> dict:
     rows = load_task_splits(task, args.data_dir, splits=(args.split,))[args.split]
     rows = rows[: args.max_rows] if args.max_rows else rows
     model, backbone, adapter_cfg = load_model(args.model, args.adapter, args.ds_config, args.seed)
-    scorer = Evaluator(task, rows, [], backbone.tokenizer, backbone.is_encoder_decoder, adapter_cfg.max_length,
-                       mode=args.eval_mode, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    scorer = Evaluator(
+        task,
+        rows,
+        [],
+        backbone.tokenizer,
+        backbone.is_encoder_decoder,
+        adapter_cfg.max_length,
+        mode=args.eval_mode,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
     return scorer.validate(model, 0)

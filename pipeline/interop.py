@@ -48,8 +48,11 @@ MISSING_A_SEED = 0
 # Files an output directory may already hold: it is then an adapter that an import/export may replace.
 REPLACEABLE_FILES = {CONFIG_NAME, AUTHORS_WEIGHTS, PEFT_WEIGHTS, "README.md"}
 # The source config keys that set each tensor's shape, named in shape refusals.
-SHAPE_WORDS = {"prompt": ("num_virtual_tokens", "token_dim"), "lora_A": ("max_length", "r"),
-               "lora_B": ("r", "token_dim")}
+SHAPE_WORDS = {
+    "prompt": ("num_virtual_tokens", "token_dim"),
+    "lora_A": ("max_length", "r"),
+    "lora_B": ("r", "token_dim"),
+}
 
 
 # --------------------------------------------------------------------------------------------------- import
@@ -101,12 +104,19 @@ def import_authors_adapter(
         "lowrank_missing": bool(missing),
     }
     if missing:
-        extra.update(lowrank_missing_tensors=missing,
-                     lowrank_stand_in=f"A kaiming_uniform(a=sqrt(5), seed={MISSING_A_SEED}) where absent, B = 0")
+        extra.update(
+            lowrank_missing_tensors=missing,
+            lowrank_stand_in=f"A kaiming_uniform(a=sqrt(5), seed={MISSING_A_SEED}) where absent, B = 0",
+        )
     backbone = str(raw.get("base_model_name_or_path") or "")
     if out_dir is None:
-        meta = {"method": "dept" if config.r > 0 else "pt", **config.to_dict(), "scale": config.scale,
-                "backbone": backbone, **extra}
+        meta = {
+            "method": "dept" if config.r > 0 else "pt",
+            **config.to_dict(),
+            "scale": config.scale,
+            "backbone": backbone,
+            **extra,
+        }
         return config, tensors, meta
     return _write_ours(tensors, config, Path(out_dir), src, backbone, extra)
 
@@ -122,8 +132,10 @@ def _write_ours(tensors, config, out: Path, src: Path, backbone: str, extra: dic
 def _read_authors_config(src: Path) -> dict:
     """The source adapter_config.json as a dict, refusing anything that is not a DePT adapter directory."""
     if not src.is_dir():
-        raise PipelineError(f"adapter {src} does not exist or is not a directory: pass the directory holding "
-                            f"{CONFIG_NAME} and {AUTHORS_WEIGHTS}")
+        raise PipelineError(
+            f"adapter {src} does not exist or is not a directory: pass the directory holding "
+            f"{CONFIG_NAME} and {AUTHORS_WEIGHTS}"
+        )
     config_file = src / CONFIG_NAME
     if not config_file.is_file():
         raise PipelineError(f"{src} is not a DePT adapter: it has no {CONFIG_NAME}")
@@ -134,8 +146,10 @@ def _read_authors_config(src: Path) -> dict:
     if not isinstance(raw, dict):
         raise PipelineError(f"{config_file} is not a JSON object: not an adapter config")
     if raw.get("peft_type") != AUTHORS_PEFT_TYPE:
-        raise PipelineError(f"{src} is a {raw.get('peft_type')!r} adapter, not a DePT one (peft_type "
-                            f"{AUTHORS_PEFT_TYPE}): only the DePT authors' adapters can be imported")
+        raise PipelineError(
+            f"{src} is a {raw.get('peft_type')!r} adapter, not a DePT one (peft_type "
+            f"{AUTHORS_PEFT_TYPE}): only the DePT authors' adapters can be imported"
+        )
     if not (src / AUTHORS_WEIGHTS).is_file():
         raise PipelineError(f"{src} has no {AUTHORS_WEIGHTS}: copy the weights file next to {CONFIG_NAME}")
     return raw
@@ -146,8 +160,10 @@ def _config_from_authors(raw: dict, src: Path) -> DeptConfig:
     from pipeline.dept import DEFAULT_INIT_TEXT, DeptConfig
 
     if raw.get("num_transformer_submodules", 1) not in (1, None):
-        raise PipelineError(f"{src} prompts {raw['num_transformer_submodules']} transformer submodules (encoder and "
-                            "decoder); DePT here prompts the encoder only (num_transformer_submodules 1)")
+        raise PipelineError(
+            f"{src} prompts {raw['num_transformer_submodules']} transformer submodules (encoder and "
+            "decoder); DePT here prompts the encoder only (num_transformer_submodules 1)"
+        )
     if raw.get("token_dim") is None and raw.get("hidden_size") is not None:
         raw = {**raw, "token_dim": raw["hidden_size"]}  # older configs name d only hidden_size
     lacking = [key for key in ("num_virtual_tokens", "r", "max_length", "lora_alpha", "token_dim") if key not in raw]
@@ -155,8 +171,11 @@ def _config_from_authors(raw: dict, src: Path) -> DeptConfig:
         raise PipelineError(f"{src / CONFIG_NAME} lacks {', '.join(lacking)}: not a complete DePT adapter config")
     try:
         return DeptConfig(
-            num_virtual_tokens=raw["num_virtual_tokens"], r=raw["r"], max_length=raw["max_length"],
-            d_model=raw["token_dim"], lora_alpha=float(raw["lora_alpha"]),
+            num_virtual_tokens=raw["num_virtual_tokens"],
+            r=raw["r"],
+            max_length=raw["max_length"],
+            d_model=raw["token_dim"],
+            lora_alpha=float(raw["lora_alpha"]),
             # The init is history for a trained adapter; an unknown name must not block the import.
             prompt_init=INIT_NAMES.get(str(raw.get("prompt_tuning_init")).upper(), "RANDOM"),
             init_text=raw.get("prompt_tuning_init_text") or DEFAULT_INIT_TEXT,
@@ -176,13 +195,16 @@ def _load_state_dict(weights: Path) -> dict:
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
             raise PipelineError(f"{weights} cannot be read: truncated or corrupt ({_first_line(err)})") from None
-        raise PipelineError(f"{weights} is not a plain state dict: it pickles Python objects{_global_named(err)} "
-                            "that weights_only loading refuses to run; re-save it as a dict of tensors") from None
+        raise PipelineError(
+            f"{weights} is not a plain state dict: it pickles Python objects{_global_named(err)} "
+            "that weights_only loading refuses to run; re-save it as a dict of tensors"
+        ) from None
     # A truncated or garbled file surfaces as RuntimeError (zip), EOFError, KeyError, ... depending on where it
     # breaks; none of them is a bug of ours, so all become the same refusal.
     except Exception as err:  # noqa: BLE001
-        raise PipelineError(f"{weights} cannot be read: truncated or corrupt ({type(err).__name__}: "
-                            f"{_first_line(err)})") from None
+        raise PipelineError(
+            f"{weights} cannot be read: truncated or corrupt ({type(err).__name__}: {_first_line(err)})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise PipelineError(f"{weights} holds a {type(state).__name__}, not a state dict (a dict of named tensors)")
     return state
@@ -190,7 +212,7 @@ def _load_state_dict(weights: Path) -> dict:
 
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
-    return (text.splitlines()[0][:160] if text else "no detail")
+    return text.splitlines()[0][:160] if text else "no detail"
 
 
 def _global_named(err: Exception) -> str:
@@ -207,22 +229,30 @@ def _rename_and_check(state: dict, config: DeptConfig, src: Path, allow_missing_
 
     unknown = sorted(set(state) - set(TENSOR_NAMES))
     if unknown:
-        raise PipelineError(f"{src / AUTHORS_WEIGHTS} holds tensors {unknown} that a DePT adapter does not have "
-                            f"(expected {sorted(TENSOR_NAMES)})")
+        raise PipelineError(
+            f"{src / AUTHORS_WEIGHTS} holds tensors {unknown} that a DePT adapter does not have "
+            f"(expected {sorted(TENSOR_NAMES)})"
+        )
     expected = expected_shapes(config)
     surplus = sorted(theirs for theirs, ours in TENSOR_NAMES.items() if theirs in state and ours not in expected)
     if surplus:
-        raise PipelineError(f"{src / AUTHORS_WEIGHTS} holds {surplus} but {CONFIG_NAME} says r={config.r}: "
-                            "fix r in the config")
+        raise PipelineError(
+            f"{src / AUTHORS_WEIGHTS} holds {surplus} but {CONFIG_NAME} says r={config.r}: fix r in the config"
+        )
     if "prompt_embeddings" not in state and config.num_virtual_tokens > 0:
-        raise PipelineError(f"{src / AUTHORS_WEIGHTS} lacks prompt_embeddings although {CONFIG_NAME} says "
-                            f"num_virtual_tokens={config.num_virtual_tokens}: the adapter is incomplete")
-    missing = [SOURCE_NAMES[ours] for ours in ("lora_A", "lora_B")
-               if ours in expected and SOURCE_NAMES[ours] not in state]
+        raise PipelineError(
+            f"{src / AUTHORS_WEIGHTS} lacks prompt_embeddings although {CONFIG_NAME} says "
+            f"num_virtual_tokens={config.num_virtual_tokens}: the adapter is incomplete"
+        )
+    missing = [
+        SOURCE_NAMES[ours] for ours in ("lora_A", "lora_B") if ours in expected and SOURCE_NAMES[ours] not in state
+    ]
     if missing and not allow_missing_lowrank:
-        raise PipelineError(f"{src / AUTHORS_WEIGHTS} lacks {' and '.join(missing)} although {CONFIG_NAME} says "
-                            f"r={config.r}: `dept import-adapter {src} OUT_DIR --allow_missing_lowrank` imports it as "
-                            f"prompt tuning with m={config.num_virtual_tokens} tokens (zero offset, B = 0)")
+        raise PipelineError(
+            f"{src / AUTHORS_WEIGHTS} lacks {' and '.join(missing)} although {CONFIG_NAME} says "
+            f"r={config.r}: `dept import-adapter {src} OUT_DIR --allow_missing_lowrank` imports it as "
+            f"prompt tuning with m={config.num_virtual_tokens} tokens (zero offset, B = 0)"
+        )
     tensors = {}
     for ours, shape in expected.items():
         theirs = SOURCE_NAMES[ours]
@@ -236,12 +266,18 @@ def _rename_and_check(state: dict, config: DeptConfig, src: Path, allow_missing_
 def _checked(tensor, theirs: str, ours: str, shape: tuple[int, ...], config: DeptConfig, src: Path):
     import torch
 
-    raw_values = {"num_virtual_tokens": config.num_virtual_tokens, "token_dim": config.d_model,
-                  "max_length": config.max_length, "r": config.r}
+    raw_values = {
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "token_dim": config.d_model,
+        "max_length": config.max_length,
+        "r": config.r,
+    }
     if tuple(tensor.shape) != shape:
         said = ", ".join(f"{key}={raw_values[key]}" for key in SHAPE_WORDS[ours])
-        raise PipelineError(f"{src / AUTHORS_WEIGHTS}: tensor {theirs} has shape {list(tensor.shape)} but "
-                            f"{CONFIG_NAME} says {said} (expected {list(shape)})")
+        raise PipelineError(
+            f"{src / AUTHORS_WEIGHTS}: tensor {theirs} has shape {list(tensor.shape)} but "
+            f"{CONFIG_NAME} says {said} (expected {list(shape)})"
+        )
     if not tensor.is_floating_point():
         raise PipelineError(f"{src / AUTHORS_WEIGHTS}: tensor {theirs} has dtype {tensor.dtype}, not floating point")
     if not torch.isfinite(tensor).all():
@@ -276,8 +312,10 @@ def _check_out_dir(out: Path, src: Path) -> None:
     if out.is_dir():
         others = sorted(p.name for p in out.iterdir() if p.name not in REPLACEABLE_FILES)
         if others:
-            raise PipelineError(f"output directory {out} exists and holds other files ({', '.join(others[:3])}); "
-                                "it would be replaced whole: choose a new directory")
+            raise PipelineError(
+                f"output directory {out} exists and holds other files ({', '.join(others[:3])}); "
+                "it would be replaced whole: choose a new directory"
+            )
 
 
 # --------------------------------------------------------------------------------------------------- export
@@ -297,8 +335,10 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path, base_model_name_or
     prompt = _pt_prompt(config, tensors, str(adapter_dir))
     base = base_model_name_or_path or meta.get("backbone") or ""
     if not base:
-        raise PipelineError(f"adapter {adapter_dir} records no backbone: pass --base_model (the model it was "
-                            "trained on) so the export can set PEFT's task type")
+        raise PipelineError(
+            f"adapter {adapter_dir} records no backbone: pass --base_model (the model it was "
+            "trained on) so the export can set PEFT's task type"
+        )
     peft_config = _peft_config(config, base, _task_type_for(base, meta, explicit=bool(base_model_name_or_path)))
     out = Path(out_dir)
     _check_out_dir(out, Path(adapter_dir))
@@ -313,8 +353,10 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path, base_model_name_or
 def _pt_prompt(config: DeptConfig, tensors: dict, where: str):
     """The prompt [m, d] of an adapter PEFT can represent, refusing a DePT adapter with a non-zero offset."""
     if config.r > 0 and bool((tensors["lora_A"] @ tensors["lora_B"]).any()):
-        raise PipelineError(f"adapter {where} is DePT (r={config.r}, non-zero offset A @ B): PEFT has no DePT type, "
-                            "only prompt tuning; train with --method pt to get an exportable adapter")
+        raise PipelineError(
+            f"adapter {where} is DePT (r={config.r}, non-zero offset A @ B): PEFT has no DePT type, "
+            "only prompt tuning; train with --method pt to get an exportable adapter"
+        )
     if config.num_virtual_tokens == 0:
         raise PipelineError(f"adapter {where} has no prompt (m=0) and a zero offset: nothing to export")
     return tensors["prompt"].float()
@@ -333,17 +375,21 @@ def _peft_task_type(base: str) -> str:
     from pipeline.backbone import PRESETS, RANDOM_PREFIX
 
     if base.startswith(RANDOM_PREFIX):
-        preset = PRESETS.get(base[len(RANDOM_PREFIX):])
+        preset = PRESETS.get(base[len(RANDOM_PREFIX) :])
         if preset is None:
             raise PipelineError(f"unknown backbone {base!r}: pass --base_model as a model directory or hub name")
         return "SEQ_2_SEQ_LM" if preset["arch"] == "t5" else "CAUSAL_LM"
     from transformers import AutoConfig
 
+    from pipeline.resources import model_location
+
     try:
-        model_config = AutoConfig.from_pretrained(base)
+        model_config = AutoConfig.from_pretrained(model_location(base))
     except (OSError, ValueError) as err:
-        raise PipelineError(f"cannot read the config of base model {base!r} to tell encoder-decoder from decoder-only "
-                            f"({_first_line(err)[:120]}); pass --base_model as a model directory or hub name") from None
+        raise PipelineError(
+            f"cannot read the config of base model {base!r} to tell encoder-decoder from decoder-only "
+            f"({_first_line(err)[:120]}); pass --base_model as a model directory or hub name"
+        ) from None
     return "SEQ_2_SEQ_LM" if model_config.is_encoder_decoder else "CAUSAL_LM"
 
 

@@ -5,6 +5,11 @@ results.json.
 stage. A job trains on one task, a mixture of source tasks (examples-proportional, capped) or a plain
 source/target file, evaluates every `eval_every` steps, keeps the best adapter, and reports the test metrics of the
 best step. `results.json` is the job's completion marker and is written here, once, by rank 0.
+
+Training rows stay memory-mapped `datasets.Dataset`s from reading to the training loop (`pipeline.tasks.tables`):
+each node's LOCAL_RANK 0 renders (and mixes) the data into content-keyed cache files first while the other ranks
+wait, then they open the same files (`data.local_rank_first`). Validation and test rows come from the same tables
+as small lists (capped by `max_eval_rows`).
 """
 
 from __future__ import annotations
@@ -13,14 +18,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import atomic, distributed
+from pipeline import atomic, distributed, engine
 from pipeline.config import DataArgs, JobConfig, to_dict
-from pipeline.data import read_source_target
+from pipeline.data import local_rank_first, source_target_table
 from pipeline.errors import PipelineError
 from pipeline.evaluation import Evaluator, MixtureEvaluator
 from pipeline.fingerprint import job_fingerprint
-from pipeline.tasks import Task, kshot_sample, load_task_splits, mixture
+from pipeline.tasks import Task, kshot_sample, mixture
+from pipeline.tasks.loading import load_task_tables
 from pipeline.tasks.specs import task_from_spec
+from pipeline.tasks.tables import head
 from pipeline.train import train
 
 log = logging.getLogger(__name__)
@@ -29,10 +36,11 @@ RESULTS = "results.json"
 
 @dataclass
 class JobData:
-    """The rows of one job: `train` rendered {id, source, target}; `held_out[task] = (validation, test)`."""
+    """The rows of one job: `train` rendered {id, source, target} (a memory-mapped `datasets.Dataset`);
+    `held_out[task] = (validation, test)` as lists of row dicts."""
 
     tasks: list[Task]
-    train: list[dict]
+    train: object  # datasets.Dataset
     held_out: dict[str, tuple[list[dict], list[dict]]]
     sizes: dict[str, dict]
 
@@ -43,24 +51,28 @@ def resolve_tasks(data: DataArgs) -> list[Task]:
 
 
 def load_job_data(data: DataArgs, seed: int) -> JobData:
-    """Rows for a job: each task's splits by the paper's rules, k-shot sampled or mixed, capped for quick runs."""
+    """Rows for a job: each task's splits by the paper's rules, k-shot sampled or mixed, capped for quick runs.
+
+    Collective when a process group is up: each node's LOCAL_RANK 0 prepares the cache files first."""
+    return local_rank_first(lambda: _load_job_data(data, seed))
+
+
+def _load_job_data(data: DataArgs, seed: int) -> JobData:
     if data.train_file:
-        rows = read_source_target(data.train_file)
+        rows = source_target_table(data.train_file)
         return JobData([], rows, {}, {"file": {"train": len(rows)}})
     tasks = resolve_tasks(data)
     per_task, held_out, sizes = {}, {}, {}
     for task in tasks:
         wanted = ("train", "validation", "test") if data.evaluate else ("train",)
-        splits = load_task_splits(task, data.data_dir, splits=wanted)
+        splits = load_task_tables(task, data.data_dir, splits=wanted)
         train_rows = splits["train"]
         if data.max_train_rows:
-            train_rows = train_rows[: data.max_train_rows]
+            train_rows = head(train_rows, data.max_train_rows)
         if data.k is not None:
             train_rows = kshot_sample(train_rows, data.k, seed, task)
-        validation, test = splits.get("validation", []), splits.get("test", [])
-        if data.max_eval_rows:
-            validation, test = validation[: data.max_eval_rows], test[: data.max_eval_rows]
-        if not train_rows:
+        validation, test = (_small(splits.get(name), data.max_eval_rows) for name in ("validation", "test"))
+        if not len(train_rows):
             raise PipelineError(f"task {task.name!r} has no training rows after filtering")
         per_task[task.name] = train_rows
         if data.evaluate:
@@ -72,12 +84,26 @@ def load_job_data(data: DataArgs, seed: int) -> JobData:
     return JobData(tasks, rows, held_out, sizes)
 
 
+def _small(table, cap: int | None) -> list[dict]:
+    """Evaluation rows as a list of dicts (the first `cap` of them when capped)."""
+    if table is None:
+        return []
+    return (head(table, cap) if cap else table).to_list()
+
+
 def make_evaluator(job_data: JobData, data: DataArgs, tokenizer, is_encoder_decoder: bool, max_length: int):
     """An Evaluator per task (a MixtureEvaluator over several); generation for tasks without a label set."""
     evaluators = {
-        task.name: Evaluator(task, *job_data.held_out[task.name], tokenizer, is_encoder_decoder, max_length,
-                             mode=data.eval_mode if task.labels else "generate", batch_size=data.eval_batch_size,
-                             max_new_tokens=data.max_new_tokens)
+        task.name: Evaluator(
+            task,
+            *job_data.held_out[task.name],
+            tokenizer,
+            is_encoder_decoder,
+            max_length,
+            mode=data.eval_mode if task.labels else "generate",
+            batch_size=data.eval_batch_size,
+            max_new_tokens=data.max_new_tokens,
+        )
         for task in job_data.tasks
     }
     return next(iter(evaluators.values())) if len(evaluators) == 1 else MixtureEvaluator(evaluators)
@@ -88,6 +114,7 @@ def run_job(cfg: JobConfig, callbacks=(), on_data=None) -> dict:
 
     `on_data(name, context, rows)` is told which rows train and evaluate (the tracker logs them as datasets).
     """
+    engine.init_distributed(cfg.train.comm_timeout_s)  # the ranks prepare the data together (once per node)
     job_data = load_job_data(cfg.data, cfg.train.seed)
     if on_data:
         on_data("+".join(t.name for t in job_data.tasks) or "file", "training", job_data.train)
@@ -99,16 +126,40 @@ def run_job(cfg: JobConfig, callbacks=(), on_data=None) -> dict:
         return make_evaluator(job_data, cfg.data, backbone.tokenizer, backbone.is_encoder_decoder, max_length)
 
     digest, record = job_fingerprint(cfg)
-    result = train(cfg, job_data.train, evaluator_for if cfg.data.evaluate and job_data.tasks else None, callbacks,
-                   start_record={"fingerprint": digest, "record": record})
-    results = {"config": to_dict(cfg), "fingerprint": digest, **result.to_dict(),
-               "tasks": [t.name for t in job_data.tasks], "data_sizes": job_data.sizes,
-               "data_revisions": {t.name: t.revision for t in job_data.tasks if t.hub_path},
-               "k": cfg.data.k, "eval_mode": cfg.data.eval_mode, **reported_score(job_data.tasks, result.test)}
+    result = train(
+        cfg,
+        job_data.train,
+        evaluator_for if cfg.data.evaluate and job_data.tasks else None,
+        callbacks,
+        start_record={"fingerprint": digest, "record": record},
+        separator=separator_of(job_data.tasks),
+    )
+    results = {
+        "config": to_dict(cfg),
+        "fingerprint": digest,
+        **result.to_dict(),
+        "tasks": [t.name for t in job_data.tasks],
+        "data_sizes": job_data.sizes,
+        "data_revisions": {t.name: t.revision for t in job_data.tasks if t.hub_path},
+        "k": cfg.data.k,
+        "eval_mode": cfg.data.eval_mode,
+        **reported_score(job_data.tasks, result.test),
+    }
     if distributed.rank() == 0:
         atomic.write_json(Path(cfg.output_dir) / RESULTS, results)
     distributed.barrier()
     return results
+
+
+def separator_of(tasks: list[Task]) -> str | None:
+    """The decoder-only separator the job's tasks share (None: the authors' default)."""
+    separators = {t.separator for t in tasks}
+    if len(separators) > 1:
+        raise PipelineError(
+            f"the tasks of a mixture render the text between source and target differently "
+            f"({', '.join(repr(s) for s in separators)}): mix tasks with one separator"
+        )
+    return next(iter(separators), None)
 
 
 def reported_score(tasks: list[Task], test: dict) -> dict:

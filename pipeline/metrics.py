@@ -49,6 +49,7 @@ def _check_lengths(predictions, references) -> None:
 
 # Classification ---------------------------------------------------------------------------------------
 
+
 def accuracy(predictions: list, references: list) -> float:
     """Fraction of predictions equal to their reference."""
     _check_lengths(predictions, references)
@@ -87,6 +88,7 @@ def matthews_corrcoef(predictions: list, references: list) -> float:
 
 # Regression -------------------------------------------------------------------------------------------
 
+
 def pearson(predictions: list, references: list) -> float:
     """Pearson correlation; 0.0 when a side is constant (undefined: no linear relation can be shown)."""
     _check_lengths(predictions, references)
@@ -106,7 +108,7 @@ def average_ranks(values: list) -> np.ndarray:
         end = start
         while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
             end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2 + 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
         start = end + 1
     return ranks
 
@@ -164,6 +166,7 @@ def squad_f1(predictions: list[str], answers: list[list[str]]) -> float:
 
 # Task-level scoring -----------------------------------------------------------------------------------
 
+
 def _as_float(text: object) -> float | None:
     try:
         value = float(str(text).strip())
@@ -214,8 +217,12 @@ def _qa_scores(task, predictions: list[str], references: list, answers) -> tuple
     golds = answers if answers is not None else [[str(r)] for r in references]
     # The authors' target is the first gold answer (answers[0]); without `answers` the reference is that one.
     firsts = [[g[0]] if g else [] for g in golds]
-    functions = {"squad_em": lambda p: squad_em(p, golds), "squad_f1": lambda p: squad_f1(p, golds),
-                 "squad_em_first": lambda p: squad_em(p, firsts), "squad_f1_first": lambda p: squad_f1(p, firsts)}
+    functions = {
+        "squad_em": lambda p: squad_em(p, golds),
+        "squad_f1": lambda p: squad_f1(p, golds),
+        "squad_em_first": lambda p: squad_em(p, firsts),
+        "squad_f1_first": lambda p: squad_f1(p, firsts),
+    }
     return {name: functions[name]([str(p) for p in predictions]) for name in task.metrics}, 0
 
 

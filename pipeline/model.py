@@ -48,8 +48,12 @@ class DePTModel(nn.Module):
         """
         embeds, mask, _ = self._inputs(input_ids, attention_mask)
         out = self.base_model.generate(
-            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            num_beams=1, synced_gpus=synced_gpus,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            synced_gpus=synced_gpus,
         )
         if self.is_encoder_decoder:
             out = out[:, 1:]  # T5 output starts with the decoder start token

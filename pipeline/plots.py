@@ -99,26 +99,37 @@ def plot_summary(summary: dict, train_results: dict[str, dict], path: str | Path
         ax_val.set(xlabel="step", ylabel="validation score", title="train stages: validation")
         used += [ax_loss, ax_val]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, stage in zip(axes[len(used):], transfer_stages):
+    for ax, stage in zip(axes[len(used) :], transfer_stages):
         rows = [r for r in summary["transfer"] if r["stage"] == stage and r["mean"] is not None]
         targets = list(dict.fromkeys(r["target"] for r in rows))
         ks = sorted({r["k"] for r in rows})
         for i, target in enumerate(targets):
             for start, (style, label) in START_STYLE.items():
-                series = sorted((r for r in rows if r["target"] == target and r["start"] == start),
-                                key=lambda r: r["k"])
+                series = sorted(
+                    (r for r in rows if r["target"] == target and r["start"] == start), key=lambda r: r["k"]
+                )
                 if not series:
                     continue
-                ax.errorbar([r["k"] for r in series], [r["mean"] for r in series], yerr=[r["std"] for r in series],
-                            fmt=style, capsize=3, color=colors[i % len(colors)], label=f"{target}, {label}")
+                ax.errorbar(
+                    [r["k"] for r in series],
+                    [r["mean"] for r in series],
+                    yerr=[r["std"] for r in series],
+                    fmt=style,
+                    capsize=3,
+                    color=colors[i % len(colors)],
+                    label=f"{target}, {label}",
+                )
         if len(ks) > 1:
             ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.minorticks_off()
         n = sorted({r["n"] for r in rows})
         seeds = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
-        ax.set(xlabel="k (training examples)", ylabel=f"test score, mean +- std over {seeds} seed(s)",
-               title=f"{stage}: score against k")
+        ax.set(
+            xlabel="k (training examples)",
+            ylabel=f"test score, mean +- std over {seeds} seed(s)",
+            title=f"{stage}: score against k",
+        )
         used.append(ax)
     fig.suptitle(summary["recipe"], fontsize=10)
     try:

@@ -24,8 +24,9 @@ def world_size() -> int:
 
 def check_model(model: str) -> None:
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
-        raise PipelineError(f"model path {model!r} does not exist: pass an existing model directory, a hub name or "
-                            "random:<preset>")
+        raise PipelineError(
+            f"model path {model!r} does not exist: pass an existing model directory, a hub name or random:<preset>"
+        )
 
 
 def check_init_adapter(cfg: JobConfig) -> None:
@@ -35,30 +36,44 @@ def check_init_adapter(cfg: JobConfig) -> None:
     folder = Path(cfg.init_adapter)
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
-        raise PipelineError(f"init adapter {cfg.init_adapter} does not exist: pass a directory holding "
-                            "adapter_config.json (ours or the DePT authors')")
+        raise PipelineError(
+            f"init adapter {cfg.init_adapter} does not exist: pass a directory holding "
+            "adapter_config.json (ours or the DePT authors')"
+        )
     try:
         shape = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise PipelineError(f"adapter config {config_file} is not valid JSON ({err.msg}, line {err.lineno})") from None
-    for flag, mine, theirs in (("num_virtual_tokens", cfg.dept.num_virtual_tokens, shape.get("num_virtual_tokens")),
-                               ("lora_rank (r)", cfg.dept.r, shape.get("r"))):
+    for flag, mine, theirs in (
+        ("num_virtual_tokens", cfg.dept.num_virtual_tokens, shape.get("num_virtual_tokens")),
+        ("lora_rank (r)", cfg.dept.r, shape.get("r")),
+    ):
         if mine is not None and theirs is not None and mine != theirs:
-            raise PipelineError(f"init adapter {cfg.init_adapter} has {flag}={theirs} but {mine} was given: "
-                                f"drop {flag} to take the adapter's shape")
+            raise PipelineError(
+                f"init adapter {cfg.init_adapter} has {flag}={theirs} but {mine} was given: "
+                f"drop {flag} to take the adapter's shape"
+            )
     theirs = shape.get("max_length")
-    if cfg.dept.max_length not in (None, theirs) and theirs is not None and cfg.on_length_mismatch == "error" \
-            and shape.get("r", 0):
-        raise PipelineError(f"init adapter {cfg.init_adapter} has max_length s={theirs} (rows of A) but "
-                            f"{cfg.dept.max_length} was given: drop max_length, or set on_length_mismatch to "
-                            "truncate or pad")
+    if (
+        cfg.dept.max_length not in (None, theirs)
+        and theirs is not None
+        and cfg.on_length_mismatch == "error"
+        and shape.get("r", 0)
+    ):
+        raise PipelineError(
+            f"init adapter {cfg.init_adapter} has max_length s={theirs} (rows of A) but "
+            f"{cfg.dept.max_length} was given: drop max_length, or set on_length_mismatch to "
+            "truncate or pad"
+        )
 
 
 def check_batch(cfg: JobConfig, world: int) -> None:
     per_step = world * cfg.train.grad_accum
     if cfg.train.batch_size % per_step:
-        raise PipelineError(f"batch_size {cfg.train.batch_size} is not divisible by world size {world} x grad_accum "
-                            f"{cfg.train.grad_accum}: choose a multiple of {per_step} (or another number of ranks)")
+        raise PipelineError(
+            f"batch_size {cfg.train.batch_size} is not divisible by world size {world} x grad_accum "
+            f"{cfg.train.grad_accum}: choose a multiple of {per_step} (or another number of ranks)"
+        )
 
 
 def check_job(cfg: JobConfig, data: bool = True, model: bool = True, init_adapter: bool = True) -> None:

@@ -79,7 +79,8 @@ class Job:
         """What the MLflow runs table shows: what differs between jobs first, the stage last."""
         if self.meta["type"] == "train":
             return f"{self.stage}: {'+'.join(self.meta['tasks'])}"
-        return f"{self.meta['target']} k={self.meta['k']} seed={self.meta['seed']} {self.meta['start']}"
+        method = "" if self.config.method == "dept" else f" ({self.config.method})"
+        return f"{self.meta['target']} k={self.meta['k']} seed={self.meta['seed']} {self.meta['start']}{method}"
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -116,8 +117,10 @@ def apply_overrides(raw: dict, overrides: dict) -> dict:
             except yaml.YAMLError:
                 pass
         if parts[0] not in {f for f in RecipeSpec.__dataclass_fields__}:
-            raise PipelineError(f"override --{dotted}: unknown recipe key {parts[0]!r}"
-                                f"{did_you_mean(parts[0], RecipeSpec.__dataclass_fields__)}")
+            raise PipelineError(
+                f"override --{dotted}: unknown recipe key {parts[0]!r}"
+                f"{did_you_mean(parts[0], RecipeSpec.__dataclass_fields__)}"
+            )
         node = raw
         for i, part in enumerate(parts[:-1]):
             where = ".".join(parts[: i + 1])
@@ -162,8 +165,14 @@ def _resolve_inputs(spec: RecipeSpec, base: Path) -> RecipeSpec:
     from pipeline.tasks.specs import is_task_file, with_absolute_paths
 
     def task_list(specs):
-        return [with_absolute_paths(t, base) if isinstance(t, dict) else
-                str((base / t).resolve()) if is_task_file(t) and not Path(t).is_absolute() else t for t in specs]
+        return [
+            with_absolute_paths(t, base)
+            if isinstance(t, dict)
+            else str((base / t).resolve())
+            if is_task_file(t) and not Path(t).is_absolute()
+            else t
+            for t in specs
+        ]
 
     def data_section(section: dict) -> dict:
         out = dict(section)
@@ -177,13 +186,24 @@ def _resolve_inputs(spec: RecipeSpec, base: Path) -> RecipeSpec:
         source = stage.source
         if source is not None and not any(s.name == source.removeprefix("stage:") for s in spec.stages):
             source = _absolute(source, base, "adapter")
-        stages.append(replace(stage, model=_absolute(stage.model, base, "model"),
-                              init_adapter=_absolute(stage.init_adapter, base, "adapter"), source=source,
-                              tasks=task_list(stage.tasks), targets=task_list(stage.targets),
-                              data=data_section(stage.data)))
-    return replace(spec, model=_absolute(spec.model, base, "model"),
-                   ds_config=_absolute(spec.ds_config, base, "ds_config"), data=data_section(spec.data),
-                   stages=stages)
+        stages.append(
+            replace(
+                stage,
+                model=_absolute(stage.model, base, "model"),
+                init_adapter=_absolute(stage.init_adapter, base, "adapter"),
+                source=source,
+                tasks=task_list(stage.tasks),
+                targets=task_list(stage.targets),
+                data=data_section(stage.data),
+            )
+        )
+    return replace(
+        spec,
+        model=_absolute(spec.model, base, "model"),
+        ds_config=_absolute(spec.ds_config, base, "ds_config"),
+        data=data_section(spec.data),
+        stages=stages,
+    )
 
 
 def validate(raw: dict, base: Path) -> RecipeSpec:
@@ -211,9 +231,10 @@ def validate(raw: dict, base: Path) -> RecipeSpec:
         if stage.name in seen:
             raise PipelineError(f"{path}: duplicate stage name; give each stage its own name")
         for key, ref in (("model", stage.model), ("init_adapter", stage.init_adapter), ("source", stage.source)):
-            if isinstance(ref, str) and ref.startswith("stage:") and ref[len("stage:"):] not in seen:
-                raise PipelineError(f"{path}.{key}: {ref!r} is not an earlier stage (earlier: "
-                                    f"{', '.join(seen) or 'none'})")
+            if isinstance(ref, str) and ref.startswith("stage:") and ref[len("stage:") :] not in seen:
+                raise PipelineError(
+                    f"{path}.{key}: {ref!r} is not an earlier stage (earlier: {', '.join(seen) or 'none'})"
+                )
         if stage.type == "train":
             if not stage.tasks and not {**spec.data, **stage.data}.get("train_file"):
                 raise PipelineError(f"{path}.tasks: a train stage needs at least one task")
@@ -224,10 +245,16 @@ def validate(raw: dict, base: Path) -> RecipeSpec:
                 raise PipelineError(f"{path}.targets: a transfer stage needs at least one target task")
             if stage.source is None and not stage.control:
                 raise PipelineError(f"{path}.source: a transfer stage needs a source stage or adapter path")
-            if stage.source and stage.source.removeprefix("stage:") not in seen + [stage.name] and \
-                    not Path(stage.source).expanduser().exists() and "/" not in stage.source:
-                raise PipelineError(f"{path}.source: {stage.source!r} is not an earlier stage nor an existing "
-                                    f"adapter{did_you_mean(stage.source, seen)}")
+            if (
+                stage.source
+                and stage.source.removeprefix("stage:") not in seen + [stage.name]
+                and not Path(stage.source).expanduser().exists()
+                and "/" not in stage.source
+            ):
+                raise PipelineError(
+                    f"{path}.source: {stage.source!r} is not an earlier stage nor an existing "
+                    f"adapter{did_you_mean(stage.source, seen)}"
+                )
             for name, values in (("k", stage.k), ("seeds", stage.seeds)):
                 if not values:
                     raise PipelineError(f"{path}.{name}: give a non-empty list of integers")
@@ -245,25 +272,44 @@ def validate(raw: dict, base: Path) -> RecipeSpec:
 def _stage_model(spec: RecipeSpec, stage: StageSpec) -> str:
     model = stage.model or spec.model
     if model.startswith("stage:"):
-        return str(Path(spec.output_dir) / model[len("stage:"):] / "model")
+        return str(Path(spec.output_dir) / model[len("stage:") :] / "model")
     return model
 
 
 def _model_stage(spec: RecipeSpec, stage: StageSpec) -> str | None:
     model = stage.model or spec.model
-    return model[len("stage:"):] if model.startswith("stage:") else None
+    return model[len("stage:") :] if model.startswith("stage:") else None
 
 
-def _job_config(spec: RecipeSpec, stage: StageSpec, output_dir: Path, data: dict, seed: int | None,
-                init_adapter: str | None, path: str) -> JobConfig:
+def _job_config(
+    spec: RecipeSpec,
+    stage: StageSpec,
+    output_dir: Path,
+    data: dict,
+    seed: int | None,
+    init_adapter: str | None,
+    path: str,
+) -> JobConfig:
     train = {**spec.train, **stage.train}
     if seed is not None:
         train["seed"] = seed
-    raw = {"model": _stage_model(spec, stage), "output_dir": str(output_dir), "ds_config": spec.ds_config,
-           "method": stage.method or spec.method, "init_adapter": init_adapter, "save_model": stage.save_model,
-           "on_length_mismatch": stage.on_length_mismatch or spec.on_length_mismatch,
-           "model_overrides": spec.model_overrides, "dept": {**spec.dept, **stage.dept}, "train": train,
-           "data": {**spec.data, **stage.data, **data}}
+    method = stage.method or spec.method
+    inherited = dict(spec.dept)
+    if method != "dept":  # a recipe's r (or budget) is for its DePT stages; a pt stage that sets r is refused
+        inherited = {k: v for k, v in inherited.items() if k not in ("r", "budget_tokens")}
+    raw = {
+        "model": _stage_model(spec, stage),
+        "output_dir": str(output_dir),
+        "ds_config": spec.ds_config,
+        "method": method,
+        "init_adapter": init_adapter,
+        "save_model": stage.save_model,
+        "on_length_mismatch": stage.on_length_mismatch or spec.on_length_mismatch,
+        "model_overrides": spec.model_overrides,
+        "dept": {**inherited, **stage.dept},
+        "train": train,
+        "data": {**spec.data, **stage.data, **data},
+    }
     return capped(build(JobConfig, raw, path))
 
 
@@ -295,8 +341,16 @@ def plan(recipe: Recipe) -> list[Job]:
         if stage.type == "train":
             adapter, from_stage = _adapter_of(spec, stage.init_adapter)
             cfg = _job_config(spec, stage, out / stage.name, {"tasks": list(stage.tasks)}, None, adapter, path)
-            jobs.append(Job(stage.name, stage.name, cfg, {"type": "train", "tasks": [task_label(t) for t in stage.tasks]},
-                            from_stage, _model_stage(spec, stage)))
+            jobs.append(
+                Job(
+                    stage.name,
+                    stage.name,
+                    cfg,
+                    {"type": "train", "tasks": [task_label(t) for t in stage.tasks]},
+                    from_stage,
+                    _model_stage(spec, stage),
+                )
+            )
             continue
         adapter, from_stage = _adapter_of(spec, stage.source)
         starts = ([("source", adapter)] if stage.source else []) + ([("scratch", None)] if stage.control else [])
@@ -307,8 +361,9 @@ def plan(recipe: Recipe) -> list[Job]:
                         key = f"{stage.name}/{task_label(target)}/k{k}/seed{seed}/{start}"
                         cfg = _job_config(spec, stage, out / key, {"tasks": [target], "k": k}, seed, init, path)
                         meta = {"type": "transfer", "target": task_label(target), "k": k, "seed": seed, "start": start}
-                        jobs.append(Job(stage.name, key, cfg, meta, from_stage if init else None,
-                                        _model_stage(spec, stage)))
+                        jobs.append(
+                            Job(stage.name, key, cfg, meta, from_stage if init else None, _model_stage(spec, stage))
+                        )
     return jobs
 
 
@@ -322,8 +377,12 @@ def check_feasible(recipe: Recipe, jobs: list[Job]) -> None:
     for job in jobs:
         data_key = json.dumps([to_dict(job.config.data), job.config.train.seed], sort_keys=True, default=str)
         try:  # a model or adapter an earlier stage makes does not exist yet
-            check_job(job.config, data=data_key not in checked, model=job.model_from_stage is None,
-                      init_adapter=job.init_from_stage is None)
+            check_job(
+                job.config,
+                data=data_key not in checked,
+                model=job.model_from_stage is None,
+                init_adapter=job.init_from_stage is None,
+            )
         except PipelineError as err:
             raise PipelineError(f"{job.key}: {err}") from None
         checked.add(data_key)
@@ -334,20 +393,40 @@ def describe_plan(recipe: Recipe, jobs: list[Job]) -> str:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     spec = recipe.spec
-    lines = [f"recipe {spec.name}: {len(jobs)} jobs in {len(spec.stages)} stages, world size {world}, "
-             f"output {spec.output_dir}, DeepSpeed config {spec.ds_config}"]
+    lines = [
+        f"recipe {spec.name}: {len(jobs)} jobs in {len(spec.stages)} stages, world size {world}, "
+        f"output {spec.output_dir}, DeepSpeed config {spec.ds_config}"
+    ]
     for stage in spec.stages:
         mine = [j for j in jobs if j.stage == stage.name]
         first = mine[0].config
-        what = ", ".join(mine[0].meta.get("tasks", [])) if stage.type == "train" else (
-            f"targets {', '.join(dict.fromkeys(str(j.meta['target']) for j in mine))}; k {stage.k}; seeds {stage.seeds}"
-            + ("; with from-scratch control" if stage.control else ""))
-        dept = first.dept
-        shape = (f"m={dept.num_virtual_tokens or 'default'} r={dept.r if dept.r is not None else 'default'} "
-                 f"s={dept.max_length or 'default'}" if first.method != "finetune" else "all weights")
-        lines.append(f"  {stage.name} ({stage.type}, {first.method}, model {first.model}): {len(mine)} job(s); {what}; "
-                     f"{shape}; steps={first.train.steps} batch={first.train.batch_size} "
-                     f"lr_prompt={first.train.lr_prompt} lr_lowrank={first.train.lr_lowrank}")
+        what = (
+            ", ".join(mine[0].meta.get("tasks", []))
+            if stage.type == "train"
+            else (
+                f"targets {', '.join(dict.fromkeys(str(j.meta['target']) for j in mine))}; k {stage.k}; seeds {stage.seeds}"
+                + ("; with from-scratch control" if stage.control else "")
+            )
+        )
+        dept, train = first.dept, first.train
+        rates = f"lr={train.lr}"
+        if first.method == "dept":
+            shape = (
+                f"m={dept.num_virtual_tokens or 'default'} r={dept.r if dept.r is not None else 'default'} "
+                f"s={dept.max_length or 'default'}"
+            )
+            rates = f"lr_prompt={train.lr_prompt} lr_lowrank={train.lr_lowrank}"
+        elif first.method == "pt":
+            shape, rates = (
+                f"l={dept.num_virtual_tokens or 'default'} s={dept.max_length or 'default'}",
+                f"lr_prompt={train.lr_prompt}",
+            )
+        else:
+            shape = "all weights"
+        lines.append(
+            f"  {stage.name} ({stage.type}, {first.method}, model {first.model}): {len(mine)} job(s); {what}; "
+            f"{shape}; steps={train.steps} batch={train.batch_size} {rates}"
+        )
     return "\n".join(lines)
 
 

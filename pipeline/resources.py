@@ -1,4 +1,4 @@
-"""Files shipped with the package: DeepSpeed configs and recipes, addressed by name or by path.
+"""Files shipped with the package: DeepSpeed configs, recipes and one small model, addressed by name or by path.
 
 In a source checkout they are the repository's top-level `ds_configs/` and `recipes/`; the wheel installs the same
 files inside the package (`pipeline/ds_configs`, `pipeline/recipes`, see pyproject.toml), so `--ds_config zero3_cpu`
@@ -49,8 +49,10 @@ def _resolve(value: str, kind: str, base_dir: Path | None) -> Path:
     if path.parent.name == folder and (_shipped_dir(folder) / path.name).is_file():
         return _shipped_dir(folder) / path.name
     names = ", ".join(shipped_names(kind))
-    raise PipelineError(f"{label} {value!r} is neither a shipped {label} ({names}) nor an existing file"
-                        + (f" (looked for {path})" if not looks_like_name else ""))
+    raise PipelineError(
+        f"{label} {value!r} is neither a shipped {label} ({names}) nor an existing file"
+        + (f" (looked for {path})" if not looks_like_name else "")
+    )
 
 
 def ds_config_path(value: str, base_dir: Path | None = None) -> Path:
@@ -72,10 +74,21 @@ def gpu_visible() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
     gpus = Path("/proc/driver/nvidia/gpus")
-    return (gpus.is_dir() and any(gpus.iterdir())) or (shutil.which("nvidia-smi") is not None and
-                                                      Path("/dev/nvidia0").exists())
+    return (gpus.is_dir() and any(gpus.iterdir())) or (
+        shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()
+    )
 
 
 def default_ds_config() -> str:
     """The shipped config `auto` stands for: fp32 ZeRO-3 on GPUs (the paper's precision), the CPU one otherwise."""
     return GPU_CONFIG if gpu_visible() else CPU_CONFIG
+
+
+SHIPPED_MODELS = ("stories260K",)  # pipeline/models/<name>: a real pretrained model small enough to ship (quickstart)
+
+
+def model_location(model: str) -> str:
+    """A shipped model's directory for its name (`stories260K`); any other model string unchanged."""
+    if model in SHIPPED_MODELS:
+        return str(PACKAGE / "models" / model)
+    return model

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,10 @@ def refuse_changed(states: list[JobState]) -> None:
         return
     shown = "; ".join(f"{s.job.key} ({', '.join(s.changed_keys[:4])})" for s in changed[:3])
     more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-    raise PipelineError(f"{len(changed)} job(s) ran before with other settings: {shown}{more}; pass --rerun_changed to "
-                        "re-run them (their old results are replaced), or choose another --output_dir")
+    raise PipelineError(
+        f"{len(changed)} job(s) ran before with other settings: {shown}{more}; pass --rerun_changed to "
+        "re-run them (their old results are replaced), or choose another --output_dir"
+    )
 
 
 def tracking_uri(recipe: Recipe) -> str | None:
@@ -83,12 +86,15 @@ def tracking_uri(recipe: Recipe) -> str | None:
     if not recipe.spec.tracking.enabled:
         return None
     default = recipe.output_dir / "mlflow.db"
-    return resolve_tracking_uri(recipe.spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or
-                                f"sqlite:///{default.resolve()}", Path.cwd())
+    return resolve_tracking_uri(
+        recipe.spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{default.resolve()}",
+        Path.cwd(),
+    )
 
 
-def run_recipe(name_or_path: str, overrides: dict | None = None, dry_run: bool = False,
-               rerun_changed: bool = False) -> dict | None:
+def run_recipe(
+    name_or_path: str, overrides: dict | None = None, dry_run: bool = False, rerun_changed: bool = False
+) -> dict | None:
     recipe = load_recipe(name_or_path, overrides)
     jobs = plan(recipe)
     check_feasible(recipe, jobs)
@@ -105,6 +111,7 @@ def run_recipe(name_or_path: str, overrides: dict | None = None, dry_run: bool =
     states = job_states(jobs)
     if not rerun_changed:
         refuse_changed(states)
+    started = time.time()
     rank, world = engine.init_distributed(float(jobs[0].config.train.comm_timeout_s))
     out = recipe.output_dir
     if rank == 0:
@@ -117,18 +124,33 @@ def run_recipe(name_or_path: str, overrides: dict | None = None, dry_run: bool =
     with tracker:
         parent = tracker.parent(recipe.name, recipe_key)
         tracker.describe_experiment(recipe.spec.description)
-        tracker.set_tags({"dept.recipe": recipe.name, "dept.jobs": str(len(jobs)), "dept.world_size": str(world),
-                          "dept.output_dir": str(out.resolve()),
-                          "mlflow.note.content": _parent_note(recipe, jobs, None)}, run_id=parent)
+        tracker.set_tags(
+            {
+                "dept.recipe": recipe.name,
+                "dept.jobs": str(len(jobs)),
+                "dept.world_size": str(world),
+                "dept.output_dir": str(out.resolve()),
+                "mlflow.note.content": _parent_note(recipe, jobs, None),
+            },
+            run_id=parent,
+        )
         results: dict[str, dict] = {}
         run_ids: dict[str, str | None] = {}
         for state in states:
             job = state.job
             lineage = lineage_tags(job, jobs, run_ids) if tracker.active else {}
-            results[job.key], run_ids[job.key] = _execute(state, tracker, recipe_key, run_job, names[job.key],
-                                                          lineage)
+            results[job.key], run_ids[job.key] = _execute(state, tracker, recipe_key, run_job, names[job.key], lineage)
             gc.collect()
-        summary = summarize(recipe.name, jobs, results)
+        from pipeline._version import __version__
+
+        run = {
+            "jobs": len(jobs),
+            "reused": sum(s.action == "reuse" for s in states),
+            "world_size": world,
+            "seconds": round(time.time() - started, 1),
+            "version": __version__,
+        }
+        summary = summarize(recipe.name, jobs, results, run)
         if rank == 0:
             atomic.write_json(out / "summary.json", summary)
             atomic.write_text(out / "summary.md", summary["markdown"])
@@ -156,9 +178,11 @@ def _parent_note(recipe: Recipe, jobs: list[Job], summary: dict | None) -> str:
     if summary is None:
         lines.append(f"Running {len(jobs)} jobs; the summary table appears here when they are done.")
     else:
-        lines += [summary["markdown"].strip(),
-                  "Pictures: `summary.png` (artifacts of this run) and `curves.png` in each child run. The table's "
-                  "cells are this run's metrics `<target>.k<k>.<start>.mean` / `.std`."]
+        lines += [
+            summary["markdown"].strip(),
+            "Pictures: `summary.png` (artifacts of this run) and `curves.png` in each child run. The table's "
+            "cells are this run's metrics `<target>.k<k>.<start>.mean` / `.std`.",
+        ]
     return "\n\n".join(lines)
 
 
@@ -179,8 +203,9 @@ def _recipe_key(recipe: Recipe) -> str:
     return hashlib.sha256(f"{recipe.name}|{recipe.output_dir.resolve()}".encode()).hexdigest()[:16]
 
 
-def _execute(state: JobState, tracker, recipe_key: str, run_job, name: str,
-             lineage: dict[str, str]) -> tuple[dict, str | None]:
+def _execute(
+    state: JobState, tracker, recipe_key: str, run_job, name: str, lineage: dict[str, str]
+) -> tuple[dict, str | None]:
     """Run (or reuse) one job inside its MLflow child run: (its results, the child run's id)."""
     from pipeline import distributed
 
@@ -207,13 +232,18 @@ def _execute(state: JobState, tracker, recipe_key: str, run_job, name: str,
         tracker.finish(child)
         return result, child
     if job.config.init_adapter and not Path(job.config.init_adapter).exists():
-        raise PipelineError(f"{job.key}: the source adapter {job.config.init_adapter} does not exist; did its stage "
-                            "finish? run the recipe from the start")
+        raise PipelineError(
+            f"{job.key}: the source adapter {job.config.init_adapter} does not exist; did its stage "
+            "finish? run the recipe from the start"
+        )
     child = tracker.child(name, child_key, job_params(job))
     tracker.set_tags({**job_tags(job, digest), **lineage}, run_id=child)
     callback = tracker.callback_for(child, invalid_curves=job.config.data.eval_mode == "generate")
-    result = run_job(job.config, callbacks=[callback],
-                     on_data=lambda data, context, rows: tracker.log_dataset(rows, data, context, run_id=child))
+    result = run_job(
+        job.config,
+        callbacks=[callback],
+        on_data=lambda data, context, rows: tracker.log_dataset(rows, data, context, run_id=child),
+    )
     if distributed.rank() == 0:
         _log_outcome(tracker, job, child, result, name)
     tracker.finish(child)
@@ -229,16 +259,22 @@ def run_names(jobs: list[Job]) -> dict[str, str]:
     "cb k=4 seed=1 scratch" when it has several; "k=4 scratch seed=1 rte" with one seed), the target last among
     what does not differ. Train jobs: "<stage>: <tasks>". The stage is a tag."""
     names = {}
+    methods = {j.config.method for j in jobs if j.meta["type"] == "transfer"}
     for job in jobs:
         if job.meta["type"] == "train":
             names[job.key] = job.name
             continue
         peers = [j for j in jobs if j.stage == job.stage]
-        parts = {"target": str(job.meta["target"]), "k": f"k={job.meta['k']}", "seed": f"seed={job.meta['seed']}",
-                 "start": str(job.meta["start"])}
+        parts = {
+            "target": str(job.meta["target"]),
+            "k": f"k={job.meta['k']}",
+            "seed": f"seed={job.meta['seed']}",
+            "start": str(job.meta["start"]),
+        }
         varying = [f for f in parts if len({str(j.meta[f]) for j in peers}) > 1]
         constant = [f for f in ("k", "seed", "start", "target") if f not in varying]
-        names[job.key] = " ".join(parts[f] for f in varying + constant)
+        name = " ".join(parts[f] for f in varying + constant)
+        names[job.key] = f"{job.config.method} {name}" if len(methods) > 1 else name  # DePT and PT stages side by side
     return names
 
 
@@ -250,10 +286,19 @@ def job_params(job: Job) -> dict:
     cfg = to_dict(job.config)
     train, dept, data = cfg["train"], cfg["dept"], cfg["data"]
     method = cfg["method"]
-    params = {"method": method, "model": cfg["model"], "ds_config": cfg["ds_config"],
-              "batch_size": train["batch_size"], "grad_accum": train["grad_accum"], "steps": train["steps"],
-              "warmup_steps": train["warmup_steps"], "seed": train["seed"], "weight_decay": train["weight_decay"],
-              "grad_clip": train["grad_clip"], "max_train_rows": data["max_train_rows"]}
+    params = {
+        "method": method,
+        "model": cfg["model"],
+        "ds_config": cfg["ds_config"],
+        "batch_size": train["batch_size"],
+        "grad_accum": train["grad_accum"],
+        "steps": train["steps"],
+        "warmup_steps": train["warmup_steps"],
+        "seed": train["seed"],
+        "weight_decay": train["weight_decay"],
+        "grad_clip": train["grad_clip"],
+        "max_train_rows": data["max_train_rows"],
+    }
     if job.meta["type"] == "train":
         params["tasks"] = ",".join(map(str, job.meta["tasks"])) or None
         if len(data["tasks"]) > 1:
@@ -261,8 +306,7 @@ def job_params(job: Job) -> dict:
     else:
         params.update(target=job.meta["target"], k=data["k"], start=job.meta["start"])
     if data["evaluate"]:
-        params.update(eval_every=train["eval_every"], eval_mode=data["eval_mode"],
-                      max_eval_rows=data["max_eval_rows"])
+        params.update(eval_every=train["eval_every"], eval_mode=data["eval_mode"], max_eval_rows=data["max_eval_rows"])
         if data["eval_mode"] == "generate":
             params["max_new_tokens"] = data["max_new_tokens"]
     else:
@@ -273,15 +317,24 @@ def job_params(job: Job) -> dict:
     if method == "finetune":
         params.update(lr=train["lr"], save_model=cfg["save_model"])
         return {k: v for k, v in params.items() if v is not None}
-    params.update(lr_prompt=train["lr_prompt"], num_virtual_tokens=dept["num_virtual_tokens"],
-                  max_length=dept["max_length"], prompt_init=dept["prompt_init"], init_adapter=cfg["init_adapter"])
+    params.update(
+        lr_prompt=train["lr_prompt"],
+        num_virtual_tokens=dept["num_virtual_tokens"],
+        max_length=dept["max_length"],
+        prompt_init=dept["prompt_init"],
+        init_adapter=cfg["init_adapter"],
+    )
     if dept["prompt_init"] == "TEXT" and not cfg["init_adapter"]:
         params["init_text"] = dept["init_text"]
     if cfg["init_adapter"]:
         params["on_length_mismatch"] = cfg["on_length_mismatch"]
     if method == "dept":
-        params.update(lr_lowrank=train["lr_lowrank"], r=dept["r"], budget_tokens=dept["budget_tokens"],
-                      lora_alpha=dept["lora_alpha"])
+        params.update(
+            lr_lowrank=train["lr_lowrank"],
+            r=dept["r"],
+            budget_tokens=dept["budget_tokens"],
+            lora_alpha=dept["lora_alpha"],
+        )
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -291,8 +344,11 @@ def outcome_params(result: dict) -> dict:
     params = {"trainable_params": result.get("trainable_params"), "total_params": result.get("total_params")}
     shape = result.get("dept_shape") or {}
     if shape:
-        params.update(num_virtual_tokens=shape.get("num_virtual_tokens"), max_length=shape.get("max_length"),
-                      d_model=shape.get("d_model"))
+        params.update(
+            num_virtual_tokens=shape.get("num_virtual_tokens"),
+            max_length=shape.get("max_length"),
+            d_model=shape.get("d_model"),
+        )
         if result.get("config", {}).get("method") == "dept":
             params["r"] = shape.get("r")
     return {k: v for k, v in params.items() if v is not None}
@@ -304,10 +360,16 @@ def job_tags(job: Job, digest: str) -> dict[str, str]:
     from pipeline import distributed
 
     meta = {k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)) for k, v in job.meta.items()}
-    return {"dept.stage": job.stage, "dept.fingerprint": digest, "dept.world_size": str(distributed.world_size()),
-            "dept.job": job.key, "dept.output_dir": str(Path(job.config.output_dir).resolve()),
-            "dept.log_every": str(job.config.train.log_every), "dept.save_every": str(job.config.train.save_every),
-            **{f"dept.{k}": v for k, v in meta.items()}}
+    return {
+        "dept.stage": job.stage,
+        "dept.fingerprint": digest,
+        "dept.world_size": str(distributed.world_size()),
+        "dept.job": job.key,
+        "dept.output_dir": str(Path(job.config.output_dir).resolve()),
+        "dept.log_every": str(job.config.train.log_every),
+        "dept.save_every": str(job.config.train.save_every),
+        **{f"dept.{k}": v for k, v in meta.items()},
+    }
 
 
 def adapter_artifact(adapter_dir: str | Path) -> str:
@@ -351,8 +413,11 @@ def lineage_tags(job: Job, jobs: list[Job], run_ids: dict[str, str | None]) -> d
             tags["dept.init_adapter_sha256"] = sha
     model = Path(job.config.model).expanduser()
     for producer in jobs:
-        if producer.config.save_model and producer.meta["type"] == "train" and \
-                (Path(producer.config.output_dir) / "model").resolve() == model.resolve():
+        if (
+            producer.config.save_model
+            and producer.meta["type"] == "train"
+            and (Path(producer.config.output_dir) / "model").resolve() == model.resolve()
+        ):
             tags["dept.backbone_stage"] = producer.stage
             run_id = run_ids.get(producer.key)
             if run_id:
@@ -388,8 +453,9 @@ def _log_outcome(tracker, job: Job, run_id: str | None, result: dict, name: str)
     except PipelineError as exc:  # a job re-attached with another resolved shape: keep the run, say so
         log.warning("%s: %s", job.key, exc)
     if isinstance(result.get("test_score"), (int, float)):  # the score the summary reports, at the best step
-        tracker.log_metrics({"test_score": round(result["test_score"], 4)}, step=result.get("best_step") or 0,
-                            run_id=run_id)
+        tracker.log_metrics(
+            {"test_score": round(result["test_score"], 4)}, step=result.get("best_step") or 0, run_id=run_id
+        )
     tags = {"dept.best_step": str(result.get("best_step"))} if result.get("best_step") is not None else {}
     if (out / "best_adapter").is_dir():
         tags["dept.best_adapter"] = adapter_artifact(out / "best_adapter")
@@ -403,8 +469,11 @@ def _log_outcome(tracker, job: Job, run_id: str | None, result: dict, name: str)
             tracker.log_artifact(out / "model", run_id=run_id)
             tags["dept.model"] = f"runs:/{run_id}/model"
         else:
-            log.warning("%s: the saved backbone %s is over DEPT_MLFLOW_MAX_MODEL_MB; recorded by path only",
-                        job.key, out / "model")
+            log.warning(
+                "%s: the saved backbone %s is over DEPT_MLFLOW_MAX_MODEL_MB; recorded by path only",
+                job.key,
+                out / "model",
+            )
         tags["dept.model_path"] = str((out / "model").resolve())
     tracker.set_tags(tags, run_id=run_id)
 
@@ -424,8 +493,10 @@ def ui_hint(uri: str, experiment_id: str | None, parent_id: str | None, port: in
         base = urllib.parse.urlunparse((parsed.scheme, netloc, parsed.path.rstrip("/"), "", "", ""))
     else:
         base = f"http://127.0.0.1:{port}"
-        lines.append(f"  start the UI:  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {uri} "
-                     f"--host 127.0.0.1 --port {port} --workers 1")
+        lines.append(
+            f"  start the UI:  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {uri} "
+            f"--host 127.0.0.1 --port {port} --workers 1"
+        )
     lines.append(f"  runs:          {base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
     if parent_id:
         lines.append(f"  parent run:    {base}/#/experiments/{experiment_id}/runs/{parent_id}")

@@ -11,26 +11,48 @@ def main_score(result: dict) -> float | None:
     return result.get("test_score")
 
 
-def summarize(name: str, jobs: list, results: dict[str, dict]) -> dict:
+def summarize(name: str, jobs: list, results: dict[str, dict], run: dict | None = None) -> dict:
     """`{"recipe", "sources": [...], "transfer": [...], "markdown"}` from `results[job.key]`."""
     sources, cells = [], {}
     for job in jobs:
         result = results[job.key]
         if job.meta["type"] == "train":
-            sources.append({"stage": job.stage, "tasks": job.meta["tasks"], "test": _rounded(result.get("test", {})),
-                            "best_step": result.get("best_step"), "final_loss": result.get("final_loss"),
-                            "method": result.get("config", {}).get("method")})
+            shape = result.get("dept_shape") or {}
+            speed = [h["tokens_per_s"] for h in result.get("history", []) if "tokens_per_s" in h]
+            sources.append(
+                {
+                    "stage": job.stage,
+                    "tasks": job.meta["tasks"],
+                    "test": _rounded(result.get("test", {})),
+                    "best_step": result.get("best_step"),
+                    "final_loss": result.get("final_loss"),
+                    "method": result.get("config", {}).get("method"),
+                    "trainable_params": result.get("trainable_params"),
+                    "prompt_tokens": shape.get("num_virtual_tokens"),
+                    "tokens_per_s": round(statistics.median(speed)) if speed else None,
+                }
+            )
             continue
         cell = (job.stage, job.meta["target"], job.meta["k"], job.meta["start"])
         cells.setdefault(cell, []).append(main_score(result))
     table = []
     for (stage, target, k, start), scores in sorted(cells.items(), key=lambda c: (c[0][0], c[0][1], c[0][3], c[0][2])):
         valid = [s for s in scores if s is not None]
-        table.append({"stage": stage, "target": target, "k": k, "start": start, "n": len(valid),
-                      "scores": [round(s, 2) for s in valid],
-                      "mean": round(statistics.fmean(valid), 2) if valid else None,
-                      "std": round(statistics.stdev(valid), 2) if len(valid) > 1 else 0.0})
+        table.append(
+            {
+                "stage": stage,
+                "target": target,
+                "k": k,
+                "start": start,
+                "n": len(valid),
+                "scores": [round(s, 2) for s in valid],
+                "mean": round(statistics.fmean(valid), 2) if valid else None,
+                "std": round(statistics.stdev(valid), 2) if len(valid) > 1 else 0.0,
+            }
+        )
     summary = {"recipe": name, "sources": sources, "transfer": table}
+    if run:
+        summary["run"] = run  # jobs, reused, seconds, world_size, version: the footer line
     summary["markdown"] = markdown(summary)
     return summary
 
@@ -45,33 +67,58 @@ def _leaf(key: str) -> str:
 
 
 def _metric_text(metrics: dict) -> str:
-    return ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()
-                     if isinstance(v, float) and _leaf(k) not in ("score", "n", "invalid"))
+    return ", ".join(
+        f"{k} {v:.1f}" for k, v in metrics.items() if isinstance(v, float) and _leaf(k) not in ("score", "n", "invalid")
+    )
+
+
+def _count(value) -> str:
+    return "-" if value is None else f"{value:,}"
 
 
 def markdown(summary: dict) -> str:
     lines = [f"# {summary['recipe']}", ""]
     if summary["sources"]:
-        lines += ["| stage | method | tasks | best step | test |", "|---|---|---|---|---|"]
+        lines += [
+            "| stage | method | tasks | trainable | prompt tokens | tokens/s | best step | test |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for s in summary["sources"]:
-            lines.append(f"| {s['stage']} | {s.get('method') or '-'} | {', '.join(s['tasks'])} | {s['best_step']} | "
-                         f"{_metric_text(s['test']) or '-'} |")
+            lines.append(
+                f"| {s['stage']} | {s.get('method') or '-'} | {', '.join(s['tasks'])} | "
+                f"{_count(s.get('trainable_params'))} | {_count(s.get('prompt_tokens'))} | "
+                f"{_count(s.get('tokens_per_s'))} | {s['best_step']} | {_metric_text(s['test']) or '-'} |"
+            )
         lines.append("")
     by_stage: dict[str, list] = {}
     for row in summary["transfer"]:
         by_stage.setdefault(row["stage"], []).append(row)
     for stage, rows in by_stage.items():
         ks = sorted({r["k"] for r in rows})
-        lines += [f"## {stage}: test score, mean +- std over seeds", "",
-                  "| target | start | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+        lines += [
+            f"## {stage}: test score, mean +- std over seeds",
+            "",
+            "| target | start | " + " | ".join(f"k={k}" for k in ks) + " |",
+            "|---|---|" + "---|" * len(ks),
+        ]
         for target, start in sorted({(r["target"], r["start"]) for r in rows}):
             cells = []
             for k in ks:
                 row = next((r for r in rows if (r["target"], r["start"], r["k"]) == (target, start, k)), None)
-                cells.append("-" if row is None or row["mean"] is None else
-                             f"{row['mean']:.1f} +- {row['std']:.1f} (n={row['n']})")
+                cells.append(
+                    "-"
+                    if row is None or row["mean"] is None
+                    else f"{row['mean']:.1f} +- {row['std']:.1f} (n={row['n']})"
+                )
             label = "source adapter" if start == "source" else "from scratch"
             lines.append(f"| {target} | {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    run = summary.get("run")
+    if run:
+        lines.append(
+            f"{run['jobs']} jobs ({run['reused']} reused) in {run['seconds']:.0f} s on {run['world_size']} "
+            f"rank(s), dept-pipeline {run['version']}."
+        )
         lines.append("")
     return "\n".join(lines)
 

@@ -19,8 +19,25 @@ from pipeline.errors import PipelineError
 
 ASSETS = Path(__file__).parent / "assets"
 VOCAB_SIZE = 1000
-FIELD_NAMES = ("premise", "hypothesis", "sentence", "sentence1", "sentence2", "question", "passage", "context",
-               "answer", "option1", "option2", "word", "text", "review", "paragraph", "choice1", "choice2")
+FIELD_NAMES = (
+    "premise",
+    "hypothesis",
+    "sentence",
+    "sentence1",
+    "sentence2",
+    "question",
+    "passage",
+    "context",
+    "answer",
+    "option1",
+    "option2",
+    "word",
+    "text",
+    "review",
+    "paragraph",
+    "choice1",
+    "choice2",
+)
 
 
 def words() -> list[str]:
@@ -58,14 +75,27 @@ def data_tokenizer(data_dir: str | Path, vocab_size: int = 32000, cache_dir: str
     """
     files = sorted(Path(data_dir).glob("*/*.jsonl"))
     if not files:
-        raise PipelineError(f"no <task>/<split>.jsonl files under {data_dir}: point --data_dir or $DEPT_DATA_DIR at "
-                            "the task data to train a data tokenizer")
+        raise PipelineError(
+            f"no <task>/<split>.jsonl files under {data_dir}: point --data_dir or $DEPT_DATA_DIR at "
+            "the task data to train a data tokenizer"
+        )
     from pipeline.tasks.readers import read_jsonl  # names a corrupt line by file and number
 
-    lines = [value for file in files for row in read_jsonl(file) for value in row.values()
-             if isinstance(value, str) and len(value) > 1]
-    return _sentencepiece(lines, vocab_size, f"data-tokenizer-{vocab_size}", cache_dir,
-                          input_sentence_size=1_000_000, shuffle_input_sentence=False)  # the first 1M: deterministic
+    lines = [
+        value
+        for file in files
+        for row in read_jsonl(file)
+        for value in row.values()
+        if isinstance(value, str) and len(value) > 1
+    ]
+    return _sentencepiece(
+        lines,
+        vocab_size,
+        f"data-tokenizer-{vocab_size}",
+        cache_dir,
+        input_sentence_size=1_000_000,
+        shuffle_input_sentence=False,
+    )  # the first 1M: deterministic
 
 
 def _sentencepiece(lines: list[str], vocab_size: int, name: str, cache_dir: str | Path | None, **options):
@@ -80,9 +110,20 @@ def _sentencepiece(lines: list[str], vocab_size: int, name: str, cache_dir: str 
         work = Path(tempfile.mkdtemp(prefix="tok-", dir=root))
         (work / "corpus.txt").write_text("\n".join(line.replace("\n", " ") for line in lines))
         spm.SentencePieceTrainer.train(
-            input=str(work / "corpus.txt"), model_prefix=str(work / "spiece"), vocab_size=vocab_size,
-            model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=True,
-            character_coverage=1.0, num_threads=1, hard_vocab_limit=False, minloglevel=2, **options,
+            input=str(work / "corpus.txt"),
+            model_prefix=str(work / "spiece"),
+            vocab_size=vocab_size,
+            model_type="unigram",
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            byte_fallback=True,
+            character_coverage=1.0,
+            num_threads=1,
+            hard_vocab_limit=False,
+            minloglevel=2,
+            **options,
         )
         (work / "corpus.txt").unlink()
         try:  # several ranks may race here: the first rename wins, the others' identical copies are dropped

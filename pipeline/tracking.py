@@ -48,17 +48,27 @@ ROLE_TAG = "dept.role"
 PARENT_TAG = "mlflow.parentRunId"
 GIT_TAG = "dept.git_commit"
 DIRTY_TAG = "dept.git_dirty"
-CONTEXTS = {"training": "training", "train": "training", "validation": "validation", "valid": "validation",
-            "dev": "validation", "eval": "validation", "test": "test"}
+CONTEXTS = {
+    "training": "training",
+    "train": "training",
+    "validation": "validation",
+    "valid": "validation",
+    "dev": "validation",
+    "eval": "validation",
+    "test": "test",
+}
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+DATASET_PREVIEW_ROWS = 1000  # rows of a large training table shown as the run's dataset input
 MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_KEY_LEN = 250
 FLUSH_EVERY_S = 10.0  # buffered training metrics reach MLflow at least this often
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.:/=+\-]{1,250}$")
 _BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
-_FILE_STORE_HINT = ("MLflow 3 refuses the plain file store (maintenance mode); use a database store such as "
-                    "sqlite:///ABSOLUTE/PATH/mlflow.db or an http(s) tracking server, or set "
-                    "MLFLOW_ALLOW_FILE_STORE=true to use the file store anyway")
+_FILE_STORE_HINT = (
+    "MLflow 3 refuses the plain file store (maintenance mode); use a database store such as "
+    "sqlite:///ABSOLUTE/PATH/mlflow.db or an http(s) tracking server, or set "
+    "MLFLOW_ALLOW_FILE_STORE=true to use the file store anyway"
+)
 
 
 # ----------------------------------------------------------------------------------------------- URIs
@@ -122,7 +132,8 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
                 f"tracking URI {uri} unreachable: GET {url} failed within {timeout_s:g} s ({reason}); start "
                 f"`MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host 127.0.0.1 --port PORT --workers 1 "
                 f"--backend-store-uri sqlite:///PATH/mlflow.db` or unset MLFLOW_TRACKING_URI (a local sqlite store "
-                f"in the output directory is then used)") from None
+                f"in the output directory is then used)"
+            ) from None
     elif scheme == "sqlite":
         path = _sqlite_path(uri)
         if path is None:
@@ -131,11 +142,15 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise PipelineError(f"tracking URI {uri}: cannot create directory {parent} ({exc}); "
-                                f"choose another --tracking-uri or output directory") from None
+            raise PipelineError(
+                f"tracking URI {uri}: cannot create directory {parent} ({exc}); "
+                f"choose another --tracking-uri or output directory"
+            ) from None
         if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-            raise PipelineError(f"tracking URI {uri}: {path if path.exists() else parent} is not writable; "
-                                f"fix its permissions or choose another --tracking-uri")
+            raise PipelineError(
+                f"tracking URI {uri}: {path if path.exists() else parent} is not writable; "
+                f"fix its permissions or choose another --tracking-uri"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -150,9 +165,11 @@ def git_commit() -> tuple[str, str]:
     """
     here = Path(__file__).resolve()
     try:
+
         def git(*args: str) -> str:
-            return subprocess.run(["git", "-C", str(here.parent), *args], capture_output=True, text=True,
-                                  timeout=10, check=True).stdout.strip()
+            return subprocess.run(
+                ["git", "-C", str(here.parent), *args], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
 
         top = Path(git("rev-parse", "--show-toplevel")).resolve()
         if not git("ls-files", "--", str(here.parent)):  # this package must be tracked by that repository
@@ -241,8 +258,10 @@ def _numeric(value: Any) -> float | None:
 
 def _check_key(key: str) -> str:
     if not isinstance(key, str) or not _KEY_RE.match(key):
-        raise PipelineError(f"tracking key {key!r} is not valid: use 1-250 characters from A-Z a-z 0-9 _ . : / = + - "
-                            f"(e.g. a hash of the resolved recipe and output directory)")
+        raise PipelineError(
+            f"tracking key {key!r} is not valid: use 1-250 characters from A-Z a-z 0-9 _ . : / = + - "
+            f"(e.g. a hash of the resolved recipe and output directory)"
+        )
     return key
 
 
@@ -287,8 +306,14 @@ class Tracker:
     KeyboardInterrupt).
     """
 
-    def __init__(self, uri: str | None, experiment: str, enabled: bool = True, rank: int | None = None,
-                 workdir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        uri: str | None,
+        experiment: str,
+        enabled: bool = True,
+        rank: int | None = None,
+        workdir: str | os.PathLike | None = None,
+    ):
         self.enabled = bool(enabled)
         self.rank = _rank_now() if rank is None else int(rank)
         self.active = self.enabled and self.rank == 0
@@ -334,14 +359,16 @@ class Tracker:
             except MlflowException as exc:  # created meanwhile by another process
                 exp = self.client.get_experiment_by_name(self.experiment)
                 if exp is None:
-                    raise PipelineError(f"cannot create MLflow experiment {self.experiment!r} at {self.uri}: "
-                                        f"{exc}") from None
+                    raise PipelineError(
+                        f"cannot create MLflow experiment {self.experiment!r} at {self.uri}: {exc}"
+                    ) from None
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 raise PipelineError(
                     f"MLflow experiment {self.experiment!r} (id {exp.experiment_id}) is deleted at {self.uri}: "
                     f"restore it (`mlflow experiments restore --experiment-id {exp.experiment_id}`) or choose "
-                    f"another experiment name")
+                    f"another experiment name"
+                )
             self._experiment_id = exp.experiment_id
         self._check_artifact_location()
         return self._experiment_id
@@ -360,7 +387,8 @@ class Tracker:
                 f"the local disk, so adapters logged from here could not be downloaded from another machine: start "
                 f"the server with its artifact proxy (`mlflow server --serve-artifacts --artifacts-destination DIR`, "
                 f"the default since MLflow 2; no --default-artifact-root with a local path) and use a new experiment "
-                f"(--tracking.experiment=NAME): an experiment's artifact location cannot change")
+                f"(--tracking.experiment=NAME): an experiment's artifact location cannot change"
+            )
 
     def describe_experiment(self, description: str) -> None:
         """The experiment's description in the UI (its `mlflow.note.content` tag); empty text changes nothing."""
@@ -405,12 +433,14 @@ class Tracker:
             query += f" and tags.`{ROLE_TAG}` = '{role}'"
         if parent_id:
             query += f" and tags.`{PARENT_TAG}` = '{parent_id}'"
-        runs = self.client.search_runs([self._experiment()], filter_string=query, max_results=10,
-                                       order_by=["attributes.start_time ASC"])
+        runs = self.client.search_runs(
+            [self._experiment()], filter_string=query, max_results=10, order_by=["attributes.start_time ASC"]
+        )
         return runs[0] if runs else None
 
-    def _open_run(self, key: str, name: str, tags: dict[str, str], parent_id: str | None = None,
-                  params: dict | None = None) -> str:
+    def _open_run(
+        self, key: str, name: str, tags: dict[str, str], parent_id: str | None = None, params: dict | None = None
+    ) -> str:
         commit, dirty = git_commit()
         run = self._find(key, parent_id, tags[ROLE_TAG])
         if run is not None and params:
@@ -458,7 +488,7 @@ class Tracker:
 
         items = [RunTag(_name(k), str(v)[:8000]) for k, v in tags.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, tags=items[i:i + 100])
+            self.client.log_batch(run_id, tags=items[i : i + 100])
 
     @staticmethod
     def _new_params(params: dict, existing: dict[str, str], run_id: str) -> dict[str, str]:
@@ -468,8 +498,10 @@ class Tracker:
         if changed:
             shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(changed.items())[:5])
             more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
-            raise PipelineError(f"run {run_id} already has different values for params {shown}{more}: MLflow params "
-                                f"cannot change, so use a new output directory for a changed recipe")
+            raise PipelineError(
+                f"run {run_id} already has different values for params {shown}{more}: MLflow params "
+                f"cannot change, so use a new output directory for a changed recipe"
+            )
         return {k: v for k, v in flat.items() if k not in existing}
 
     def _log_params(self, params: dict, run_id: str) -> None:
@@ -478,7 +510,7 @@ class Tracker:
         new = self._new_params(params, self.client.get_run(run_id).data.params, run_id)
         items = [Param(k, v) for k, v in new.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100])
+            self.client.log_batch(run_id, params=items[i : i + 100])
 
     # -- runs
 
@@ -503,8 +535,9 @@ class Tracker:
         def open_child():
             if self.parent_id is None:
                 raise RuntimeError("Tracker.child() called before Tracker.parent()")
-            return self._open_run(key, name, {ROLE_TAG: "child", "dept.stage": name}, parent_id=self.parent_id,
-                                  params=params)
+            return self._open_run(
+                key, name, {ROLE_TAG: "child", "dept.stage": name}, parent_id=self.parent_id, params=params
+            )
 
         return self._collective(open_child)
 
@@ -574,10 +607,11 @@ class Tracker:
             if number is not None:
                 items.append(Metric(metric_name(key), number, now, int(step)))
         for i in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+            self.client.log_batch(run_id, metrics=items[i : i + 1000])
 
-    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None,
-                     run_id: str | None = None) -> None:
+    def log_artifact(
+        self, path: str | os.PathLike, artifact_path: str | None = None, run_id: str | None = None
+    ) -> None:
         """A file lands at `<artifact_path>/<name>`; a directory at `<artifact_path>/<dirname>/...`."""
         run_id = self._current(run_id)
         if not (self.active and run_id):
@@ -591,9 +625,11 @@ class Tracker:
         else:
             raise PipelineError(f"cannot log artifact {path}: no such file or directory")
 
-    def log_dataset(self, rows: list[dict], name: str, context: str, run_id: str | None = None,
-                    source: str | None = None) -> str | None:
-        """Log rows as an MLflow dataset input (from_pandas; digest = sha256 of the rows) with a context tag.
+    def log_dataset(
+        self, rows: list[dict], name: str, context: str, run_id: str | None = None, source: str | None = None
+    ) -> str | None:
+        """Log rows as an MLflow dataset input (from_pandas; digest = sha256 of the rows) with a context tag. A
+        memory-mapped table is identified by its content fingerprint and logged by its first rows only.
 
         context: "training", "validation" or "test" (aliases train/valid/dev/eval accepted). Returns the digest.
         """
@@ -608,10 +644,19 @@ class Tracker:
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        blob = json.dumps(list(rows), sort_keys=True, default=str).encode()
-        digest = hashlib.sha256(blob).hexdigest()[:16]
-        flat = [{k: (json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list, tuple)) else v)
-                 for k, v in row.items()} for row in rows]
+        if hasattr(rows, "_fingerprint"):  # a memory-mapped `datasets` table (large): never read it whole
+            digest = hashlib.sha256(str(rows._fingerprint).encode()).hexdigest()[:16]
+            rows = rows.select(range(min(len(rows), DATASET_PREVIEW_ROWS))).to_list()
+        else:
+            blob = json.dumps(list(rows), sort_keys=True, default=str).encode()
+            digest = hashlib.sha256(blob).hexdigest()[:16]
+        flat = [
+            {
+                k: (json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list, tuple)) else v)
+                for k, v in row.items()
+            }
+            for row in rows
+        ]
         frame = pd.DataFrame(flat)
         with warnings.catch_warnings():  # schema-inference hints about integer columns are for model serving
             warnings.simplefilter("ignore", UserWarning)
@@ -620,8 +665,9 @@ class Tracker:
         self.client.log_inputs(run_id, datasets=[entity])
         return digest
 
-    def callback_for(self, run_id: str | None = None, invalid_curves: bool = False,
-                     flush_every_s: float = FLUSH_EVERY_S) -> Callable[[int, dict], None]:
+    def callback_for(
+        self, run_id: str | None = None, invalid_curves: bool = False, flush_every_s: float = FLUSH_EVERY_S
+    ) -> Callable[[int, dict], None]:
         """A `(step, record) -> None` for the training loop's callbacks: what `split_record` makes of each record.
 
         Points are buffered and sent in batches (one request per `flush_every_s` seconds or 1000 points, and at
@@ -699,9 +745,13 @@ class _MetricStream:
         try:
             for i in range(0, max(len(points), 1), 1000):
                 batch_tags = [RunTag(k, v) for k, v in tags.items()] if i == 0 else []
-                self.tracker.client.log_batch(self.run_id, metrics=points[i:i + 1000], tags=batch_tags)
+                self.tracker.client.log_batch(self.run_id, metrics=points[i : i + 1000], tags=batch_tags)
         except Exception as exc:  # noqa: BLE001 -- see Tracker.callback_for
             self.failures += 1
             if self.failures <= 3 or math.log2(self.failures).is_integer():
-                log.warning("MLflow metric logging failed (%d points lost, %d failures so far): %s",
-                            len(points), self.failures, exc)
+                log.warning(
+                    "MLflow metric logging failed (%d points lost, %d failures so far): %s",
+                    len(points),
+                    self.failures,
+                    exc,
+                )

@@ -25,7 +25,7 @@ from pipeline import adapters, atomic, distributed, engine
 from pipeline.backbone import Backbone, load_backbone, save_backbone
 from pipeline.checkpoint import Checkpoints, seed_step
 from pipeline.config import DEFAULT_M, DEFAULT_R, DEFAULT_S, JobConfig
-from pipeline.data import collate, global_batch, tokenize
+from pipeline.data import collate, global_batch, row_lengths, rows_at, training_rows
 from pipeline.dept import DeptConfig, rank_for_budget
 from pipeline.errors import PipelineError
 from pipeline.faults import fault, nan_at
@@ -73,8 +73,10 @@ def resolve_shape(cfg: JobConfig, d_model: int, init: DeptConfig | None) -> tupl
     if init is not None:
         for flag, mine, theirs in (("num_virtual_tokens", m, init.num_virtual_tokens), ("lora_rank (r)", r, init.r)):
             if mine is not None and mine != theirs:
-                raise PipelineError(f"init adapter {cfg.init_adapter} has {flag}={theirs} but {mine} was given: "
-                                    f"drop {flag} to take the adapter's shape")
+                raise PipelineError(
+                    f"init adapter {cfg.init_adapter} has {flag}={theirs} but {mine} was given: "
+                    f"drop {flag} to take the adapter's shape"
+                )
         if m is None or r is None:
             notes.append(f"shape from the init adapter: m={init.num_virtual_tokens}, r={init.r}, s={init.max_length}")
         m, r = init.num_virtual_tokens, init.r
@@ -85,16 +87,24 @@ def resolve_shape(cfg: JobConfig, d_model: int, init: DeptConfig | None) -> tupl
         r = 0
     elif r is None:
         r = rank_for_budget(args.budget_tokens, m, s, d_model) if args.budget_tokens else DEFAULT_R
-    shape = DeptConfig(num_virtual_tokens=m, r=r, max_length=s, d_model=d_model, lora_alpha=args.lora_alpha,
-                       prompt_init=args.prompt_init, init_text=args.init_text)
+    shape = DeptConfig(
+        num_virtual_tokens=m,
+        r=r,
+        max_length=s,
+        d_model=d_model,
+        lora_alpha=args.lora_alpha,
+        prompt_init=args.prompt_init,
+        init_text=args.init_text,
+    )
     return shape, notes
 
 
 def build_model(cfg: JobConfig, ds: dict) -> tuple[DePTModel, Backbone, DeptConfig | None, list[str]]:
     """The backbone (sharded at creation under ZeRO-3; frozen unless finetune) with its DePT module in front:
     (model, backbone, resolved shape or None for finetune, notes)."""
-    backbone = load_backbone(cfg.model, ds, engine.dtype_of(ds), cfg.model_overrides,
-                             trainable=cfg.method == "finetune", seed=cfg.train.seed)
+    backbone = load_backbone(
+        cfg.model, ds, engine.dtype_of(ds), cfg.model_overrides, trainable=cfg.method == "finetune", seed=cfg.train.seed
+    )
     if cfg.method == "finetune":
         return DePTModel(backbone.model, None, backbone.is_encoder_decoder), backbone, None, []
     init_cfg = init_tensors = None
@@ -103,8 +113,9 @@ def build_model(cfg: JobConfig, ds: dict) -> tuple[DePTModel, Backbone, DeptConf
     shape, notes = resolve_shape(cfg, backbone.d_model, init_cfg)
     prompt = init_dept_prompt(shape, backbone, cfg.train.seed)
     if init_cfg is not None:
-        init_cfg, init_tensors = adapters.fit_length(init_cfg, init_tensors, shape.max_length, cfg.on_length_mismatch,
-                                                     cfg.init_adapter)
+        init_cfg, init_tensors = adapters.fit_length(
+            init_cfg, init_tensors, shape.max_length, cfg.on_length_mismatch, cfg.init_adapter
+        )
         adapters.check_fits(init_cfg, backbone.d_model, shape.max_length, cfg.init_adapter)
         adapters.load_into(prompt, init_tensors)  # before the engine exists, or its fp32 copy would win
     return DePTModel(backbone.model, prompt, backbone.is_encoder_decoder), backbone, shape, notes
@@ -125,21 +136,33 @@ def param_groups(model: DePTModel, cfg: JobConfig) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def train(cfg: JobConfig, rows: list[dict], make_evaluator: Callable[[Backbone, int], object] | None = None,
-          callbacks: list[Callback] = (), start_record: dict | None = None) -> TrainResult:
-    """Train on `rows` ({source, target} dicts). Collective: every rank calls it with the same rows.
+def train(
+    cfg: JobConfig,
+    rows,
+    make_evaluator: Callable[[Backbone, int], object] | None = None,
+    callbacks: list[Callback] = (),
+    start_record: dict | None = None,
+    separator: str | None = None,
+) -> TrainResult:
+    """Train on `rows` ({source, target} dicts, or a `datasets.Dataset` with those columns: the rows stay in their
+    memory-mapped file, and are tokenized once per node into another). Collective: every rank calls it with the same
+    rows.
 
     `make_evaluator(backbone, max_length)` gives an object with `validate(module, step) -> dict` (with `score`, higher is
     better) and `test(module) -> dict` (`evaluation.Evaluator`): validation every `eval_every` steps (or once at
     the end); the best adapter is kept in `best_adapter/` and scores the test split. `start_record` (the job's
     fingerprint) is written to `<output_dir>/job.json` when training starts afresh: a later run resumes the
-    checkpoints only when its own fingerprint matches it.
+    checkpoints only when its own fingerprint matches it. `separator`: what decoder-only sequences put between source
+    and target (None: the authors' " Label : ").
     """
     opts = cfg.train
     rank, world = engine.init_distributed(opts.comm_timeout_s)
+    if opts.cpu_threads:
+        torch.set_num_threads(opts.cpu_threads)
     out = Path(cfg.output_dir)
-    ds = engine.training_ds_config(engine.read_ds_config(cfg.ds_config), opts.batch_size, opts.grad_accum,
-                                   opts.grad_clip, world)
+    ds = engine.training_ds_config(
+        engine.read_ds_config(cfg.ds_config), opts.batch_size, opts.grad_accum, opts.grad_clip, world
+    )
     model, backbone, shape, notes = build_model(cfg, ds)
     for note in notes:
         if rank == 0:
@@ -149,7 +172,14 @@ def train(cfg: JobConfig, rows: list[dict], make_evaluator: Callable[[Backbone, 
         log.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / max(total, 1))
     max_length = shape.max_length if shape else cfg.max_length
     evaluator = make_evaluator(backbone, max_length) if make_evaluator else None
-    tokenized = tokenize(rows, backbone.tokenizer, backbone.is_encoder_decoder, max_length, opts.max_target_length)
+    tokenized = training_rows(
+        rows,
+        backbone.tokenizer,
+        backbone.is_encoder_decoder,
+        max_length,
+        opts.max_target_length,
+        **({"separator": separator} if separator is not None else {}),
+    )
     trainer = engine.Engine(model, param_groups(model, cfg), ds, opts.weight_decay, opts.warmup_steps, opts.steps)
     sharding = engine.sharding_report(trainer.module.base_model)
 
@@ -162,7 +192,7 @@ def train(cfg: JobConfig, rows: list[dict], make_evaluator: Callable[[Backbone, 
     if rank == 0 and start_record is not None and not start:
         atomic.write_json(out / "job.json", start_record)
 
-    lengths = [len(r["input_ids"]) for r in tokenized] if opts.group_by_length else None
+    lengths = row_lengths(tokenized) if opts.group_by_length else None
     pad_to = shape.max_length if (shape and opts.pad_to_max_length) else None
     pad_id = backbone.tokenizer.pad_token_id
     prompt_tokens = shape.num_virtual_tokens if shape else 0
@@ -173,9 +203,15 @@ def train(cfg: JobConfig, rows: list[dict], make_evaluator: Callable[[Backbone, 
             tick = time.perf_counter()
             seed_step(opts.seed, step, rank)
             rates = trainer.learning_rates()  # the rates this step applies
-            batches = [collate([tokenized[i] for i in ids], pad_id, backbone.is_encoder_decoder, pad_to)
-                       for ids in rank_micro_batches(global_batch(len(tokenized), opts.batch_size, step, opts.seed,
-                                                                  lengths), rank, world, opts.grad_accum)]
+            batches = [
+                collate(rows_at(tokenized, ids), pad_id, backbone.is_encoder_decoder, pad_to)
+                for ids in rank_micro_batches(
+                    global_batch(len(tokenized), opts.batch_size, step, opts.seed, lengths),
+                    rank,
+                    world,
+                    opts.grad_accum,
+                )
+            ]
             step_loss = _optimizer_step(trainer, batches, step, opts, state)
             tokens = sum(int(b["attention_mask"].sum()) + len(b["input_ids"]) * prompt_tokens for b in batches)
             done = step + 1
@@ -183,8 +219,12 @@ def train(cfg: JobConfig, rows: list[dict], make_evaluator: Callable[[Backbone, 
             progress.update(1)
 
             if done % opts.log_every == 0 or done == opts.steps:
-                record = {"step": done, **window.flush(), **{f"lr_{name}": lr for name, lr in rates.items()},
-                          "peak_mem_mb": engine.peak_memory_mb()}
+                record = {
+                    "step": done,
+                    **window.flush(),
+                    **{f"lr_{name}": lr for name, lr in rates.items()},
+                    "peak_mem_mb": engine.peak_memory_mb(),
+                }
                 history.append(record)
                 if rank == 0:
                     _append_jsonl(out / "metrics.jsonl", record)
@@ -215,20 +255,30 @@ def train(cfg: JobConfig, rows: list[dict], make_evaluator: Callable[[Backbone, 
         test = _test(trainer.module, evaluator, state["best_step"], callbacks)
     distributed.barrier()
     return TrainResult(
-        final_loss=history[-1]["loss"] if history else None, best_step=state["best_step"],
-        best_validation=state["best_score"], evals=state["evals"], history=history, test=test,
+        final_loss=history[-1]["loss"] if history else None,
+        best_step=state["best_step"],
+        best_validation=state["best_score"],
+        evals=state["evals"],
+        history=history,
+        test=test,
         validation=next((e for e in state["evals"] if e["step"] == state["best_step"]), {}),
-        skipped_steps=state["skipped_steps"], trainable_params=trainable, total_params=total,
+        skipped_steps=state["skipped_steps"],
+        trainable_params=trainable,
+        total_params=total,
         trainable_names=[name for name, _ in trainer.trainable],
-        dept_shape=shape.to_dict() if shape else None, sharding=sharding, probe=probe, world_size=world,
-        notes=notes)
+        dept_shape=shape.to_dict() if shape else None,
+        sharding=sharding,
+        probe=probe,
+        world_size=world,
+        notes=notes,
+    )
 
 
 def rank_micro_batches(global_ids: list[int], rank: int, world: int, grad_accum: int) -> list[list[int]]:
     """This rank's micro-batches of a global batch: accumulation step a takes slice a, and within it the ranks
     take consecutive parts (rank r of slice a: rows [(a * world + r) * micro, ... + micro))."""
     micro = len(global_ids) // (world * grad_accum)
-    return [global_ids[(a * world + rank) * micro:(a * world + rank + 1) * micro] for a in range(grad_accum)]
+    return [global_ids[(a * world + rank) * micro : (a * world + rank + 1) * micro] for a in range(grad_accum)]
 
 
 def _optimizer_step(trainer, batches: list[dict], step: int, opts, state: dict) -> float:
@@ -241,8 +291,10 @@ def _optimizer_step(trainer, batches: list[dict], step: int, opts, state: dict) 
             loss = loss * float("nan")
         if distributed.any_rank(not torch.isfinite(loss).item()):
             if opts.on_nonfinite == "stop":
-                raise PipelineError(f"non-finite loss at step {step + 1}: lower the learning rates or use "
-                                    "on_nonfinite=skip; the last good adapter and checkpoint are kept")
+                raise PipelineError(
+                    f"non-finite loss at step {step + 1}: lower the learning rates or use "
+                    "on_nonfinite=skip; the last good adapter and checkpoint are kept"
+                )
             log.warning("non-finite loss at step %d: step skipped", step + 1)
             state["skipped_steps"].append(step + 1)
             return total
@@ -259,8 +311,12 @@ class _Window:
         self.loss, self.tokens, self.seconds, self.steps = 0.0, 0, 0.0, 0
 
     def add(self, loss: float, tokens: int, seconds: float) -> None:
-        self.loss, self.tokens, self.seconds, self.steps = (self.loss + loss, self.tokens + tokens,
-                                                            self.seconds + seconds, self.steps + 1)
+        self.loss, self.tokens, self.seconds, self.steps = (
+            self.loss + loss,
+            self.tokens + tokens,
+            self.seconds + seconds,
+            self.steps + 1,
+        )
 
     def flush(self) -> dict:
         record = {"loss": self.loss / max(self.steps, 1), "tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
@@ -273,7 +329,9 @@ def probe_loss(module, rows, backbone, pad_to) -> dict:
     """Eval-mode loss and logits norm on the first 8 training rows: a fingerprint of the trained model that a
     reloaded adapter must reproduce (computed on every rank with the same batch)."""
     module.eval()
-    batch = collate(rows[:8], backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder, pad_to)
+    batch = collate(
+        rows_at(rows, range(min(8, len(rows)))), backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder, pad_to
+    )
     out = module(**{k: v.to(next(module.parameters()).device) for k, v in batch.items()})
     module.train()
     return {"loss": out.loss.item(), "logits_norm": out.logits.float().norm().item()}
@@ -289,8 +347,9 @@ def _validate(module, evaluator, step, state, out, backbone_name, callbacks) -> 
     if state["best_score"] is None or metrics["score"] > state["best_score"]:
         state["best_score"], state["best_step"] = metrics["score"], step
         if module.prompt is not None:
-            adapters.save_adapter(module.prompt, out / "best_adapter", backbone_name, distributed.rank(),
-                                  {"step": step})
+            adapters.save_adapter(
+                module.prompt, out / "best_adapter", backbone_name, distributed.rank(), {"step": step}
+            )
 
 
 def _test(module, evaluator, best_step, callbacks) -> dict:

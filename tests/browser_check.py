@@ -27,9 +27,18 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-CHROME_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--disable-dev-shm-usage", "--window-size=1600,1000"]
+CHROME_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1600,1000",
+]
 
 
 def find_browser() -> tuple[str | None, str | None]:
@@ -54,8 +63,9 @@ class _Driver:
 
     def call(self, method: str, path: str, body: dict | None = None, timeout: float = 60) -> object:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.base + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as resp:
                 return json.loads(resp.read() or b"{}").get("value")
@@ -64,24 +74,38 @@ class _Driver:
             raise RuntimeError(f"WebDriver {method} {path}: HTTP {err.code} {detail}") from None
 
     def start(self, chromium: str, profile: str) -> None:
-        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
-            "binary": chromium, "args": [*CHROME_ARGS, f"--user-data-dir={profile}"]}}}}
+        caps = {
+            "capabilities": {
+                "alwaysMatch": {
+                    "browserName": "chrome",
+                    "goog:chromeOptions": {"binary": chromium, "args": [*CHROME_ARGS, f"--user-data-dir={profile}"]},
+                }
+            }
+        }
         self.session = self.call("POST", "/session", caps, timeout=120)["sessionId"]
 
     def s(self, path: str) -> str:
         return f"/session/{self.session}{path}"
 
     def visible_text(self) -> str:
-        return self.call("POST", self.s("/execute/sync"),
-                         {"script": "return document.body ? document.body.innerText : ''", "args": []}) or ""
+        return (
+            self.call(
+                "POST",
+                self.s("/execute/sync"),
+                {"script": "return document.body ? document.body.innerText : ''", "args": []},
+            )
+            or ""
+        )
 
     def click(self, target: str) -> int:
         """Click `css:SELECTOR` (every match) or the first button whose visible text is `target`; how many."""
-        script = ("const want = arguments[0]; let hits;"
-                  "if (want.startsWith('css:')) { hits = Array.from(document.querySelectorAll(want.slice(4))); }"
-                  "else { const all = Array.from(document.querySelectorAll('button, [role=button], label'));"
-                  "       hits = all.filter(e => (e.innerText || '').trim() === want).slice(0, 1); }"
-                  "hits.forEach(e => e.click()); return hits.length;")
+        script = (
+            "const want = arguments[0]; let hits;"
+            "if (want.startsWith('css:')) { hits = Array.from(document.querySelectorAll(want.slice(4))); }"
+            "else { const all = Array.from(document.querySelectorAll('button, [role=button], label'));"
+            "       hits = all.filter(e => (e.innerText || '').trim() === want).slice(0, 1); }"
+            "hits.forEach(e => e.click()); return hits.length;"
+        )
         return int(self.call("POST", self.s("/execute/sync"), {"script": script, "args": [target]}) or 0)
 
     def screenshot(self, path: Path) -> None:
@@ -106,8 +130,9 @@ def _wait_for(driver: _Driver, texts: list[str], timeout_s: float) -> tuple[list
         time.sleep(0.5)
 
 
-def check_page(url: str, expect: list[str], click: list[str] = (), screenshot: Path | None = None,
-               timeout_s: float = 60) -> dict:
+def check_page(
+    url: str, expect: list[str], click: list[str] = (), screenshot: Path | None = None, timeout_s: float = 60
+) -> dict:
     """Open `url` in headless Chromium, click the `click` buttons, wait for every `expect` text.
 
     Returns {"missing": [...], "text": visible text, "clicked": {target: elements clicked}, "screenshot": path or None}.
@@ -115,13 +140,19 @@ def check_page(url: str, expect: list[str], click: list[str] = (), screenshot: P
     """
     chromium, driver_exe = find_browser()
     if not chromium or not driver_exe:
-        raise RuntimeError("headless Chromium needs the Debian packages chromium and chromium-driver "
-                           "(apt-get install chromium chromium-driver)")
+        raise RuntimeError(
+            "headless Chromium needs the Debian packages chromium and chromium-driver "
+            "(apt-get install chromium chromium-driver)"
+        )
     port = _free_port()
     profile = tempfile.mkdtemp(prefix="dept-chromium-")
     log_file = open(Path(profile).with_suffix(".driver.log"), "w")
-    proc = subprocess.Popen([driver_exe, f"--port={port}", "--allowed-ips=127.0.0.1"], stdout=log_file,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [driver_exe, f"--port={port}", "--allowed-ips=127.0.0.1"],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     driver = _Driver(f"http://127.0.0.1:{port}")
     try:
         for _ in range(100):  # chromedriver answers /status within a second or two
@@ -161,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("url")
     parser.add_argument("--expect", action="append", default=[], help="text the page must show (repeatable)")
-    parser.add_argument("--click", action="append", default=[], help="button text, or css:SELECTOR, to click first (repeatable)")
+    parser.add_argument(
+        "--click", action="append", default=[], help="button text, or css:SELECTOR, to click first (repeatable)"
+    )
     parser.add_argument("--screenshot", type=Path, default=None)
     parser.add_argument("--timeout", type=float, default=60)
     args = parser.parse_args(argv)

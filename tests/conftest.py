@@ -23,8 +23,16 @@ def _cache(tmp_path_factory):
     os.environ.setdefault("DEPT_CACHE", str(tmp_path_factory.mktemp("dept-cache")))
 
 
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                      "CROSS_RANK", "CROSS_SIZE")
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+)
 
 
 def free_port() -> int:
@@ -33,8 +41,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(args: list[str], nproc: int = 1, launcher: str = "python", env: dict | None = None, timeout: int = 600,
-        check: bool = True) -> subprocess.CompletedProcess:
+def run(
+    args: list[str],
+    nproc: int = 1,
+    launcher: str = "python",
+    env: dict | None = None,
+    timeout: int = 600,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Run `dept ARGS` as a user would: one plain process, or `launch.sh` with the deepspeed launcher / torchrun."""
     inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}  # an in-process group's
     full_env = {**inherited, "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -72,8 +86,9 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from pipeline.backbone import save_random_backbone
 
     root = tmp_path_factory.mktemp("models")
-    return {arch: save_random_backbone(f"random:tiny-{arch}", root / f"tiny-{arch}", seed=0)
-            for arch in ("t5", "llama")}
+    return {
+        arch: save_random_backbone(f"random:tiny-{arch}", root / f"tiny-{arch}", seed=0) for arch in ("t5", "llama")
+    }
 
 
 def read_results(run_dir: Path) -> dict:
@@ -97,7 +112,7 @@ def needs_task_data(*tasks: str):
     return pytest.mark.skipif(
         bool(missing),
         reason=f"real task data not found ({', '.join(missing)} under {SHIPPED_DATA}): "
-               "set DEPT_DATA_DIR to the shipped data folder (default ../shared/data)",
+        "set DEPT_DATA_DIR to the shipped data folder (default ../shared/data)",
     )
 
 

@@ -15,9 +15,38 @@ from pathlib import Path
 # Top to bottom: a module may import only modules below it. Packages (tasks, bench) are one layer each; inside a
 # package any import order is fine as long as there is no cycle.
 LAYERS = [
-    "pipeline", "cli", "runner", "bench", "recipe", "preflight", "job", "inference", "train", "evaluation", "checkpoint",
-    "faults", "interop", "adapters", "model", "backbone", "tokenizer", "engine", "dept", "data", "summary", "plots",
-    "fingerprint", "tracking", "tasks", "metrics", "config", "resources", "distributed", "atomic", "cache", "errors",
+    "pipeline",
+    "cli",
+    "runner",
+    "bench",
+    "recipe",
+    "preflight",
+    "job",
+    "inference",
+    "train",
+    "evaluation",
+    "checkpoint",
+    "faults",
+    "interop",
+    "adapters",
+    "model",
+    "backbone",
+    "tokenizer",
+    "engine",
+    "dept",
+    "data",
+    "summary",
+    "plots",
+    "fingerprint",
+    "tracking",
+    "tasks",
+    "metrics",
+    "config",
+    "resources",
+    "distributed",
+    "atomic",
+    "cache",
+    "errors",
     "_version",
 ]
 
@@ -45,7 +74,9 @@ def imports_of(path: Path, name: str, modules) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if base.split(".")[0] != "pipeline":
                 continue
             for alias in node.names:
@@ -76,7 +107,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == "open":
-                found.append(stack[stack.index(nxt):] + [nxt])
+                found.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, stack)
         stack.pop()

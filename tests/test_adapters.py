@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline import adapters, atomic
-from pipeline.dept import DePTPrompt, DeptConfig
+from pipeline.dept import DeptConfig, DePTPrompt
 from pipeline.errors import PipelineError
 
 
@@ -90,8 +90,9 @@ def test_shape_mismatch_against_backbone_and_s_is_explained():
     with pytest.raises(PipelineError, match="max_length s=16 .* s=32"):
         adapters.check_fits(config, 8, 32, "a")
     with pytest.raises(PipelineError, match="prompt has shape"):
-        adapters.check_shapes({"prompt": torch.zeros(5, 8), "lora_A": torch.zeros(16, 2), "lora_B": torch.zeros(2, 8)},
-                              config, "a")
+        adapters.check_shapes(
+            {"prompt": torch.zeros(5, 8), "lora_A": torch.zeros(16, 2), "lora_B": torch.zeros(2, 8)}, config, "a"
+        )
 
 
 def test_fit_length_truncates_or_pads_a(tmp_path):
@@ -110,8 +111,17 @@ def test_fit_length_truncates_or_pads_a(tmp_path):
 def test_config_records_checksum_and_shape_fields(tmp_path):
     adapters.save_adapter(make(), tmp_path / "a", "x")
     meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    for key in ("method", "num_virtual_tokens", "r", "max_length", "scale", "prompt_init", "backbone", "d_model",
-                "weights_sha256"):
+    for key in (
+        "method",
+        "num_virtual_tokens",
+        "r",
+        "max_length",
+        "scale",
+        "prompt_init",
+        "backbone",
+        "d_model",
+        "weights_sha256",
+    ):
         assert key in meta
 
 

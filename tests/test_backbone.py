@@ -46,7 +46,6 @@ def test_fp32_backbone_gets_no_layout_hooks():
     assert linears and all(m._forward_hooks for m in linears)
 
 
-
 def test_a_random_preset_is_the_same_backbone_for_the_same_seed():
     """Training and inference both pass the job's seed: an adapter is scored on the backbone it was trained on."""
     torch.manual_seed(123)  # whatever the global state, the weights follow the seed argument

@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import run, write_toy_task
+
 from pipeline.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_process_group")
@@ -34,21 +34,58 @@ def case(name: str, expected: str, makes: str | None = "out"):
 
 
 def train(ctx, *extra):
-    return ["train", "--model", str(ctx["model"]), "--output_dir", str(ctx["tmp"] / "out"), "--train_file",
-            str(ctx["data"]), "--num_virtual_tokens", "4", "--lora_rank", "2", "--max_length", "16",
-            "--batch_size", "4", "--steps", "2", "--warmup_steps", "1", *extra]
+    return [
+        "train",
+        "--model",
+        str(ctx["model"]),
+        "--output_dir",
+        str(ctx["tmp"] / "out"),
+        "--train_file",
+        str(ctx["data"]),
+        "--num_virtual_tokens",
+        "4",
+        "--lora_rank",
+        "2",
+        "--max_length",
+        "16",
+        "--batch_size",
+        "4",
+        "--steps",
+        "2",
+        "--warmup_steps",
+        "1",
+        *extra,
+    ]
 
 
 def task_train(ctx, *extra):
-    return ["train", "--model", str(ctx["model"]), "--output_dir", str(ctx["tmp"] / "out"), "--num_virtual_tokens",
-            "4", "--lora_rank", "2", "--max_length", "16", "--batch_size", "4", "--steps", "2", "--warmup_steps", "1",
-            *extra]
+    return [
+        "train",
+        "--model",
+        str(ctx["model"]),
+        "--output_dir",
+        str(ctx["tmp"] / "out"),
+        "--num_virtual_tokens",
+        "4",
+        "--lora_rank",
+        "2",
+        "--max_length",
+        "16",
+        "--batch_size",
+        "4",
+        "--steps",
+        "2",
+        "--warmup_steps",
+        "1",
+        *extra,
+    ]
 
 
 # -- models, DePT shapes, configs --------------------------------------------------------------------------
 case("unknown model path", "does not exist")(lambda c: [*train(c)[:2], "./no/such/model", *train(c)[3:]])
 case("unknown hub model name", "not reachable on the hub")(
-    lambda c: [*train(c)[:2], "no-such-org/no-such-model", *train(c)[3:]])
+    lambda c: [*train(c)[:2], "no-such-org/no-such-model", *train(c)[3:]]
+)
 case("unknown random preset", "unknown random preset")(lambda c: [*train(c)[:2], "random:t5-huge", *train(c)[3:]])
 case("negative m", "--num_virtual_tokens: must be at least 0")(lambda c: train(c, "--num_virtual_tokens", "-1"))
 case("r beyond min(s, d)", "exceeds min(s=16")(lambda c: train(c, "--lora_rank", "40"))
@@ -61,20 +98,27 @@ case("missing DeepSpeed config", "DeepSpeed config")(lambda c: train(c, "--ds_co
 case("DeepSpeed config not JSON", "is not valid JSON")(lambda c: train(c, "--ds_config", str(c["bad_json"])))
 case("batch size zero", "--batch_size: must be at least 1")(lambda c: train(c, "--batch_size", "0"))
 case("bad on_nonfinite", "'ignore' is not one of stop, skip")(lambda c: train(c, "--on_nonfinite", "ignore"))
-case("bad eval mode", "'beam' is not one of generate, score")(lambda c: task_train(c, "--task", "rte", "--eval_mode", "beam"))
+case("bad eval mode", "'beam' is not one of generate, score")(
+    lambda c: task_train(c, "--task", "rte", "--eval_mode", "beam")
+)
 
 case("typo'd flag", "unknown flag --learning_rate")(lambda c: train(c, "--learning_rate", "1e-4"))
 case("steps not a number", "--steps: expected an integer, got 'ten'")(lambda c: train(c, "--steps", "ten"))
 case("negative learning rate", "--lr_prompt: must be at least 0")(lambda c: train(c, "--lr_prompt", "-1"))
 case("warmup never ends", "warmup_steps 500 >= steps 30")(lambda c: train(c, "--steps", "30", "--warmup_steps", "500"))
 case("batch not divisible by accumulation", "batch_size 4 is not divisible by grad_accum 3")(
-    lambda c: train(c, "--grad_accum", "3"))
-case("unknown shipped DeepSpeed config", "neither a shipped DeepSpeed config")(lambda c: train(c, "--ds_config", "zero9"))
+    lambda c: train(c, "--grad_accum", "3")
+)
+case("unknown shipped DeepSpeed config", "neither a shipped DeepSpeed config")(
+    lambda c: train(c, "--ds_config", "zero9")
+)
 case("DeepSpeed config not ZeRO-3", "ZeRO stage 2")(lambda c: train(c, "--ds_config", str(c["zero2"])))
 
 # -- data ----------------------------------------------------------------------------------------------
 case("no data source", "a job needs data: --task NAME")(lambda c: task_train(c))
-case("two data sources", "give tasks (--task / --custom_task) or train_file, not both")(lambda c: task_train(c, "--task", "rte", "--train_file", str(c["data"])))
+case("two data sources", "give tasks (--task / --custom_task) or train_file, not both")(
+    lambda c: task_train(c, "--task", "rte", "--train_file", str(c["data"]))
+)
 case("missing train file", "does not exist")(lambda c: train(c)[:6] + [str(c["tmp"] / "nope.jsonl")] + train(c)[7:])
 case("corrupt JSONL line", "line 3")(lambda c: train(c)[:6] + [str(c["corrupt"])] + train(c)[7:])
 case("missing split file", "validation")(lambda c: task_train(c, "--task", "qqp"))  # shipped QQP has no validation
@@ -83,38 +127,84 @@ case("unknown task", "unknown task")(lambda c: task_train(c, "--task", "rtee"))
 case("k larger than a class allows", "but the data has only")(lambda c: task_train(c, "--task", "cb", "--k", "999"))
 case("k smaller than the classes", "smaller than the 3 classes")(lambda c: task_train(c, "--task", "cb", "--k", "2"))
 case("custom task: missing column", "review")(lambda c: task_train(c, "--custom_task", str(c["custom_missing_column"])))
-case("custom task: label outside the set", "label")(lambda c: task_train(c, "--custom_task", str(c["custom_bad_label"])))
-case("custom task file not a mapping", "must hold a mapping")(lambda c: task_train(c, "--custom_task", str(c["not_mapping"])))
+case("custom task: label outside the set", "label")(
+    lambda c: task_train(c, "--custom_task", str(c["custom_bad_label"]))
+)
+case("custom task file not a mapping", "must hold a mapping")(
+    lambda c: task_train(c, "--custom_task", str(c["not_mapping"]))
+)
 case("custom task: unknown key", "unknown")(lambda c: task_train(c, "--custom_task", str(c["custom_unknown_key"])))
 
 # -- adapters ------------------------------------------------------------------------------------------
 case("init adapter missing", "does not exist")(lambda c: train(c, "--init_adapter", str(c["tmp"] / "none")))
-case("init adapter m/r mismatch", "has num_virtual_tokens=4 but 6 was given")(lambda c: train(c, "--num_virtual_tokens", "6", "--init_adapter", str(c["adapter"])))
-case("init adapter s mismatch", "has max_length s=16 (rows of A) but 12 was given")(lambda c: train(c, "--max_length", "12", "--init_adapter", str(c["adapter"])))
+case("init adapter m/r mismatch", "has num_virtual_tokens=4 but 6 was given")(
+    lambda c: train(c, "--num_virtual_tokens", "6", "--init_adapter", str(c["adapter"]))
+)
+case("init adapter s mismatch", "has max_length s=16 (rows of A) but 12 was given")(
+    lambda c: train(c, "--max_length", "12", "--init_adapter", str(c["adapter"]))
+)
 case("init adapter tampered", "checksum")(lambda c: train(c, "--init_adapter", str(c["tampered"])))
 case("finished run without --overwrite", "already holds a finished job", makes=None)(
-    lambda c: train(c)[:4] + [str(c["finished"])] + train(c)[5:])
+    lambda c: train(c)[:4] + [str(c["finished"])] + train(c)[5:]
+)
 case("predict: adapter missing", "does not exist", makes="preds.jsonl")(
-    lambda c: ["predict", "--model", str(c["model"]), "--adapter", str(c["tmp"] / "none"), "--data", str(c["data"]),
-               "--output", str(c["tmp"] / "preds.jsonl")])
+    lambda c: [
+        "predict",
+        "--model",
+        str(c["model"]),
+        "--adapter",
+        str(c["tmp"] / "none"),
+        "--data",
+        str(c["data"]),
+        "--output",
+        str(c["tmp"] / "preds.jsonl"),
+    ]
+)
 case("predict: no source column", "no 'source' column", makes="preds.jsonl")(
-    lambda c: ["predict", "--model", str(c["model"]), "--adapter", str(c["adapter"]), "--data", str(c["no_source"]),
-               "--output", str(c["tmp"] / "preds.jsonl")])
+    lambda c: [
+        "predict",
+        "--model",
+        str(c["model"]),
+        "--adapter",
+        str(c["adapter"]),
+        "--data",
+        str(c["no_source"]),
+        "--output",
+        str(c["tmp"] / "preds.jsonl"),
+    ]
+)
 case("evaluate: unknown split", "'dev' is not one of train, validation, test")(
-    lambda c: ["evaluate", "--model", str(c["model"]), "--adapter", str(c["adapter"]), "--task", "rte", "--split", "dev"])
+    lambda c: [
+        "evaluate",
+        "--model",
+        str(c["model"]),
+        "--adapter",
+        str(c["adapter"]),
+        "--task",
+        "rte",
+        "--split",
+        "dev",
+    ]
+)
 case("export a DePT adapter to PEFT", "PEFT has no DePT", makes="peft")(
-    lambda c: ["export-adapter", str(c["adapter"]), str(c["tmp"] / "peft")])
+    lambda c: ["export-adapter", str(c["adapter"]), str(c["tmp"] / "peft")]
+)
 case("import a non-DePT adapter", "PROMPT_TUNING_LORA", makes="imported")(
-    lambda c: ["import-adapter", str(c["lora_dir"]), str(c["tmp"] / "imported")])
+    lambda c: ["import-adapter", str(c["lora_dir"]), str(c["tmp"] / "imported")]
+)
 
 # -- recipes and tracking --------------------------------------------------------------------------------
 case("recipe file missing", "nor an existing file", makes=None)(lambda c: ["run", str(c["tmp"] / "nope.yaml")])
 case("recipe not YAML", "is not valid YAML", makes=None)(lambda c: ["run", str(c["bad_yaml"])])
-case("recipe unknown key", "recipe.stages[0].tasx: unknown key (did you mean 'tasks'?)")(lambda c: ["run", str(c["recipe_unknown_key"])])
+case("recipe unknown key", "recipe.stages[0].tasx: unknown key (did you mean 'tasks'?)")(
+    lambda c: ["run", str(c["recipe_unknown_key"])]
+)
 case("recipe override of a missing stage", "no stage 'nope'")(
-    lambda c: ["run", "quickstart", f"--output_dir={c['tmp'] / 'out'}", "--stages.nope.train.steps=3"])
+    lambda c: ["run", "quickstart", f"--output_dir={c['tmp'] / 'out'}", "--stages.nope.train.steps=3"]
+)
 case("file tracking store", "MLFLOW_ALLOW_FILE_STORE")(
-    lambda c: ["run", "quickstart", f"--output_dir={c['tmp'] / 'out'}", f"--tracking.uri=file://{c['tmp'] / 'mlruns'}"])
+    lambda c: ["run", "quickstart", f"--output_dir={c['tmp'] / 'out'}", f"--tracking.uri=file://{c['tmp'] / 'mlruns'}"]
+)
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +213,32 @@ def shared(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-inputs")
     data = write_toy_task(root / "toy.jsonl", n=16)
     finished = root / "finished"
-    assert main(["train", "--model", str(tiny_models["t5"]), "--output_dir", str(finished), "--train_file", str(data),
-                 "--num_virtual_tokens", "4", "--lora_rank", "2", "--max_length", "16", "--batch_size", "4", "--steps",
-                 "2", "--warmup_steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_models["t5"]),
+                "--output_dir",
+                str(finished),
+                "--train_file",
+                str(data),
+                "--num_virtual_tokens",
+                "4",
+                "--lora_rank",
+                "2",
+                "--max_length",
+                "16",
+                "--batch_size",
+                "4",
+                "--steps",
+                "2",
+                "--warmup_steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     tampered = root / "tampered"
     shutil.copytree(finished / "adapter", tampered)
     weights = tampered / "adapter_model.safetensors"
@@ -144,25 +257,52 @@ def shared(tiny_models, tmp_path_factory):
     (lora / "adapter_model.bin").write_bytes(b"not used")
     csv_file = root / "reviews.csv"
     csv_file.write_text("text,stars\ngood film,5\nbad film,1\nfine film,3\n")
-    base = {"name": "stars", "data_files": {"train": str(csv_file), "validation": str(csv_file)},
-            "input_columns": ["text"], "label_column": "stars", "metric": "accuracy"}
+    base = {
+        "name": "stars",
+        "data_files": {"train": str(csv_file), "validation": str(csv_file)},
+        "input_columns": ["text"],
+        "label_column": "stars",
+        "metric": "accuracy",
+    }
     import yaml
 
     (root / "custom_missing_column.yaml").write_text(yaml.safe_dump({**base, "input_columns": ["review"]}))
     (root / "custom_bad_label.yaml").write_text(yaml.safe_dump({**base, "label_words": {1: "neg", 5: "pos"}}))
     empty_csv = root / "empty.csv"
     empty_csv.write_text("text,stars\n")
-    (root / "custom_empty.yaml").write_text(yaml.safe_dump(
-        {**base, "data_files": {"train": str(empty_csv), "validation": str(csv_file)}}))
+    (root / "custom_empty.yaml").write_text(
+        yaml.safe_dump({**base, "data_files": {"train": str(empty_csv), "validation": str(csv_file)}})
+    )
     (root / "custom_unknown_key.yaml").write_text(yaml.safe_dump({**base, "colour": "blue"}))
-    (root / "recipe_unknown_key.yaml").write_text(yaml.safe_dump(
-        {"name": "x", "model": "random:tiny-t5", "output_dir": str(root / "never"), "stages": [{"name": "a", "tasx": ["rte"]}]}))
-    return {"model": tiny_models["t5"], "data": data, "adapter": finished / "adapter", "finished": finished,
-            "tampered": tampered, "corrupt": corrupt, "bad_json": root / "bad.json", "zero2": root / "zero2.json", "bad_yaml": root / "bad.yaml",
-            "not_mapping": root / "not_mapping.yaml", "no_source": root / "no_source.jsonl", "lora_dir": lora,
-            "custom_missing_column": root / "custom_missing_column.yaml",
-            "custom_bad_label": root / "custom_bad_label.yaml", "custom_empty": root / "custom_empty.yaml", "custom_unknown_key": root / "custom_unknown_key.yaml",
-            "recipe_unknown_key": root / "recipe_unknown_key.yaml"}
+    (root / "recipe_unknown_key.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "x",
+                "model": "random:tiny-t5",
+                "output_dir": str(root / "never"),
+                "stages": [{"name": "a", "tasx": ["rte"]}],
+            }
+        )
+    )
+    return {
+        "model": tiny_models["t5"],
+        "data": data,
+        "adapter": finished / "adapter",
+        "finished": finished,
+        "tampered": tampered,
+        "corrupt": corrupt,
+        "bad_json": root / "bad.json",
+        "zero2": root / "zero2.json",
+        "bad_yaml": root / "bad.yaml",
+        "not_mapping": root / "not_mapping.yaml",
+        "no_source": root / "no_source.jsonl",
+        "lora_dir": lora,
+        "custom_missing_column": root / "custom_missing_column.yaml",
+        "custom_bad_label": root / "custom_bad_label.yaml",
+        "custom_empty": root / "custom_empty.yaml",
+        "custom_unknown_key": root / "custom_unknown_key.yaml",
+        "recipe_unknown_key": root / "recipe_unknown_key.yaml",
+    }
 
 
 def test_the_catalogue_is_large():

@@ -17,18 +17,52 @@ from pipeline.errors import PipelineError
 from pipeline.tasks import get_task, load_raw_split, load_task_splits
 
 # Hub schema of aps/super_glue wsc.fixed: text, span1_index, span2_index, span1_text, span2_text, idx, label.
-MARK = {"text": "Mark told Pete many lies about himself, which Pete included in his book. He should have been more "
-                "truthful.", "span1_index": 0, "span2_index": 13, "span1_text": "Mark", "span2_text": "He",
-        "idx": 0, "label": 0}
-LOWER_CASE_SPAN = {"text": "The lawyer asked the witness a question, but he was reluctant to repeat it.",
-                   "span1_index": 0, "span2_index": 8, "span1_text": "the lawyer", "span2_text": "he",
-                   "idx": 1, "label": 1}
-NESTED = {"text": "Sid and Tim explained the plan to their mothers before dinner.", "span1_index": 7,
-          "span2_index": 7, "span1_text": "their mothers", "span2_text": "their", "idx": 2, "label": 0}
-METACHARACTERS = {"text": "Mr. (Tom) Cruz met Ann. He smiled.", "span1_index": 0, "span2_index": 5,
-                  "span1_text": "Mr. (Tom) Cruz", "span2_text": "He", "idx": 3, "label": 1}
-NOT_AT_INDEX = {"text": "Joan made sure to thank Susan for all the help she had given.", "span1_index": 2,
-                "span2_index": 10, "span1_text": "Susan", "span2_text": "she", "idx": 4, "label": 1}
+MARK = {
+    "text": "Mark told Pete many lies about himself, which Pete included in his book. He should have been more "
+    "truthful.",
+    "span1_index": 0,
+    "span2_index": 13,
+    "span1_text": "Mark",
+    "span2_text": "He",
+    "idx": 0,
+    "label": 0,
+}
+LOWER_CASE_SPAN = {
+    "text": "The lawyer asked the witness a question, but he was reluctant to repeat it.",
+    "span1_index": 0,
+    "span2_index": 8,
+    "span1_text": "the lawyer",
+    "span2_text": "he",
+    "idx": 1,
+    "label": 1,
+}
+NESTED = {
+    "text": "Sid and Tim explained the plan to their mothers before dinner.",
+    "span1_index": 7,
+    "span2_index": 7,
+    "span1_text": "their mothers",
+    "span2_text": "their",
+    "idx": 2,
+    "label": 0,
+}
+METACHARACTERS = {
+    "text": "Mr. (Tom) Cruz met Ann. He smiled.",
+    "span1_index": 0,
+    "span2_index": 5,
+    "span1_text": "Mr. (Tom) Cruz",
+    "span2_text": "He",
+    "idx": 3,
+    "label": 1,
+}
+NOT_AT_INDEX = {
+    "text": "Joan made sure to thank Susan for all the help she had given.",
+    "span1_index": 2,
+    "span2_index": 10,
+    "span1_text": "Susan",
+    "span2_text": "she",
+    "idx": 4,
+    "label": 1,
+}
 
 
 def raises_one_line(fragment: str, call, *args, **kwargs) -> str:
@@ -46,22 +80,31 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def test_wsc_span_in_another_case_is_marked_keeping_the_texts_spelling():
     assert get_task("wsc").render(LOWER_CASE_SPAN)["source"] == (
-        "text: * The lawyer * asked the witness a question, but # he # was reluctant to repeat it.")
+        "text: * The lawyer * asked the witness a question, but # he # was reluctant to repeat it."
+    )
     assert get_task("wsc").render(MARK)["source"] == (
         "text: * Mark * told Pete many lies about himself, which Pete included in his book. # He # should have "
-        "been more truthful.")
+        "been more truthful."
+    )
 
 
 def test_wsc_pronoun_inside_the_noun_span_nests_its_marks():
     source = get_task("wsc").render(NESTED)["source"]
     assert source == "text: Sid and Tim explained the plan to * # their # mothers * before dinner."
     # Also when the pronoun ends the noun span, and when the spans are one and the same word.
-    inner_end = {**NESTED, "text": "They met the mothers of them all.", "span1_index": 2, "span2_index": 5,
-                 "span1_text": "the mothers of them", "span2_text": "them"}
+    inner_end = {
+        **NESTED,
+        "text": "They met the mothers of them all.",
+        "span1_index": 2,
+        "span2_index": 5,
+        "span1_text": "the mothers of them",
+        "span2_text": "them",
+    }
     assert get_task("wsc").render(inner_end)["source"] == "text: They met * the mothers of # them # * all."
     same = {**NESTED, "span1_text": "their", "span2_text": "their"}
     assert get_task("wsc").render(same)["source"] == (
-        "text: Sid and Tim explained the plan to * # their # * mothers before dinner.")
+        "text: Sid and Tim explained the plan to * # their # * mothers before dinner."
+    )
 
 
 def test_wsc_spans_with_regex_metacharacters_are_matched_literally():
@@ -70,8 +113,13 @@ def test_wsc_spans_with_regex_metacharacters_are_matched_literally():
 
 def test_wsc_rows_that_cannot_be_marked_are_refused_one_line():
     raises_one_line("'Susan' is not at word 2", get_task("wsc").render, NOT_AT_INDEX)
-    crossing = {**NESTED, "span1_text": "plan to their", "span1_index": 5, "span2_text": "their mothers",
-                "span2_index": 7}
+    crossing = {
+        **NESTED,
+        "span1_text": "plan to their",
+        "span1_index": 5,
+        "span2_text": "their mothers",
+        "span2_index": 7,
+    }
     raises_one_line("overlap without nesting", get_task("wsc").render, crossing)
 
 
@@ -100,8 +148,9 @@ def test_a_few_bad_rows_are_skipped_counted_and_named(tmp_path, caplog):
 def test_bad_rows_at_the_tolerance_stop_the_split_with_one_line(tmp_path):
     bad = [{**NOT_AT_INDEX, "idx": 9001}, {**MARK, "idx": 9002, "span2_index": 99}]
     write_jsonl(tmp_path / "wsc" / "train.jsonl", wsc_split(98, bad))  # 2 of 100 rows: 2%
-    message = raises_one_line("2 of 100 rows (2.0%) cannot be rendered for task 'wsc'", load_task_splits, "wsc",
-                              tmp_path, splits=("train",))
+    message = raises_one_line(
+        "2 of 100 rows (2.0%) cannot be rendered for task 'wsc'", load_task_splits, "wsc", tmp_path, splits=("train",)
+    )
     assert "bad_row_tolerance of 1.0%" in message and "(id 9001)" in message and "fix the data" in message
 
 

@@ -20,8 +20,17 @@ from pipeline.bench.variants import plan_variants
 from pipeline.dept import count_trainable, rank_for_budget
 from pipeline.errors import PipelineError
 
-MEASURED = ("step_s", "step_min_s", "step_max_s", "tokens_per_s", "step_tensor_peak_mb", "rss_peak_mb", "infer_s",
-            "epoch_s", "enc_tokens")
+MEASURED = (
+    "step_s",
+    "step_min_s",
+    "step_max_s",
+    "tokens_per_s",
+    "step_tensor_peak_mb",
+    "rss_peak_mb",
+    "infer_s",
+    "epoch_s",
+    "enc_tokens",
+)
 
 
 def test_bench_help_is_derived_from_bench_args():
@@ -55,25 +64,31 @@ def test_bench_presets_yield_to_explicit_flags_and_set_mode_defaults():
 
 
 def test_bench_model_overrides_follow_the_architecture():
-    llama = with_model_overrides(bench_args({"mode": "scale", "model": "random:tiny-llama", "hidden": 256,
-                                             "overrides": '{"num_key_value_heads": 1}'}))
+    llama = with_model_overrides(
+        bench_args(
+            {"mode": "scale", "model": "random:tiny-llama", "hidden": 256, "overrides": '{"num_key_value_heads": 1}'}
+        )
+    )
     assert llama.overrides == {"hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1}
     t5 = with_model_overrides(bench_args({"model": "random:tiny-t5", "hidden": 128, "layers": 3}))
     assert t5.overrides == {"d_model": 128, "num_layers": 3, "num_decoder_layers": 3, "num_heads": 2, "d_kv": 64}
 
 
-@pytest.mark.parametrize("flags, message", [
-    ({"ms": "0,120", "pt_tokens": 100}, "every m in --ms must lie in 0..l"),
-    ({"preset": "papr"}, "did you mean 'paper'"),
-    ({"refs": "bare,nope"}, "refs[1]: 'nope' is not one of"),
-    ({"refs": "none,bare"}, "all and none stand alone"),
-    ({"steps": "0"}, "steps: must be at least 1"),
-    ({"mode": "scale", "grad_accum": 2}, "leave --grad_accum at 1"),
-    ({"hidden": 64, "model": "./my-model"}, "--hidden needs a random:<preset> model"),
-    ({"ds_config": "zero9"}, "neither a shipped DeepSpeed config"),
-    ({"batch_size": 0}, "--batch_size must be at least 1 in compare mode"),
-    ({"lenghts": "rte"}, "did you mean 'lengths'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"ms": "0,120", "pt_tokens": 100}, "every m in --ms must lie in 0..l"),
+        ({"preset": "papr"}, "did you mean 'paper'"),
+        ({"refs": "bare,nope"}, "refs[1]: 'nope' is not one of"),
+        ({"refs": "none,bare"}, "all and none stand alone"),
+        ({"steps": "0"}, "steps: must be at least 1"),
+        ({"mode": "scale", "grad_accum": 2}, "leave --grad_accum at 1"),
+        ({"hidden": 64, "model": "./my-model"}, "--hidden needs a random:<preset> model"),
+        ({"ds_config": "zero9"}, "neither a shipped DeepSpeed config"),
+        ({"batch_size": 0}, "--batch_size must be at least 1 in compare mode"),
+        ({"lenghts": "rte"}, "did you mean 'lengths'"),
+    ],
+)
 def test_bench_args_refuse_bad_values_in_one_line(flags, message):
     with pytest.raises(PipelineError, match=re.escape(message)) as caught:
         bench_args(flags)
@@ -83,8 +98,16 @@ def test_bench_args_refuse_bad_values_in_one_line(flags, message):
 def test_bench_plans_budget_rows_then_reference_rows():
     rows = plan_variants(bench_args({"ms": "40,100", "max_length": 48, "lengths": "rte"}), d_model=64)
     r = rank_for_budget(100, 40, 48, 64)
-    assert [v.key for v in rows] == [f"dept_m40_r{r}", "pt_l100", "pt_l100_pad48", "bare_p40", "bare_p100",
-                                     "eager_bare_p100", "eager_pt_l100", "peft_pt_l100"]
+    assert [v.key for v in rows] == [
+        f"dept_m40_r{r}",
+        "pt_l100",
+        "pt_l100_pad48",
+        "bare_p40",
+        "bare_p100",
+        "eager_bare_p100",
+        "eager_pt_l100",
+        "peft_pt_l100",
+    ]
     assert [v.loop for v in rows[-3:]] == ["eager", "eager", "peft"]
     padded = plan_variants(bench_args({"ms": "60", "refs": "padded,bare"}), d_model=768)
     assert [v.key for v in padded] == ["dept_m60_r30", "bare_p60"]  # inputs padded to s already: no padded row
@@ -102,8 +125,12 @@ def test_bench_source_names_no_deepspeed_internals():
     forbidden = re.compile(r"deepspeed|ds_numel|ds_tensor|ds_id|GatheredParameters")
     files = sorted((REPO / "pipeline" / "bench").glob("**/*.py"))
     assert len(files) >= 8
-    hits = [f"{path.name}:{n}: {line.strip()}" for path in files
-            for n, line in enumerate(path.read_text().splitlines(), 1) if forbidden.search(line)]
+    hits = [
+        f"{path.name}:{n}: {line.strip()}"
+        for path in files
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if forbidden.search(line)
+    ]
     assert not hits, hits
 
 
@@ -111,10 +138,35 @@ def test_bench_source_names_no_deepspeed_internals():
 def test_bench_compare_tiny_writes_table_json_plot_and_mlflow_run(tmp_path):
     out = tmp_path / "bench"
     db = tmp_path / "ml" / "mlflow.db"
-    proc = run(["bench", "--model", "random:tiny-t5", "--ms", "40,100", "--pt_tokens", "100", "--max_length", "48",
-                "--batch_size", "4", "--steps", "2", "--warmup", "1", "--lengths", "rte", "--group_by_length",
-                "--infer_repeats", "1",
-                "--output_dir", str(out), "--mlflow_uri", f"sqlite:///{db}"], timeout=300)
+    proc = run(
+        [
+            "bench",
+            "--model",
+            "random:tiny-t5",
+            "--ms",
+            "40,100",
+            "--pt_tokens",
+            "100",
+            "--max_length",
+            "48",
+            "--batch_size",
+            "4",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--lengths",
+            "rte",
+            "--group_by_length",
+            "--infer_repeats",
+            "1",
+            "--output_dir",
+            str(out),
+            "--mlflow_uri",
+            f"sqlite:///{db}",
+        ],
+        timeout=300,
+    )
 
     for name in ("bench.md", "bench.json", "bench.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -124,8 +176,19 @@ def test_bench_compare_tiny_writes_table_json_plot_and_mlflow_run(tmp_path):
     table = (out / "bench.md").read_text()
     assert table in proc.stdout
     header = next(line for line in table.splitlines() if line.startswith("| configuration"))
-    for column in ("step s (median)", "step s (min .. max)", "tokens/s", "time / PT l", "time / bare same length",
-                   "step tensor peak MB", "RSS peak MB", "inference s (median)", "epoch est. s", "m", "r"):
+    for column in (
+        "step s (median)",
+        "step s (min .. max)",
+        "tokens/s",
+        "time / PT l",
+        "time / bare same length",
+        "step tensor peak MB",
+        "RSS peak MB",
+        "inference s (median)",
+        "epoch est. s",
+        "m",
+        "r",
+    ):
         assert f"| {column} |" in header, column
     assert "## Targets" in table and "pipeline overhead" in table and "PEFT" in table
     assert "batches of similar lengths" in table
@@ -135,8 +198,16 @@ def test_bench_compare_tiny_writes_table_json_plot_and_mlflow_run(tmp_path):
     # two configurations at the budget of l = 100, plus the reference rows (bare at both lengths, padded PT,
     # PT and bare without engine, PEFT)
     r = rank_for_budget(100, 40, 48, 64)  # 34 for tiny-t5 (d = 64) at s = 48
-    assert {f"dept_m40_r{r}", "pt_l100", "pt_l100_pad48", "bare_p40", "bare_p100", "eager_bare_p100", "eager_pt_l100",
-            "peft_pt_l100"} == set(rows)
+    assert {
+        f"dept_m40_r{r}",
+        "pt_l100",
+        "pt_l100_pad48",
+        "bare_p40",
+        "bare_p100",
+        "eager_bare_p100",
+        "eager_pt_l100",
+        "peft_pt_l100",
+    } == set(rows)
     assert rows[f"dept_m40_r{r}"]["trainable"] == count_trainable(40, r, 48, 64) <= rows["pt_l100"]["trainable"] == 6400
     for key, row in rows.items():
         assert row["loss_finite"], key
@@ -174,9 +245,32 @@ def test_bench_rejects_bad_flags():
 @pytest.mark.slow
 def test_bench_scale_two_ranks_reports_half_of_the_backbone_per_rank(tmp_path):
     out = tmp_path / "scale"
-    run(["bench", "--mode", "scale", "--model", "random:tiny-llama", "--hidden", "128", "--layers", "2",
-         "--intermediate", "256", "--steps", "2", "--warmup", "0",
-         "--max_length", "32", "--output_dir", str(out)], nproc=2, launcher="deepspeed", timeout=300)
+    run(
+        [
+            "bench",
+            "--mode",
+            "scale",
+            "--model",
+            "random:tiny-llama",
+            "--hidden",
+            "128",
+            "--layers",
+            "2",
+            "--intermediate",
+            "256",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--max_length",
+            "32",
+            "--output_dir",
+            str(out),
+        ],
+        nproc=2,
+        launcher="deepspeed",
+        timeout=300,
+    )
     result = json.loads((out / "bench.json").read_text())
     assert result["world_size"] == 2 and result["d_model"] == 128 and result["layers"] == 2
     assert [s["rank"] for s in result["sharding"]] == [0, 1]

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from pipeline.cli import COMMANDS, CLI_ONLY_TRAIN, known_flags, main
+from pipeline.cli import CLI_ONLY_TRAIN, COMMANDS, known_flags, main
 from pipeline.config import DataArgs, DeptArgs, JobConfig, RecipeSpec, StageSpec, TrainArgs, flag_name
 
 ALIASES = {"lora_rank": "r", "task": "tasks", "custom_task": "tasks", "mode": "eval_mode"}  # documented in --help

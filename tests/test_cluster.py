@@ -330,7 +330,9 @@ def test_hostfile_over_ssh_trains_like_two_local_ranks(ssh_run, cluster, hook_di
     assert writers == {("0", n0.ns)}, writers  # no launcher, no process outside rank 0
     rank0 = watch.by_rank()["0"]
     assert "mlflow.db" in rank0 and any(re.search(r"source/\.?results\.json", p) for p in rank0), sorted(rank0)
-    assert any(re.search(r"source/checkpoints/\.?step-\d+[^/]*/trainable\.safetensors", p) for p in rank0), sorted(rank0)
+    assert any(re.search(r"source/checkpoints/\.?step-\d+[^/]*/trainable\.safetensors", p) for p in rank0), sorted(
+        rank0
+    )
     assert mlflow_runs(work) == mlflow_runs(local) and len(mlflow_runs(work)) == 2  # one parent, one child run
 
     # the test's ssh identity stayed in its own files; launch.sh left no env file behind; nodes are quiet again

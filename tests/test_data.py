@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.data import (DECODER_SEPARATOR, IGNORE, collate, global_batch, pad_token_id, split_separator,
-                           tokenize)
+from pipeline.data import DECODER_SEPARATOR, IGNORE, collate, global_batch, pad_token_id, split_separator, tokenize
 from pipeline.errors import PipelineError
 
 WEIGHTS = Path(__file__).resolve().parent.parent.parent / "shared" / "weights"
@@ -79,7 +78,7 @@ def test_separator_is_configurable(llama, separator):
     (row,) = tokenize([{"source": "sentence: the cat", "target": "1"}], llama, False, 64, separator=separator)
     core, gap = split_separator(separator)
     assert row["prompt_ids"] == llama("sentence: the cat" + core)["input_ids"]
-    target = row["input_ids"][len(row["prompt_ids"]):]
+    target = row["input_ids"][len(row["prompt_ids"]) :]
     assert target == llama(gap + "1", add_special_tokens=False)["input_ids"] + [EOS]
     assert row["labels"] == [IGNORE] * len(row["prompt_ids"]) + target
 
@@ -92,7 +91,7 @@ def test_llama_long_source_is_cut_keeping_bos_separator_target_and_eos(llama, ca
     assert len(cut["input_ids"]) == 16
     full = llama(long)["input_ids"]
     # BOS and the source's first tokens, then the whole separator, the target and EOS
-    assert cut["input_ids"] == full[:16 - 2 - 3] + LABEL_COLON + ONE + [EOS]
+    assert cut["input_ids"] == full[: 16 - 2 - 3] + LABEL_COLON + ONE + [EOS]
     assert cut["labels"] == [IGNORE] * 13 + ONE + [EOS]
     assert cut["prompt_ids"] == cut["input_ids"][:13]
     assert short["input_ids"] == [BOS, *SENTENCE_THE_CAT, *LABEL_COLON, *ONE, EOS]  # untouched
@@ -108,8 +107,9 @@ def test_max_length_too_small_for_separator_and_target_is_one_line_error(llama):
 def test_llama_long_target_keeps_eos(llama, caplog):
     answer = "the red fox jumped over the lazy dog and ran away"
     with caplog.at_level(logging.WARNING):
-        (row,) = tokenize([{"source": "question: what happened", "target": answer}], llama, False, max_length=64,
-                          max_target_length=4)
+        (row,) = tokenize(
+            [{"source": "question: what happened", "target": answer}], llama, False, max_length=64, max_target_length=4
+        )
     target = [i for i in row["labels"] if i != IGNORE]
     assert target == llama(" " + answer, add_special_tokens=False)["input_ids"][:3] + [EOS]
     assert "targets are longer than max_target_length 4" in caplog.text
@@ -123,8 +123,13 @@ def test_t5_rows_keep_their_eos_on_both_sides(t5):
 
 def test_t5_truncated_source_and_long_answer_keep_the_closing_eos(t5):
     answer = "the Treaty of Westphalia signed in 1648 ended the Thirty Years War"
-    (row,) = tokenize([{"source": "question: " + "what ended the war " * 10, "target": answer}], t5, True,
-                      max_length=8, max_target_length=6)
+    (row,) = tokenize(
+        [{"source": "question: " + "what ended the war " * 10, "target": answer}],
+        t5,
+        True,
+        max_length=8,
+        max_target_length=6,
+    )
     assert len(row["input_ids"]) == 8 and row["input_ids"][-1] == 1
     assert row["labels"] == t5(answer)["input_ids"][:5] + [1]  # MRQA-style answer: cut, EOS kept
     assert row["labels"].count(1) == 1
@@ -140,8 +145,15 @@ def test_tokenizer_that_appends_eos_in_decoder_only_mode_gets_one_eos_at_the_end
 
 
 def test_generation_batch_is_left_padded_and_training_batch_right_padded(llama):
-    rows = tokenize([{"source": "sentence: the cat", "target": "1"},
-                     {"source": "sentence: the cat sat on the mat all day", "target": "positive"}], llama, False, 64)
+    rows = tokenize(
+        [
+            {"source": "sentence: the cat", "target": "1"},
+            {"source": "sentence: the cat sat on the mat all day", "target": "positive"},
+        ],
+        llama,
+        False,
+        64,
+    )
     pad = pad_token_id(llama)
     assert pad == UNK  # no pad token in LLaMA-2: unk stands in, EOS keeps its one meaning
     gen = collate(rows, pad, False, for_generation=True)
@@ -160,8 +172,9 @@ def test_generation_batch_is_left_padded_and_training_batch_right_padded(llama):
 
 
 def test_t5_training_batch_pads_labels_to_the_longest_target(t5):
-    rows = tokenize([{"source": "sentence: a", "target": "1"}, {"source": "question: b", "target": "a long answer"}],
-                    t5, True, 64)
+    rows = tokenize(
+        [{"source": "sentence: a", "target": "1"}, {"source": "question: b", "target": "a long answer"}], t5, True, 64
+    )
     batch = collate(rows, pad_token_id(t5), True)
     assert pad_token_id(t5) == 0
     assert batch["labels"].shape == (2, len(rows[1]["labels"]))
@@ -208,8 +221,15 @@ def test_label_scoring_sums_the_target_and_eos_log_probabilities():
 
     tokenizer = _tokenizer(STORIES)
     net = AutoModelForCausalLM.from_pretrained(str(STORIES)).eval()
-    rows = tokenize([{"source": "story: Lily had a cat.", "target": "cat"},
-                     {"source": "story: Tom went to the park with mom.", "target": "park"}], tokenizer, False, 64)
+    rows = tokenize(
+        [
+            {"source": "story: Lily had a cat.", "target": "cat"},
+            {"source": "story: Tom went to the park with mom.", "target": "park"},
+        ],
+        tokenizer,
+        False,
+        64,
+    )
     batch = collate(rows, pad_token_id(tokenizer), False)
     with torch.no_grad():
         scores = evaluation._sequence_log_likelihood(DePTModel(net, None, False), batch)

@@ -24,19 +24,28 @@ def test_shapes_init_and_scale():
     pt = DePTPrompt(DeptConfig(num_virtual_tokens=100, r=0, max_length=256, d_model=768))
     assert pt.lora_A is None and sum(p.numel() for p in pt.parameters()) == 76_800
 
+
 @pytest.mark.parametrize("m,r", [(60, 30), (40, 45), (80, 15), (0, 75), (100, 0)])
 def test_rank_for_budget_matches_paper(m, r):
     assert rank_for_budget(100, m, 256, 768) == r
     assert count_trainable(m, r, 256, 768) == 76_800
 
+
 def test_budget_and_shape_errors_are_one_line():
     with pytest.raises(PipelineError, match="budget cannot be met"):
         rank_for_budget(40, 60, 256, 768)
-    for bad in (dict(num_virtual_tokens=-1), dict(r=-2), dict(max_length=0), dict(r=300, max_length=256),
-                dict(num_virtual_tokens=0, r=0), dict(prompt_init="SOMETHING")):
+    for bad in (
+        dict(num_virtual_tokens=-1),
+        dict(r=-2),
+        dict(max_length=0),
+        dict(r=300, max_length=256),
+        dict(num_virtual_tokens=0, r=0),
+        dict(prompt_init="SOMETHING"),
+    ):
         with pytest.raises(PipelineError) as err:
             DeptConfig(**{"d_model": 64, **bad})
         assert "\n" not in str(err.value)
+
 
 def test_m0_has_no_prompt_parameter_and_round_trips(tmp_path):
     from pipeline import adapters
@@ -59,7 +68,7 @@ def test_length_grouped_batches_keep_every_row_and_group_lengths():
     assert sorted(grouped) == list(range(400)) and grouped == epoch_order(400, 3, 0, lengths, 8)
 
     def spread(order):  # mean within-batch length range: what dynamic padding wastes
-        batches = [order[i:i + 8] for i in range(0, 400, 8)]
+        batches = [order[i : i + 8] for i in range(0, 400, 8)]
         return sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches) / len(batches)
 
     assert spread(grouped) < spread(plain) / 4

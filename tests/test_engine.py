@@ -19,10 +19,34 @@ STEPS = 12
 
 
 def train_args(model_dir, data, out, *extra):
-    return ["train", "--model", str(model_dir), "--train_file", str(data), "--output_dir", str(out),
-            "--num_virtual_tokens", "4", "--lora_rank", "2", "--max_length", "16", "--batch_size", "8",
-            "--steps", str(STEPS), "--warmup_steps", "3", "--log_every", "1", "--lr_prompt", "0.3",
-            "--lr_lowrank", "0.01", *extra]
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--train_file",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--num_virtual_tokens",
+        "4",
+        "--lora_rank",
+        "2",
+        "--max_length",
+        "16",
+        "--batch_size",
+        "8",
+        "--steps",
+        str(STEPS),
+        "--warmup_steps",
+        "3",
+        "--log_every",
+        "1",
+        "--lr_prompt",
+        "0.3",
+        "--lr_lowrank",
+        "0.01",
+        *extra,
+    ]
 
 
 def losses(run_dir):
@@ -47,7 +71,9 @@ def test_zero3_two_ranks_shard_the_frozen_backbone_and_match_one_rank(arch, tiny
         # each rank holds half of every backbone parameter (persistence threshold 0)
         assert [s["rank"] for s in result["sharding"]] == [0, 1]
         for shard in result["sharding"]:
-            assert shard["min_param_fraction"] == pytest.approx(0.5) and shard["max_param_fraction"] == pytest.approx(0.5)
+            assert shard["min_param_fraction"] == pytest.approx(0.5) and shard["max_param_fraction"] == pytest.approx(
+                0.5
+            )
         assert sorted(result["trainable_names"]) == ["prompt.lora_A", "prompt.lora_B", "prompt.prompt"]
     assert read_results(tmp_path / "one")["sharding"][0]["held_fraction"] == 1.0
 
@@ -90,11 +116,25 @@ def test_two_nodes_simulated_on_localhost_match_two_ranks(tiny_models, toy_task,
     port = str(free_port())
     procs = []
     for node in (0, 1):
-        env = {**os.environ, "HOSTFILE": str(hostfile), "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        env = {
+            **os.environ,
+            "HOSTFILE": str(hostfile),
+            "NODE_RANK": str(node),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+        }
         args = train_args(tiny_models["t5"], toy_task, tmp_path / "nodes")
-        procs.append(subprocess.Popen([str(REPO / "launch.sh"), *args], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [str(REPO / "launch.sh"), *args],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     run(train_args(tiny_models["t5"], toy_task, tmp_path / "local"), nproc=2, launcher="deepspeed")
@@ -121,7 +161,7 @@ def test_killed_run_resumes_to_the_same_adapter_and_loss_curve(tiny_models, toy_
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def _op_build_dir() -> "Path":
+def _op_build_dir():
     from pathlib import Path
 
     from deepspeed.accelerator import get_accelerator
@@ -168,9 +208,17 @@ def test_a_lock_held_by_a_live_build_is_waited_for_with_a_message(tmp_path):
     import sys
 
     root, lock = _extensions_copy(tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", f"import os, time; fd = os.open({str(lock)!r}, os.O_CREAT | "
-                               "os.O_EXCL); print('held', flush=True); time.sleep(25); os.close(fd); "
-                               f"os.remove({str(lock)!r})"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import os, time; fd = os.open({str(lock)!r}, os.O_CREAT | "
+            "os.O_EXCL); print('held', flush=True); time.sleep(25); os.close(fd); "
+            f"os.remove({str(lock)!r})",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root)}
     proc = subprocess.run([sys.executable, "-c", PREPARE], env=env, capture_output=True, text=True, timeout=120)
@@ -188,13 +236,15 @@ def test_a_job_checkpointed_on_two_ranks_resumes_on_one(tiny_models, toy_task, t
     resumed = run(args)  # one plain process
     assert "resuming a checkpoint written on 2 ranks on 1 ranks" in resumed.stderr
     run(train_args(tiny_models["t5"], toy_task, tmp_path / "one", "--save_every", "4"))
-    moved, one = read_results(tmp_path / "moved"), read_results(tmp_path / "one")
-    assert moved["world_size"] == 1
+    moved = read_results(tmp_path / "moved")
+    assert moved["world_size"] == 1 and read_results(tmp_path / "one")["world_size"] == 1
     assert losses(tmp_path / "moved") == pytest.approx(losses(tmp_path / "one"), rel=1e-5, abs=1e-6)
     _, a, _ = adapters.read_adapter(tmp_path / "moved" / "adapter")
     _, b, _ = adapters.read_adapter(tmp_path / "one" / "adapter")
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
-    print("2 -> 1 ranks: max |loss diff| "
-          f"{max(abs(x - y) for x, y in zip(losses(tmp_path / 'moved'), losses(tmp_path / 'one'))):.2e}, "
-          f"max |adapter diff| {max((a[n] - b[n]).abs().max().item() for n in b):.2e}")
+    print(
+        "2 -> 1 ranks: max |loss diff| "
+        f"{max(abs(x - y) for x, y in zip(losses(tmp_path / 'moved'), losses(tmp_path / 'one'))):.2e}, "
+        f"max |adapter diff| {max((a[n] - b[n]).abs().max().item() for n in b):.2e}"
+    )

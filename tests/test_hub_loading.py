@@ -74,6 +74,7 @@ def offline_env(monkeypatch, tmp_path):
 
 # Ids and revisions ---------------------------------------------------------------------------------------
 
+
 def test_every_hub_id_is_accepted_by_huggingface_hub_and_revisions_are_recorded():
     from huggingface_hub import parse_hf_uri
     from huggingface_hub.utils import validate_repo_id
@@ -94,33 +95,44 @@ def test_every_hub_id_is_accepted_by_huggingface_hub_and_revisions_are_recorded(
 
 def test_a_bare_id_is_refused_before_any_download(offline_env):
     bare = replace(get_task("rte"), hub_path="glue")
-    message = raises_one_line("hub id 'glue' of task 'rte' is refused by huggingface_hub", load_raw_split, bare, "train")
+    message = raises_one_line(
+        "hub id 'glue' of task 'rte' is refused by huggingface_hub", load_raw_split, bare, "train"
+    )
     assert "namespace/name" in message and "nyu-mll/glue" in message
     raises_one_line("is refused by huggingface_hub", check_hub_id, replace(bare, hub_path="a/b/c"))
 
 
 # The real load_dataset on hub-layout copies ----------------------------------------------------------------
 
+
 @needs_task_data("rte", "cola", "stsb", "mrpc", "mnli", "cb", "copa", "boolq", "paws", "scitail")
 def test_hub_layout_copies_load_exactly_like_the_shipped_files(offline_env, monkeypatch):
     mirror = offline_env / "mirror"
-    glue = {name: {"train": shipped(name, "train"), "validation": shipped(name, "validation")}
-            for name in ("rte", "cola", "stsb", "mrpc")}
+    glue = {
+        name: {"train": shipped(name, "train"), "validation": shipped(name, "validation")}
+        for name in ("rte", "cola", "stsb", "mrpc")
+    }
     glue["mnli"] = {"train": shipped("mnli", "train"), "validation_matched": shipped("mnli", "validation")}
     write_hub_repo(mirror, "nyu-mll/glue", glue)
-    super_glue = {name: {"train": shipped(name, "train"), "validation": shipped(name, "validation")}
-                  for name in ("cb", "copa")}
+    super_glue = {
+        name: {"train": shipped(name, "train"), "validation": shipped(name, "validation")} for name in ("cb", "copa")
+    }
     super_glue["boolq"] = {"validation": shipped("boolq", "validation")}
     write_hub_repo(mirror, "aps/super_glue", super_glue)
-    write_hub_repo(mirror, "google-research-datasets/paws",
-                   {"labeled_final": {"validation": shipped("paws", "validation"), "test": shipped("paws", "test")}})
+    write_hub_repo(
+        mirror,
+        "google-research-datasets/paws",
+        {"labeled_final": {"validation": shipped("paws", "validation"), "test": shipped("paws", "test")}},
+    )
     write_hub_repo(mirror, "allenai/scitail", {"tsv_format": {"test": shipped("scitail", "test")}})
 
     cases = [(name, ("train", "validation", "test")) for name in ("rte", "cola", "stsb", "mrpc", "cb", "copa")]
     cases += [("mnli", ("train", "test")), ("paws", ("validation", "test"))]
     expected = {name: load_task_splits(name, SHIPPED_DATA, splits=splits) for name, splits in cases}
-    raw_expected = {(name, split): [get_task(name).render(row) for row in load_raw_split(name, split, SHIPPED_DATA)]
-                    for name, split in (("boolq", "validation"), ("scitail", "test"))}
+    raw_expected = {
+        (name, split): [get_task(name).render(row) for row in load_raw_split(name, split, SHIPPED_DATA)]
+        for name, split in (("boolq", "validation"), ("scitail", "test"))
+    }
     monkeypatch.setenv("DEPT_HUB_MIRROR", str(mirror))
     for name, splits in cases:
         provenance = {}
@@ -138,28 +150,47 @@ def test_hub_layout_copies_load_exactly_like_the_shipped_files(offline_env, monk
 def mrqa_row(subset: str, number: int) -> dict:
     """A row in the schema of mrqa-workshop/mrqa (plain_text)."""
     context = f"<P> Item {number} was built in {1800 + number} . </P>"
-    return {"subset": subset, "context": context, "context_tokens": {"tokens": ["<P>", "Item"], "offsets": [0, 4]},
-            "qid": f"{subset[:2]}{number}", "question": f"when was item {number} built",
-            "question_tokens": {"tokens": ["when"], "offsets": [0]},
-            "detected_answers": {"text": [str(1800 + number)], "char_spans": [{"start": [0], "end": [3]}],
-                                 "token_spans": [{"start": [0], "end": [0]}]},
-            "answers": [str(1800 + number), f"in {1800 + number}"]}
+    return {
+        "subset": subset,
+        "context": context,
+        "context_tokens": {"tokens": ["<P>", "Item"], "offsets": [0, 4]},
+        "qid": f"{subset[:2]}{number}",
+        "question": f"when was item {number} built",
+        "question_tokens": {"tokens": ["when"], "offsets": [0]},
+        "detected_answers": {
+            "text": [str(1800 + number)],
+            "char_spans": [{"start": [0], "end": [3]}],
+            "token_spans": [{"start": [0], "end": [0]}],
+        },
+        "answers": [str(1800 + number), f"in {1800 + number}"],
+    }
 
 
 def test_mrqa_from_a_sharded_hub_copy_keeps_one_subset(offline_env, monkeypatch):
     nq = [mrqa_row("NaturalQuestionsShort", i) for i in range(1005)]
     hotpot = [mrqa_row("HotpotQA", i) for i in range(3)]
-    write_hub_repo(offline_env / "mirror", "mrqa-workshop/mrqa", {"plain_text": {
-        "train": [nq[:600] + hotpot, nq[600:]],  # two shards, like the hub's train-0000i-of-00009 files
-        "validation": [mrqa_row("NaturalQuestionsShort", 2000), mrqa_row("HotpotQA", 2001)],
-    }})
+    write_hub_repo(
+        offline_env / "mirror",
+        "mrqa-workshop/mrqa",
+        {
+            "plain_text": {
+                "train": [nq[:600] + hotpot, nq[600:]],  # two shards, like the hub's train-0000i-of-00009 files
+                "validation": [mrqa_row("NaturalQuestionsShort", 2000), mrqa_row("HotpotQA", 2001)],
+            }
+        },
+    )
     monkeypatch.setenv("DEPT_HUB_MIRROR", str(offline_env / "mirror"))
     provenance = {}
     splits = load_task_splits("nq", provenance=provenance)
     assert {k: len(v) for k, v in splits.items()} == {"train": 5, "validation": 1000, "test": 1}
-    assert splits["test"] == [{"id": "Na2000", "source": "question: when was item 2000 built context: <P> Item 2000 "
-                                                         "was built in 3800 . </P>",
-                               "target": "3800", "answers": ["3800", "in 3800"]}]
+    assert splits["test"] == [
+        {
+            "id": "Na2000",
+            "source": "question: when was item 2000 built context: <P> Item 2000 was built in 3800 . </P>",
+            "target": "3800",
+            "answers": ["3800", "in 3800"],
+        }
+    ]
     assert provenance["train"]["revision"] == "main" and provenance["train"]["commit"] is None
     raw = load_raw_split("hotpotqa", "train")
     assert [r["qid"] for r in raw] == ["Ho0", "Ho1", "Ho2"] and "context_tokens" not in raw[0]
@@ -171,8 +202,15 @@ def test_wsc_fixed_winogrande_and_yelp_from_hub_copies(offline_env, monkeypatch)
     mirror = offline_env / "mirror"
     wsc = [{**row, "idx": i} for i, row in enumerate([MARK, LOWER_CASE_SPAN, NESTED] * 4)]
     write_hub_repo(mirror, "aps/super_glue", {"wsc.fixed": {"train": wsc[:8], "validation": wsc[8:]}})
-    wino = [{"sentence": f"Ian ate after Dennis {i} because _ was hungry.", "option1": "Ian", "option2": "Dennis",
-             "answer": "2" if i % 3 else "1"} for i in range(1004)]
+    wino = [
+        {
+            "sentence": f"Ian ate after Dennis {i} because _ was hungry.",
+            "option1": "Ian",
+            "option2": "Dennis",
+            "answer": "2" if i % 3 else "1",
+        }
+        for i in range(1004)
+    ]
     write_hub_repo(mirror, "allenai/winogrande", {"winogrande_xl": {"train": wino[:1002], "validation": wino[1002:]}})
     yelp = [{"label": i % 2, "text": f"Review number {i}."} for i in range(1010)]
     write_hub_repo(mirror, "fancyzhx/yelp_polarity", {"plain_text": {"train": yelp, "test": yelp[:5]}})
@@ -191,10 +229,12 @@ def test_wsc_fixed_winogrande_and_yelp_from_hub_copies(offline_env, monkeypatch)
 
 # One line per cause ---------------------------------------------------------------------------------------
 
+
 def test_missing_dataset_config_and_split_are_told_apart(offline_env, monkeypatch):
     mirror = offline_env / "mirror"
-    write_hub_repo(mirror, "nyu-mll/glue", {"rte": {"train": [{"sentence1": "a", "sentence2": "b", "label": 0,
-                                                                "idx": 0}]}})
+    write_hub_repo(
+        mirror, "nyu-mll/glue", {"rte": {"train": [{"sentence1": "a", "sentence2": "b", "label": 0, "idx": 0}]}}
+    )
     monkeypatch.setenv("DEPT_HUB_MIRROR", str(mirror))
     assert load_raw_split("rte", "train") == [{"sentence1": "a", "sentence2": "b", "label": 0, "idx": 0}]
     message = raises_one_line("split 'validation' of nyu-mll/glue/rte@", load_raw_split, "rte", "validation")
@@ -224,14 +264,19 @@ def test_gated_and_not_found_hub_errors_from_the_libraries(offline_env):
     httpx = importlib.import_module(HfHubHTTPError.__mro__[1].__module__)  # the HTTP library of huggingface_hub
     task = get_task("winogrande")
     response = httpx.Response(401, request=httpx.Request("GET", "https://huggingface.co/api/datasets/x"))
-    gated = [GatedRepoError("Access to dataset allenai/winogrande is restricted.", response=response),
-             DatasetNotFoundError("Dataset 'allenai/winogrande' is a gated dataset on the Hub. You must be "
-                                  "authenticated to access it.")]
+    gated = [
+        GatedRepoError("Access to dataset allenai/winogrande is restricted.", response=response),
+        DatasetNotFoundError(
+            "Dataset 'allenai/winogrande' is a gated dataset on the Hub. You must be authenticated to access it."
+        ),
+    ]
     for err in gated:
         message = str(explain(task, "train", err))
         assert "is gated or needs a login" in message and "hf auth login" in message and "\n" not in message
-    missing = [DatasetNotFoundError("Dataset 'allenai/winogrande' doesn't exist on the Hub or cannot be accessed."),
-               RevisionNotFoundError("Revision 'abc' not found.", response=response)]
+    missing = [
+        DatasetNotFoundError("Dataset 'allenai/winogrande' doesn't exist on the Hub or cannot be accessed."),
+        RevisionNotFoundError("Revision 'abc' not found.", response=response),
+    ]
     for err in missing:
         assert "does not exist" in str(explain(task, "train", err))
     wrapped = RuntimeError("load failed")
@@ -240,7 +285,9 @@ def test_gated_and_not_found_hub_errors_from_the_libraries(offline_env):
 
 
 def test_importing_the_tasks_imports_neither_torch_nor_datasets():
-    code = ("import sys, pipeline.tasks; pipeline.tasks.get_task('rte'); "
-            "print(sorted(m for m in ('torch', 'datasets', 'huggingface_hub') if m in sys.modules))")
+    code = (
+        "import sys, pipeline.tasks; pipeline.tasks.get_task('rte'); "
+        "print(sorted(m for m in ('torch', 'datasets', 'huggingface_hub') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -24,8 +24,11 @@ def test_the_dept_module_knows_nothing_of_the_rest():
 
 
 def test_only_the_engine_names_deepspeed():
-    named = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "pipeline").rglob("*.py")
-                   if "deepspeed" in p.read_text().lower() and p.name != "engine.py")
+    named = sorted(
+        str(p.relative_to(REPO_ROOT))
+        for p in (REPO_ROOT / "pipeline").rglob("*.py")
+        if "deepspeed" in p.read_text().lower() and p.name != "engine.py"
+    )
     # documentation words are fine (the launcher, "DeepSpeed config"): imports and attributes are not
     for path in named:
         text = (REPO_ROOT / path).read_text()
@@ -35,8 +38,10 @@ def test_only_the_engine_names_deepspeed():
 
 
 def test_importing_the_cli_and_the_recipe_schema_does_not_import_torch():
-    code = ("import sys; import pipeline.cli, pipeline.recipe, pipeline.config, pipeline.tasks; "
-            "bad = [m for m in ('torch', 'deepspeed', 'transformers', 'datasets', 'mlflow') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys; import pipeline.cli, pipeline.recipe, pipeline.config, pipeline.tasks; "
+        "bad = [m for m in ('torch', 'deepspeed', 'transformers', 'datasets', 'mlflow') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -25,9 +25,17 @@ pytestmark = pytest.mark.usefixtures("one_process_group")
 def trained(tmp_path_factory, toy_task):
     """A tiny DePT job on a random preset backbone (seed 42): its adapter and its results."""
     out = tmp_path_factory.mktemp("job") / "out"
-    cfg = build(JobConfig, {"model": "random:tiny-t5", "output_dir": str(out), "data": {"train_file": str(toy_task)},
-                            "dept": {"num_virtual_tokens": 4, "r": 2, "max_length": 16},
-                            "train": {"batch_size": 4, "steps": 6, "warmup_steps": 2, "seed": 42}}, "job")
+    cfg = build(
+        JobConfig,
+        {
+            "model": "random:tiny-t5",
+            "output_dir": str(out),
+            "data": {"train_file": str(toy_task)},
+            "dept": {"num_virtual_tokens": 4, "r": 2, "max_length": 16},
+            "train": {"batch_size": 4, "steps": 6, "warmup_steps": 2, "seed": 42},
+        },
+        "job",
+    )
     result = train(cfg, read_source_target(toy_task))
     return out, result
 
@@ -54,9 +62,29 @@ def test_generate_matches_dept_predict(trained, toy_task, tmp_path, capsys):
     generated = load_dept("random:tiny-t5", str(out / "adapter"), seed=42).generate(texts, max_new_tokens=3)
     assert len(generated) == 6 and all(isinstance(t, str) for t in generated)
     data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps({"id": f"r{i}", "source": t, "target": "1"}) + "\n" for i, t in enumerate(texts)))
-    assert main(["predict", "--model", "random:tiny-t5", "--adapter", str(out / "adapter"), "--data", str(data),
-                 "--output", str(tmp_path / "preds.jsonl"), "--max_new_tokens", "3", "--seed", "42"]) == 0
+    data.write_text(
+        "".join(json.dumps({"id": f"r{i}", "source": t, "target": "1"}) + "\n" for i, t in enumerate(texts))
+    )
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                "random:tiny-t5",
+                "--adapter",
+                str(out / "adapter"),
+                "--data",
+                str(data),
+                "--output",
+                str(tmp_path / "preds.jsonl"),
+                "--max_new_tokens",
+                "3",
+                "--seed",
+                "42",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
     assert [line["id"] for line in lines] == [f"r{i}" for i in range(6)]
     assert [line["prediction"] for line in lines] == generated
@@ -72,11 +100,16 @@ def test_prediction_input_rows(tmp_path):
     rows, task = rows_for(str(plain), None)
     assert task is None and rows == [{"id": 0, "source": "a b", "target": "1"}, {"id": 1, "source": "c"}]
     hub = tmp_path / "rte.jsonl"
-    hub.write_text('{"sentence1": "A man.", "sentence2": "A person.", "label": 0, "idx": 7}\n'
-                   '{"sentence1": "X.", "sentence2": "Y.", "label": null, "idx": 8}\n')
+    hub.write_text(
+        '{"sentence1": "A man.", "sentence2": "A person.", "label": 0, "idx": 7}\n'
+        '{"sentence1": "X.", "sentence2": "Y.", "label": null, "idx": 8}\n'
+    )
     rows, task = rows_for(str(hub), "rte")
-    assert task.name == "rte" and rows[0] == {"id": 7, "source": "sentence1: A man. sentence2: A person.",
-                                              "target": "0"}
+    assert task.name == "rte" and rows[0] == {
+        "id": 7,
+        "source": "sentence1: A man. sentence2: A person.",
+        "target": "0",
+    }
     assert rows[1] == {"id": 8, "source": "sentence1: X. sentence2: Y."}  # unlabeled rows: the source alone
     with pytest.raises(PipelineError, match="no 'source' column"):
         rows_for(str(hub), None)
@@ -88,7 +121,25 @@ def test_prediction_input_rows(tmp_path):
 
 def test_evaluate_scores_a_synthetic_task_in_one_process(trained, capsys):
     out, _ = trained
-    assert main(["evaluate", "--model", "random:tiny-t5", "--adapter", str(out / "adapter"), "--task",
-                 "syn-target-food", "--split", "test", "--max_rows", "8", "--seed", "42"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                "random:tiny-t5",
+                "--adapter",
+                str(out / "adapter"),
+                "--task",
+                "syn-target-food",
+                "--split",
+                "test",
+                "--max_rows",
+                "8",
+                "--seed",
+                "42",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n"] == 8 and 0 <= metrics["accuracy"] <= 100 and "invalid" in metrics

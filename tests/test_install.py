@@ -8,7 +8,6 @@ import subprocess
 import zipfile
 
 import pytest
-
 from installed import build_wheel, environment, fresh_venv
 
 pytestmark = pytest.mark.slow
@@ -25,14 +24,24 @@ def venv(tmp_path_factory):
 
 
 def dept(venv, cwd, *args, timeout=600):
-    return subprocess.run(["dept", *args], cwd=cwd, env=environment(venv), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["dept", *args], cwd=cwd, env=environment(venv), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_the_installed_package_is_the_wheel_not_the_checkout(venv, tmp_path):
-    proc = subprocess.run(["python", "-c", "import pipeline, pipeline.resources as r; print(pipeline.__file__); "
-                                           "print(r.ds_config_path('zero3_cpu'))"],
-                          cwd=tmp_path, env=environment(venv), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            "python",
+            "-c",
+            "import pipeline, pipeline.resources as r; print(pipeline.__file__); print(r.ds_config_path('zero3_cpu'))",
+        ],
+        cwd=tmp_path,
+        env=environment(venv),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     module, config = proc.stdout.split()
     assert module.startswith(str(venv)) and config.startswith(str(venv)), proc.stdout
 
@@ -47,9 +56,33 @@ def test_help_version_and_a_dry_run_from_an_unrelated_directory(venv, tmp_path):
 
 
 def test_a_few_training_steps_from_an_unrelated_directory(venv, tmp_path):
-    proc = dept(venv, tmp_path, "train", "--model", "random:tiny-t5", "--task", "syn-target-food", "--output_dir",
-                "out", "--steps", "4", "--warmup_steps", "1", "--batch_size", "4", "--num_virtual_tokens", "4",
-                "--lora_rank", "2", "--max_length", "32", "--max_eval_rows", "8", "--eval_mode", "score")
+    proc = dept(
+        venv,
+        tmp_path,
+        "train",
+        "--model",
+        "random:tiny-t5",
+        "--task",
+        "syn-target-food",
+        "--output_dir",
+        "out",
+        "--steps",
+        "4",
+        "--warmup_steps",
+        "1",
+        "--batch_size",
+        "4",
+        "--num_virtual_tokens",
+        "4",
+        "--lora_rank",
+        "2",
+        "--max_length",
+        "32",
+        "--max_eval_rows",
+        "8",
+        "--eval_mode",
+        "score",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["config"]["ds_config"] == "auto" and results["test"]["n"] == 8

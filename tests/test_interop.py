@@ -176,8 +176,10 @@ def test_zero_offset_adapter_exports_as_prompt_tuning(tmp_path):
     interop.export_peft(tmp_path / "nq", tmp_path / "peft")  # task type from the import record: no hub lookup
     from safetensors.torch import load_file
 
-    assert torch.equal(load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))["prompt_embeddings"],
-                       source("nq")["prompt_embeddings"])
+    assert torch.equal(
+        load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))["prompt_embeddings"],
+        source("nq")["prompt_embeddings"],
+    )
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
 
 
@@ -246,8 +248,10 @@ BAD = {
     "truncated bin": (truncated, "truncated or corrupt"),
     "custom pickle": (custom_pickle, "not a plain state dict"),
     "not a dict": (not_a_dict, "holds a Tensor, not a state dict"),
-    "shape vs config": (wrong_shape, "prompt_embeddings has shape [80, 768] but adapter_config.json says "
-                                     "num_virtual_tokens=100, token_dim=768"),
+    "shape vs config": (
+        wrong_shape,
+        "prompt_embeddings has shape [80, 768] but adapter_config.json says num_virtual_tokens=100, token_dim=768",
+    ),
     "no weights file": (no_weights, "has no adapter_model.bin"),
     "broken json": (broken_json, "is not valid JSON"),
     "missing directory": (missing_dir, "does not exist"),

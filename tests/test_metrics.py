@@ -34,16 +34,23 @@ def test_edge_cases_match_sklearn():
     refs, preds = ["0", "0", "1", "2"], ["0", "0", "0", "<invalid>"]
     labels = ["0", "1", "2", "3"]  # "3" never occurs: its F1 is 0, as scikit-learn reports it
     assert metrics.macro_f1(preds, refs, labels) == pytest.approx(
-        skm.f1_score(refs, preds, labels=labels, average="macro", zero_division=0))
+        skm.f1_score(refs, preds, labels=labels, average="macro", zero_division=0)
+    )
     assert metrics.matthews_corrcoef(preds, refs) == pytest.approx(skm.matthews_corrcoef(refs, preds))
-    assert metrics.matthews_corrcoef(["1"] * 4, ["0", "1", "0", "1"]) == skm.matthews_corrcoef(["0", "1", "0", "1"], ["1"] * 4) == 0.0
+    assert (
+        metrics.matthews_corrcoef(["1"] * 4, ["0", "1", "0", "1"])
+        == skm.matthews_corrcoef(["0", "1", "0", "1"], ["1"] * 4)
+        == 0.0
+    )
     assert metrics.f1(["0", "0"], ["0", "0"]) == 0.0
 
 
 def test_correlations_match_scipy():
     assert metrics.pearson(GUESSES, SCORES) == pytest.approx(stats.pearsonr(SCORES, GUESSES)[0])
     assert metrics.spearman(GUESSES, SCORES) == pytest.approx(stats.spearmanr(SCORES, GUESSES)[0])
-    assert metrics.average_ranks([3, 1, 3, 2, 3]).tolist() == stats.rankdata([3, 1, 3, 2, 3]).tolist() == [4, 1, 4, 2, 4]
+    assert (
+        metrics.average_ranks([3, 1, 3, 2, 3]).tolist() == stats.rankdata([3, 1, 3, 2, 3]).tolist() == [4, 1, 4, 2, 4]
+    )
     assert metrics.pearson([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]) == 0.0  # undefined: reported as no correlation
 
 
@@ -71,7 +78,6 @@ def test_compute_metrics_counts_invalid_as_wrong():
     result = compute_metrics(get_task("cb"), cb_preds, cb_refs)
     expected = skm.f1_score(cb_refs, ["0", "1", "2", "<invalid>", "0"], labels=["0", "1", "2"], average="macro")
     assert result == {"accuracy": 60.0, "macro_f1": pytest.approx(100 * expected), "invalid": 1}
-
 
 
 def test_matthews_treats_invalid_generations_as_their_own_classes():
@@ -108,16 +114,31 @@ def test_compute_metrics_qa_uses_all_gold_answers_and_offers_the_authors_first_g
     answers = [["in 1889", "1889"], ["Paris"]]
     result = compute_metrics(task, ["1889", "the Paris"], ["in 1889", "Paris"], answers=answers)
     # first example: "1889" matches the second gold only; the authors' first-gold scores see "in 1889"
-    assert result == {"squad_f1": 100.0, "squad_em": 100.0, "squad_f1_first": pytest.approx(100 * (2 / 3 + 1) / 2),
-                      "squad_em_first": 50.0, "invalid": 0}
+    assert result == {
+        "squad_f1": 100.0,
+        "squad_em": 100.0,
+        "squad_f1_first": pytest.approx(100 * (2 / 3 + 1) / 2),
+        "squad_em_first": 50.0,
+        "invalid": 0,
+    }
     alone = compute_metrics(task, ["1889"], ["in 1889"])  # without answers only the reference counts
     assert alone["squad_em"] == alone["squad_em_first"] == 0.0
 
 
 def test_custom_classification_without_label_words_uses_the_reference_classes():
-    task = custom_task({"name": "mine", "data_files": {"train": "t.csv"}, "input_columns": ["x"], "label_column": "y",
-                        "metric": "accuracy"})
-    assert compute_metrics(task, ["pos", "neg", "meh"], ["pos", "pos", "neg"]) == {"accuracy": pytest.approx(100 / 3), "invalid": 1}
+    task = custom_task(
+        {
+            "name": "mine",
+            "data_files": {"train": "t.csv"},
+            "input_columns": ["x"],
+            "label_column": "y",
+            "metric": "accuracy",
+        }
+    )
+    assert compute_metrics(task, ["pos", "neg", "meh"], ["pos", "pos", "neg"]) == {
+        "accuracy": pytest.approx(100 / 3),
+        "invalid": 1,
+    }
 
 
 def test_bad_metric_inputs():

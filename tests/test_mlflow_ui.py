@@ -47,8 +47,9 @@ stages:
     control: true
     train: {eval_every: 0}
 """
-TRANSFER_NAMES = {f"k={k} seed={seed} {start} syn-target-food" for k in (4, 8) for seed in (1, 2)
-                  for start in ("source", "scratch")}
+TRANSFER_NAMES = {
+    f"k={k} seed={seed} {start} syn-target-food" for k in (4, 8) for seed in (1, 2) for start in ("source", "scratch")
+}
 TRAIN_NAMES = {"warmup: syn-warm-animal+syn-warm-food", "source: syn-source-animal"}
 
 
@@ -65,15 +66,29 @@ def tracked(tmp_path_factory):
     with running_server(server_dir, "--artifacts-destination", str(server_dir / "artifacts")) as uri:
         env = {**os.environ, "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
         env.pop("MLFLOW_TRACKING_URI", None)
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "recipe.yaml", f"--tracking.uri={uri}"],
-                              cwd=train_dir, env=env, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "run", "recipe.yaml", f"--tracking.uri={uri}"],
+            cwd=train_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name("dept-uitest")
         runs = client.search_runs([experiment.experiment_id], max_results=100)
         by_name = {r.info.run_name: r for r in runs}
-        yield SimpleNamespace(uri=uri, client=client, experiment=experiment, runs=runs, by_name=by_name,
-                              stdout=proc.stdout, root=root, out=train_dir / "out")
+        yield SimpleNamespace(
+            uri=uri,
+            client=client,
+            experiment=experiment,
+            runs=runs,
+            by_name=by_name,
+            stdout=proc.stdout,
+            root=root,
+            out=train_dir / "out",
+        )
 
 
 def test_names_description_and_aggregates(tracked):
@@ -94,7 +109,11 @@ def test_names_description_and_aggregates(tracked):
         assert parent.data.metrics[f"{stem}.mean"] == row["mean"] and parent.data.metrics[f"{stem}.std"] == row["std"]
     assert "source.test_accuracy" in parent.data.metrics
     assert {a.path for a in tracked.client.list_artifacts(parent.info.run_id)} == {
-        "recipe.resolved.yaml", "summary.json", "summary.md", "summary.png"}
+        "recipe.resolved.yaml",
+        "summary.json",
+        "summary.md",
+        "summary.png",
+    }
     assert parent.data.tags["dept.world_size"] == "1"
 
 
@@ -128,7 +147,11 @@ def test_curves_without_clutter(tracked):
         assert not any(k.endswith((".n", ".invalid", ".score")) for k in keys), keys
         if r.info.run_name != "uitest":
             assert len(tracked.client.get_metric_history(r.info.run_id, "loss")) == 6
-            assert r.data.tags["dept.eval_n"] if "dept.eval_n" in r.data.tags else r.data.tags["dept.test_syn-warm-animal.n"]
+            assert (
+                r.data.tags["dept.eval_n"]
+                if "dept.eval_n" in r.data.tags
+                else r.data.tags["dept.test_syn-warm-animal.n"]
+            )
             assert "curves.png" in {a.path for a in tracked.client.list_artifacts(r.info.run_id)}
 
 
@@ -167,12 +190,19 @@ def test_artifacts_download_from_another_machine(tracked):
     run = tracked.by_name["k=4 seed=2 source syn-target-food"]
     tracked.out.rename(hidden)  # nothing on this disk to fall back on
     try:
-        for uri, folder in ((f"runs:/{run.info.run_id}/adapter", "adapter"),
-                            (run.data.tags["dept.source_adapter"], "source"),
-                            (run.data.tags["dept.backbone"], "backbone")):
-            proc = subprocess.run([sys.executable, "-m", "mlflow", "artifacts", "download", "--artifact-uri", uri,
-                                   "--dst-path", folder], cwd=elsewhere, env=env, capture_output=True, text=True,
-                                  timeout=120)
+        for uri, folder in (
+            (f"runs:/{run.info.run_id}/adapter", "adapter"),
+            (run.data.tags["dept.source_adapter"], "source"),
+            (run.data.tags["dept.backbone"], "backbone"),
+        ):
+            proc = subprocess.run(
+                [sys.executable, "-m", "mlflow", "artifacts", "download", "--artifact-uri", uri, "--dst-path", folder],
+                cwd=elsewhere,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert proc.returncode == 0, proc.stderr[-2000:]
     finally:
         hidden.rename(tracked.out)
@@ -205,8 +235,9 @@ def test_runs_page_in_a_browser(tracked):
     shot = tracked.root / "runs-page.png"
     names = ["uitest", *sorted(TRAIN_NAMES), *sorted(TRANSFER_NAMES)]
     # the "+" next to the parent's name unfolds its child runs
-    page = check_page(urls["runs"], names, click=["css:button[data-component-id*=runnamecellrenderer]"],
-                      screenshot=shot, timeout_s=60)
+    page = check_page(
+        urls["runs"], names, click=["css:button[data-component-id*=runnamecellrenderer]"], screenshot=shot, timeout_s=60
+    )
     assert not page["missing"], f"not on the runs page: {page['missing']}\n{page['text'][:2000]}"
     assert "11 matching runs" in page["text"]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -28,7 +28,6 @@ ROWS = [
 ]
 
 
-
 def batch_for(b, pad_to=None, generation=False):
     rows = tokenize(ROWS, b.tokenizer, b.is_encoder_decoder, max_length=32)
     return collate(rows, b.tokenizer.pad_token_id, b.is_encoder_decoder, pad_to=pad_to, for_generation=generation)
@@ -73,15 +72,16 @@ def test_r0_matches_peft_prompt_tuning(backbone, tiny_models):
     fresh = load_backbone(backbone.name).model.eval()  # PEFT wraps (and freezes) the model it is given
     ours = dept(backbone, m=6, r=0)
     task = "SEQ_2_SEQ_LM" if backbone.is_encoder_decoder else "CAUSAL_LM"
-    config = PromptTuningConfig(task_type=task, num_virtual_tokens=6, num_transformer_submodules=1,
-                                token_dim=backbone.d_model)
+    config = PromptTuningConfig(
+        task_type=task, num_virtual_tokens=6, num_transformer_submodules=1, token_dim=backbone.d_model
+    )
     peft_model = get_peft_model(fresh, config)
     with torch.no_grad():
         peft_model.prompt_encoder["default"].embedding.weight.copy_(ours.prompt)
     expected = peft_model(**batch).logits
     got = DePTModel(backbone.model, ours, backbone.is_encoder_decoder)(**batch).logits
     if not backbone.is_encoder_decoder:
-        expected = expected[:, -got.shape[1]:] if expected.shape[1] != got.shape[1] else expected
+        expected = expected[:, -got.shape[1] :] if expected.shape[1] != got.shape[1] else expected
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -111,7 +111,6 @@ def test_input_longer_than_s_warns_and_does_not_crash(backbone, caplog):
     out = model(**batch_for(backbone))
     assert torch.isfinite(out.loss)
     assert "longer than max_length" in caplog.text
-
 
 
 def test_init_dept_prompt_is_the_same_for_the_same_seed(backbone):

@@ -4,8 +4,8 @@ A frozen *random* backbone teaches a prompt method nothing; this one was pretrai
 real. The task is `stories-animal` (pipeline/tasks/stories.py): "story: ... She had a red cat. ..." -> "cat", read
 from JSONL files as a custom task, scored by greedy generation in the sequence `<s> story Label : answer <end>`.
 
-stories260K never saw EOS: its (tied) EOS row equals the UNK row and 248 byte-fallback rows, so a frozen model can
-not rank EOS above them and no prompt can teach it to stop there (`test_frozen_stories260K_cannot_single_out_eos`).
+stories260K never saw EOS: its (tied) EOS row equals the UNK row and 166 byte-fallback rows to 1e-3, so a frozen
+model cannot rank EOS above them and no prompt can teach it to stop there (`test_frozen_stories260K_cannot_single_out_eos`).
 llama2.c separated its training stories with `<s>`, which the model did learn to predict at a story's end. The
 prompt-method tests therefore use a model directory that declares `<s>` as the end token (links to the shared
 weights plus three edited JSON files, written under the test's tmp dir); full fine-tuning learns the real EOS and
@@ -19,10 +19,9 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-
 from conftest import read_results, run
+
 from pipeline.tasks.stories import ANIMALS, story_rows
 
 STORIES = Path(__file__).resolve().parent.parent.parent / "shared" / "weights" / "stories260K"
@@ -48,8 +47,11 @@ def end_token_model(root: Path, end_token: str = "<s>") -> Path:
     for name in ("model.safetensors", "tokenizer.json", "tokenizer.model"):
         (root / name).symlink_to(STORIES / name)
     end_id = AutoTokenizer.from_pretrained(str(STORIES)).convert_tokens_to_ids(end_token)
-    for name, key, value in (("config.json", "eos_token_id", end_id), ("generation_config.json", "eos_token_id", end_id),
-                             ("tokenizer_config.json", "eos_token", end_token)):
+    for name, key, value in (
+        ("config.json", "eos_token_id", end_id),
+        ("generation_config.json", "eos_token_id", end_id),
+        ("tokenizer_config.json", "eos_token", end_token),
+    ):
         spec = json.loads((STORIES / name).read_text())
         spec[key] = value
         (root / name).write_text(json.dumps(spec, indent=2))
@@ -70,21 +72,31 @@ def animal_task(tmp_path_factory) -> Path:
         files[split] = str(root / f"{split}.jsonl")
         rows = story_rows("stories-animal", split, n)
         Path(files[split]).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = {"name": "stories-animal-file", "data_files": files, "input_columns": ["source"], "template": "{source}",
-            "label_column": "target", "label_words": {a: a for a in ANIMALS}, "metric": "accuracy",
-            "split_rule": "original"}
+    spec = {
+        "name": "stories-animal-file",
+        "data_files": files,
+        "input_columns": ["source"],
+        "template": "{source}",
+        "label_column": "target",
+        "label_words": {a: a for a in ANIMALS},
+        "metric": "accuracy",
+        "split_rule": "original",
+    }
     path = root / "task.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
 def train(model: Path, task: Path, out: Path, *args: str) -> dict:
-    run(["train", "--model", str(model), "--custom_task", str(task), "--output_dir", str(out), *COMMON, *args],
-        env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    run(
+        ["train", "--model", str(model), "--custom_task", str(task), "--output_dir", str(out), *COMMON, *args],
+        env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
+    )
     return read_results(out)
 
 
 # --- fast: the facts the design rests on -------------------------------------------------------------------------
+
 
 def test_story_rows_are_deterministic_balanced_and_answerable():
     rows = story_rows("stories-animal", "train")
@@ -95,8 +107,10 @@ def test_story_rows_are_deterministic_balanced_and_answerable():
     assert all(r["source"].startswith("story: ") and f" {r['target']}" in r["source"] for r in rows)
     # the other slots of the same story are there too: the prompt must pick the animal, not any noun
     who = story_rows("stories-who", "test", 50)
-    assert all(any(f" {p}" in r["source"] for p in ("park", "beach", "store", "school", "garden", "forest",
-                                                       "lake", "farm")) for r in who)
+    assert all(
+        any(f" {p}" in r["source"] for p in ("park", "beach", "store", "school", "garden", "forest", "lake", "farm"))
+        for r in who
+    )
 
 
 def test_frozen_stories260K_cannot_single_out_eos():
@@ -109,30 +123,66 @@ def test_frozen_stories260K_cannot_single_out_eos():
     rows = net.get_output_embeddings().weight.detach()
     eos, bos, unk = rows[2], rows[1], rows[0]
     assert (eos - unk).norm() < 1e-3 * eos.norm()
-    twins = ((rows - eos).norm(dim=1) < 0.05 * eos.norm()).sum().item()
-    assert twins >= 200  # any hidden state scores EOS like ~250 other tokens: p(EOS) <= ~1/250 for a frozen head
+    twins = ((rows - eos).norm(dim=1) < 1e-3 * eos.norm()).sum().item() - 1
+    assert twins >= 150  # every hidden state scores EOS like 150+ other tokens: p(EOS) <= ~1/150 for a frozen head
     assert (bos - eos).norm() > 0.5 * eos.norm()
 
 
 # --- slow: training on the real backbone, scored by generation --------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def runs(stories_bos, animal_task, tmp_path_factory) -> dict[str, tuple[Path, dict, Path]]:
     """Untrained prompt (one step at learning rate 0), DePT, PT at DePT's budget, and full fine-tuning."""
     root = tmp_path_factory.mktemp("runs")
     jobs = {
-        "untrained": (stories_bos, [*SHAPE, "--steps", "1", "--warmup_steps", "0", "--lr_prompt", "0",
-                                    "--lr_lowrank", "0"]),
-        "dept": (stories_bos, [*SHAPE, "--steps", "300", "--warmup_steps", "30", "--lr_prompt", "0.3",
-                               "--lr_lowrank", "0.01", "--eval_every", "150"]),
-        "pt": (stories_bos, [*PT_SHAPE, "--steps", "300", "--warmup_steps", "30", "--lr_prompt", "0.3",
-                             "--eval_every", "150"]),
+        "untrained": (
+            stories_bos,
+            [*SHAPE, "--steps", "1", "--warmup_steps", "0", "--lr_prompt", "0", "--lr_lowrank", "0"],
+        ),
+        "dept": (
+            stories_bos,
+            [
+                *SHAPE,
+                "--steps",
+                "300",
+                "--warmup_steps",
+                "30",
+                "--lr_prompt",
+                "0.3",
+                "--lr_lowrank",
+                "0.01",
+                "--eval_every",
+                "150",
+            ],
+        ),
+        "pt": (
+            stories_bos,
+            [*PT_SHAPE, "--steps", "300", "--warmup_steps", "30", "--lr_prompt", "0.3", "--eval_every", "150"],
+        ),
         # the checkpoint as shipped (end token: the real EOS, which fine-tuning can learn)
-        "finetune": (STORIES, ["--method", "finetune", "--max_length", "96", "--steps", "150", "--warmup_steps",
-                               "15", "--lr", "0.003", "--save_model", "true"]),
+        "finetune": (
+            STORIES,
+            [
+                "--method",
+                "finetune",
+                "--max_length",
+                "96",
+                "--steps",
+                "150",
+                "--warmup_steps",
+                "15",
+                "--lr",
+                "0.003",
+                "--save_model",
+                "true",
+            ],
+        ),
     }
-    return {name: (model, train(model, animal_task, root / name, *args), root / name)
-            for name, (model, args) in jobs.items()}
+    return {
+        name: (model, train(model, animal_task, root / name, *args), root / name)
+        for name, (model, args) in jobs.items()
+    }
 
 
 @pytest.mark.slow
@@ -170,7 +220,7 @@ def _answers_then_stops(generated: list[list[int]], rows: list[dict], tokenizer)
     end, stopped = tokenizer.eos_token_id, 0
     for ids, row in zip(generated, rows):
         answer = tokenizer(" " + row["target"], add_special_tokens=False)["input_ids"]
-        stopped += ids[:len(answer) + 1] == answer + [end]
+        stopped += ids[: len(answer) + 1] == answer + [end]
     return stopped
 
 
@@ -204,8 +254,19 @@ def test_saved_adapter_reloads_and_predicts_the_same(runs, tmp_path):
     rows = story_rows("stories-animal", "test", EVAL_ROWS)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "preds.jsonl"
-    run(["predict", "--model", str(model_dir), "--adapter", str(out_dir / "best_adapter"), "--data", str(data),
-         "--output", str(out)])
+    run(
+        [
+            "predict",
+            "--model",
+            str(model_dir),
+            "--adapter",
+            str(out_dir / "best_adapter"),
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+        ]
+    )
     predictions = [json.loads(line) for line in out.read_text().splitlines()]
     assert [p["id"] for p in predictions] == [r["id"] for r in rows]
     accuracy = 100 * sum(p["prediction"] == p["label"] for p in predictions) / len(predictions)

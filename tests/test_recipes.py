@@ -23,17 +23,28 @@ RECIPES = shipped_names("recipe")
 # clip 1.0, eval and save every 1,000 steps, fp32.
 RELEASED = {
     "glue_t5_base": {
-        "mnli": (60, 30, 256, 0.3, 1e-4, 250_000), "qqp": (60, 30, 256, 0.4, 5e-3, 100_000),
-        "qnli": (60, 30, 256, 0.4, 5e-3, 100_000), "sst2": (60, 30, 256, 0.3, 5e-4, 30_000),
-        "stsb": (60, 30, 256, 0.3, 1e-4, 30_000), "mrpc": (60, 30, 256, 0.3, 5e-3, 10_000),
-        "rte": (60, 30, 256, 0.4, 1e-4, 30_000), "cola": (80, 15, 256, 0.3, 5e-4, 40_000)},
+        "mnli": (60, 30, 256, 0.3, 1e-4, 250_000),
+        "qqp": (60, 30, 256, 0.4, 5e-3, 100_000),
+        "qnli": (60, 30, 256, 0.4, 5e-3, 100_000),
+        "sst2": (60, 30, 256, 0.3, 5e-4, 30_000),
+        "stsb": (60, 30, 256, 0.3, 1e-4, 30_000),
+        "mrpc": (60, 30, 256, 0.3, 5e-3, 10_000),
+        "rte": (60, 30, 256, 0.4, 1e-4, 30_000),
+        "cola": (80, 15, 256, 0.3, 5e-4, 40_000),
+    },
     "superglue_t5_base": {
-        "multirc": (60, 30, 348, 0.3, 5e-3, 30_000), "boolq": (40, 45, 256, 0.3, 5e-3, 30_000),
-        "wic": (60, 30, 256, 0.3, 1e-3, 20_000), "wsc": (60, 30, 256, 0.3, 1e-4, 20_000),
-        "cb": (60, 30, 256, 0.4, 1e-4, 30_000)},
+        "multirc": (60, 30, 348, 0.3, 5e-3, 30_000),
+        "boolq": (40, 45, 256, 0.3, 5e-3, 30_000),
+        "wic": (60, 30, 256, 0.3, 1e-3, 20_000),
+        "wsc": (60, 30, 256, 0.3, 1e-4, 20_000),
+        "cb": (60, 30, 256, 0.4, 1e-4, 30_000),
+    },
     "mrqa_t5_base": {
-        "nq": (60, 24, 512, 0.3, 1e-4, 300_000), "hotpotqa": (60, 24, 512, 0.4, 1e-4, 250_000),
-        "searchqa": (60, 24, 512, 0.3, 1e-4, 250_000), "newsqa": (60, 24, 512, 0.4, 1e-4, 200_000)},
+        "nq": (60, 24, 512, 0.3, 1e-4, 300_000),
+        "hotpotqa": (60, 24, 512, 0.4, 1e-4, 250_000),
+        "searchqa": (60, 24, 512, 0.3, 1e-4, 250_000),
+        "newsqa": (60, 24, 512, 0.4, 1e-4, 200_000),
+    },
 }
 
 
@@ -55,10 +66,20 @@ def test_paper_recipes_are_the_authors_released_runs(recipe):
         assert cfg.model == "t5-base" and cfg.method == "dept" and cfg.ds_config == "zero3_gpu", task
         assert (cfg.dept.num_virtual_tokens, cfg.dept.r, cfg.dept.max_length) == (m, r, s), task
         assert (cfg.train.lr_prompt, cfg.train.lr_lowrank, cfg.train.steps) == (lr_prompt, lr_lowrank, steps), task
-        assert (cfg.train.batch_size, cfg.train.warmup_steps, cfg.train.grad_clip, cfg.train.weight_decay,
-                cfg.train.seed, cfg.train.eval_every, cfg.train.save_every) == (32, 500, 1.0, 0.0, 42, 1000, 1000)
+        assert (
+            cfg.train.batch_size,
+            cfg.train.warmup_steps,
+            cfg.train.grad_clip,
+            cfg.train.weight_decay,
+            cfg.train.seed,
+            cfg.train.eval_every,
+            cfg.train.save_every,
+        ) == (32, 500, 1.0, 0.0, 42, 1000, 1000)
         assert (cfg.dept.lora_alpha, cfg.dept.prompt_init, cfg.dept.init_text) == (
-            8.0, "TEXT", "Classify this text is postive or not:")
+            8.0,
+            "TEXT",
+            "Classify this text is postive or not:",
+        )
         assert (cfg.data.eval_mode, cfg.data.max_new_tokens) == ("generate", 20)
         assert cfg.train.grad_accum == (2 if recipe == "mrqa_t5_base" else 1)  # MRQA: 16 per device x 2
 
@@ -90,11 +111,12 @@ def test_command_line_overrides_beat_stage_values_and_reach_one_stage():
     assert {j.config.train.steps for j in one if j.stage != "transfer"} != {9}
 
 
-def test_transfer_jobs_all_start_from_the_same_source_adapter():
+def test_transfer_jobs_all_start_from_their_stages_source_adapter():
     recipe = load_recipe("quickstart")
     transfer = [j for j in plan(recipe) if j.meta["type"] == "transfer"]
-    sources = {j.config.init_adapter for j in transfer if j.meta["start"] == "source"}
-    assert len(sources) == 1 and next(iter(sources)).endswith(("best_adapter", "/adapter"))
+    for stage in {j.stage for j in transfer}:
+        sources = {j.config.init_adapter for j in transfer if j.stage == stage and j.meta["start"] == "source"}
+        assert len(sources) == 1 and next(iter(sources)).endswith(("best_adapter", "/adapter")), stage
     assert all(j.config.init_adapter is None for j in transfer if j.meta["start"] == "scratch")
     assert len({j.config.output_dir for j in transfer}) == len(transfer)
     names = [j.name for j in transfer]
@@ -107,12 +129,25 @@ def test_input_paths_resolve_against_the_recipe_file(tmp_path, monkeypatch):
     (folder / "data").mkdir(parents=True)
     (folder / "data" / "train.csv").write_text("text,stars\n" + "".join(f"good {i},5\nbad {i},1\n" for i in range(8)))
     (folder / "ds.json").write_text('{"zero_optimization": {"stage": 3}}')
-    task = {"name": "stars", "data_files": {"train": "data/train.csv", "validation": "data/train.csv"},
-            "input_columns": ["text"], "label_column": "stars", "label_words": {1: "negative", 5: "positive"},
-            "metric": "accuracy"}
-    (folder / "recipe.yaml").write_text(yaml.safe_dump(
-        {"name": "r", "model": "random:tiny-t5", "output_dir": "runs/r", "ds_config": "ds.json",
-         "stages": [{"name": "a", "tasks": [task]}]}))
+    task = {
+        "name": "stars",
+        "data_files": {"train": "data/train.csv", "validation": "data/train.csv"},
+        "input_columns": ["text"],
+        "label_column": "stars",
+        "label_words": {1: "negative", 5: "positive"},
+        "metric": "accuracy",
+    }
+    (folder / "recipe.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "r",
+                "model": "random:tiny-t5",
+                "output_dir": "runs/r",
+                "ds_config": "ds.json",
+                "stages": [{"name": "a", "tasks": [task]}],
+            }
+        )
+    )
     monkeypatch.chdir(tmp_path)  # not the recipe's folder
     recipe = load_recipe(str(folder / "recipe.yaml"))
     (job,) = plan(recipe)
@@ -126,24 +161,36 @@ BAD = {
     "unknown nested key": ({"train": {"stpes": 3}}, "recipe.train.stpes: unknown key (did you mean 'steps'?)"),
     "wrong type": ({"train": {"steps": "many"}}, "recipe.train.steps: expected an integer, got 'many'"),
     "negative rate": ({"train": {"lr_prompt": -0.1}}, "recipe.train.lr_prompt: must be at least 0"),
-    "stage wrong type": ({"stages": [{"name": "a", "tasks": ["rte"], "train": {"lr_prompt": "high"}}]},
-                         "recipe.stages[0] (a).train.lr_prompt: expected a number, got 'high'"),
-    "bad choice": ({"data": {"eval_mode": "scor"}}, "recipe.data.eval_mode: 'scor' is not one of generate, score "
-                                                    "(did you mean 'score'?)"),
+    "stage wrong type": (
+        {"stages": [{"name": "a", "tasks": ["rte"], "train": {"lr_prompt": "high"}}]},
+        "recipe.stages[0] (a).train.lr_prompt: expected a number, got 'high'",
+    ),
+    "bad choice": (
+        {"data": {"eval_mode": "scor"}},
+        "recipe.data.eval_mode: 'scor' is not one of generate, score (did you mean 'score'?)",
+    ),
     "missing stage input": ({"stages": [{"name": "a", "type": "train"}]}, "a train stage needs at least one task"),
-    "transfer from missing stage": ({"stages": [{"name": "t", "type": "transfer", "source": "nope",
-                                                 "targets": ["rte"]}]}, "'nope' is not an earlier stage"),
+    "transfer from missing stage": (
+        {"stages": [{"name": "t", "type": "transfer", "source": "nope", "targets": ["rte"]}]},
+        "'nope' is not an earlier stage",
+    ),
     "no stages": ({"stages": []}, "recipe.stages: give a non-empty list"),
-    "k not ints": ({"stages": [{"name": "t", "type": "transfer", "control": True, "targets": ["rte"], "k": ["x"]}]},
-                   "recipe.stages[0].k[0]: expected an integer, got 'x'"),
+    "k not ints": (
+        {"stages": [{"name": "t", "type": "transfer", "control": True, "targets": ["rte"], "k": ["x"]}]},
+        "recipe.stages[0].k[0]: expected an integer, got 'x'",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_recipes_are_refused_with_the_key_path(case, tmp_path, capsys):
     change, expected = BAD[case]
-    raw = {"name": "bad", "model": "random:tiny-t5", "output_dir": str(tmp_path / "out"),
-           "stages": [{"name": "a", "tasks": ["rte"]}]}
+    raw = {
+        "name": "bad",
+        "model": "random:tiny-t5",
+        "output_dir": str(tmp_path / "out"),
+        "stages": [{"name": "a", "tasks": ["rte"]}],
+    }
     raw.update(change)
     with pytest.raises(PipelineError) as err:
         validate(raw, tmp_path)
@@ -159,8 +206,12 @@ def test_bad_recipes_are_refused_with_the_key_path(case, tmp_path, capsys):
 def test_a_stage_that_cannot_run_is_refused_when_planned(tmp_path, capsys):
     """k-shot needs k // classes rows of each class: CB's train split has 16 'neutral' rows, so k = 60 fails at the
     start of the recipe (and in --dry_run), not after the jobs before it ran."""
-    raw = {"name": "r", "model": "random:tiny-t5", "output_dir": str(tmp_path / "out"),
-           "stages": [{"name": "t", "type": "transfer", "control": True, "targets": ["rte", "cb"], "k": [4, 60]}]}
+    raw = {
+        "name": "r",
+        "model": "random:tiny-t5",
+        "output_dir": str(tmp_path / "out"),
+        "stages": [{"name": "t", "type": "transfer", "control": True, "targets": ["rte", "cb"], "k": [4, 60]}],
+    }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main(["run", str(path), "--dry_run"]) == 2
@@ -169,8 +220,10 @@ def test_a_stage_that_cannot_run_is_refused_when_planned(tmp_path, capsys):
 
 
 def test_dry_run_does_not_import_torch():
-    code = ("import sys; from pipeline.cli import main; rc = main(['run', 'quickstart', '--dry_run']); "
-            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    code = (
+        "import sys; from pipeline.cli import main; rc = main(['run', 'quickstart', '--dry_run']); "
+        "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "recipe quickstart:" in proc.stdout
@@ -199,7 +252,10 @@ def test_a_run_from_the_repository_root_leaves_git_status_clean():
     recipe = load_recipe("quickstart")
     store = tracking_uri(recipe).removeprefix("sqlite:///")
     assert Path(store).is_relative_to((REPO / "runs").resolve()) or Path(store).is_relative_to(Path.cwd() / "runs")
-    paths = ["runs/quickstart/mlflow.db", "runs/quickstart/mlartifacts/1/x/artifacts/adapter/adapter_model.safetensors",
-             "runs/quickstart/source/results.json"]
+    paths = [
+        "runs/quickstart/mlflow.db",
+        "runs/quickstart/mlartifacts/1/x/artifacts/adapter/adapter_model.safetensors",
+        "runs/quickstart/source/results.json",
+    ]
     proc = subprocess.run(["git", "-C", str(REPO), "check-ignore", *paths], capture_output=True, text=True)
     assert proc.stdout.split() == paths

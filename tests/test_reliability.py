@@ -9,24 +9,48 @@ import time
 
 import pytest
 import torch
-
 from conftest import read_results, run
+
 from pipeline import adapters
 
 pytestmark = pytest.mark.slow
 
 
 def args(model, data, out, *extra, steps=12):
-    return ["train", "--model", str(model), "--train_file", str(data), "--output_dir", str(out),
-            "--num_virtual_tokens", "4", "--lora_rank", "2", "--max_length", "16", "--batch_size", "8",
-            "--steps", str(steps), "--warmup_steps", "2", "--log_every", "1", "--lr_lowrank", "0.01",
-            "--model_overrides", '{"dropout_rate": 0.1}', *extra]
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--train_file",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--num_virtual_tokens",
+        "4",
+        "--lora_rank",
+        "2",
+        "--max_length",
+        "16",
+        "--batch_size",
+        "8",
+        "--steps",
+        str(steps),
+        "--warmup_steps",
+        "2",
+        "--log_every",
+        "1",
+        "--lr_lowrank",
+        "0.01",
+        "--model_overrides",
+        '{"dropout_rate": 0.1}',
+        *extra,
+    ]
 
 
 def test_repeated_kills_including_during_a_checkpoint_write(tiny_models, toy_task, tmp_path):
     rng = random.Random(20261125)
-    first_kill = rng.choice([4, 6])          # after a checkpoint: steps 2, 4, ... are saved
-    torn = rng.choice([8, 10])               # killed while writing this checkpoint (before its marker)
+    first_kill = rng.choice([4, 6])  # after a checkpoint: steps 2, 4, ... are saved
+    torn = rng.choice([8, 10])  # killed while writing this checkpoint (before its marker)
     out = tmp_path / "killed"
     cmd = args(tiny_models["t5"], toy_task, out, "--save_every", "2", steps=14)
 
@@ -41,11 +65,15 @@ def test_repeated_kills_including_during_a_checkpoint_write(tiny_models, toy_tas
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{torn - 2:08d}"
 
     run(cmd, nproc=2, launcher="deepspeed")
-    run(args(tiny_models["t5"], toy_task, tmp_path / "straight", "--save_every", "2", steps=14), nproc=2,
-        launcher="deepspeed")
+    run(
+        args(tiny_models["t5"], toy_task, tmp_path / "straight", "--save_every", "2", steps=14),
+        nproc=2,
+        launcher="deepspeed",
+    )
     killed_result, straight = read_results(out), read_results(tmp_path / "straight")
     assert [h["loss"] for h in killed_result["history"]] == pytest.approx(
-        [h["loss"] for h in straight["history"]], rel=1e-6, abs=1e-7)  # float precision: see the determinism test
+        [h["loss"] for h in straight["history"]], rel=1e-6, abs=1e-7
+    )  # float precision: see the determinism test
     _, a, _ = adapters.read_adapter(out / "adapter")
     _, b, _ = adapters.read_adapter(tmp_path / "straight" / "adapter")
     for name in b:
@@ -58,9 +86,14 @@ def test_repeated_kills_including_during_a_checkpoint_write(tiny_models, toy_tas
 @pytest.mark.parametrize("fault", ["RAISE", "HANG"])
 def test_a_failed_or_hung_rank_ends_the_job_in_bounded_time(fault, tiny_models, toy_task, tmp_path):
     started = time.time()
-    proc = run(args(tiny_models["t5"], toy_task, tmp_path / "run", "--comm_timeout_s", "20"), nproc=2,
-               launcher="deepspeed", env={f"DEPT_FAULT_{fault}_AT_STEP": "3", "DEPT_FAULT_RANK": "1"}, check=False,
-               timeout=300)
+    proc = run(
+        args(tiny_models["t5"], toy_task, tmp_path / "run", "--comm_timeout_s", "20"),
+        nproc=2,
+        launcher="deepspeed",
+        env={f"DEPT_FAULT_{fault}_AT_STEP": "3", "DEPT_FAULT_RANK": "1"},
+        check=False,
+        timeout=300,
+    )
     elapsed = time.time() - started
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
@@ -75,11 +108,39 @@ def test_a_failed_or_hung_rank_ends_the_job_in_bounded_time(fault, tiny_models, 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nan_loss_stops_or_skips_and_never_writes_a_nan_adapter(policy, tiny_models, tmp_path):
     out = tmp_path / "run"
-    proc = run(["train", "--model", str(tiny_models["t5"]), "--task", "rte", "--output_dir", str(out),
-                "--num_virtual_tokens", "4", "--lora_rank", "2", "--max_length", "32", "--batch_size", "8",
-                "--steps", "6", "--warmup_steps", "0", "--eval_every", "2", "--eval_mode", "score",
-                "--max_eval_rows", "8", "--on_nonfinite", policy], check=False,
-               env={"DEPT_FAULT_NAN_AT_STEP": "3"})
+    proc = run(
+        [
+            "train",
+            "--model",
+            str(tiny_models["t5"]),
+            "--task",
+            "rte",
+            "--output_dir",
+            str(out),
+            "--num_virtual_tokens",
+            "4",
+            "--lora_rank",
+            "2",
+            "--max_length",
+            "32",
+            "--batch_size",
+            "8",
+            "--steps",
+            "6",
+            "--warmup_steps",
+            "0",
+            "--eval_every",
+            "2",
+            "--eval_mode",
+            "score",
+            "--max_eval_rows",
+            "8",
+            "--on_nonfinite",
+            policy,
+        ],
+        check=False,
+        env={"DEPT_FAULT_NAN_AT_STEP": "3"},
+    )
     if policy == "stop":
         assert proc.returncode == 2
         assert "non-finite loss at step 3" in proc.stderr and "Traceback" not in proc.stderr
@@ -95,10 +156,39 @@ def test_nan_loss_stops_or_skips_and_never_writes_a_nan_adapter(policy, tiny_mod
 
 def test_same_seeds_give_the_same_results_on_re_run(tiny_models, tmp_path):
     def train_rte(name, nproc):
-        run(["train", "--model", str(tiny_models["llama"]), "--task", "rte", "--output_dir", str(tmp_path / name),
-             "--num_virtual_tokens", "4", "--lora_rank", "2", "--max_length", "64", "--batch_size", "8",
-             "--steps", "8", "--warmup_steps", "2", "--eval_every", "4", "--eval_mode", "generate",
-             "--max_eval_rows", "16", "--log_every", "1"], nproc=nproc, launcher="deepspeed" if nproc > 1 else "python")
+        run(
+            [
+                "train",
+                "--model",
+                str(tiny_models["llama"]),
+                "--task",
+                "rte",
+                "--output_dir",
+                str(tmp_path / name),
+                "--num_virtual_tokens",
+                "4",
+                "--lora_rank",
+                "2",
+                "--max_length",
+                "64",
+                "--batch_size",
+                "8",
+                "--steps",
+                "8",
+                "--warmup_steps",
+                "2",
+                "--eval_every",
+                "4",
+                "--eval_mode",
+                "generate",
+                "--max_eval_rows",
+                "16",
+                "--log_every",
+                "1",
+            ],
+            nproc=nproc,
+            launcher="deepspeed" if nproc > 1 else "python",
+        )
         result = read_results(tmp_path / name)
         return [h["loss"] for h in result["history"]], result["evals"], result["test"]
 

@@ -87,8 +87,17 @@ def test_params_are_those_the_method_reads(jobs):
     pt = job_params(by_key(jobs, "prompt"))
     source = job_params(by_key(jobs, "source"))
     assert "lr" not in dept and "lr" not in pt and finetune["lr"] == 0.003
-    for shape in ("num_virtual_tokens", "r", "max_length", "lr_prompt", "lr_lowrank", "lora_alpha", "prompt_init",
-                  "init_text", "init_adapter"):
+    for shape in (
+        "num_virtual_tokens",
+        "r",
+        "max_length",
+        "lr_prompt",
+        "lr_lowrank",
+        "lora_alpha",
+        "prompt_init",
+        "init_text",
+        "init_adapter",
+    ):
         assert shape not in finetune, shape
     assert {"lr_prompt", "lr_lowrank", "r", "lora_alpha", "num_virtual_tokens", "max_length"} <= set(dept)
     assert dept["lora_alpha"] == 8.0 and dept["r"] == 2 and dept["eval_every"] == 6 and dept["eval_mode"] == "score"
@@ -107,12 +116,23 @@ def test_params_are_those_the_method_reads(jobs):
 
 
 def test_outcome_params_and_tags(jobs):
-    result = {"trainable_params": 448, "total_params": 229312, "config": {"method": "dept"},
-              "dept_shape": {"num_virtual_tokens": 4, "r": 2, "max_length": 32, "d_model": 64}}
-    assert outcome_params(result) == {"trainable_params": 448, "total_params": 229312, "num_virtual_tokens": 4,
-                                      "max_length": 32, "d_model": 64, "r": 2}
-    finetune = outcome_params({"trainable_params": 10, "total_params": 10, "dept_shape": None,
-                               "config": {"method": "finetune"}})
+    result = {
+        "trainable_params": 448,
+        "total_params": 229312,
+        "config": {"method": "dept"},
+        "dept_shape": {"num_virtual_tokens": 4, "r": 2, "max_length": 32, "d_model": 64},
+    }
+    assert outcome_params(result) == {
+        "trainable_params": 448,
+        "total_params": 229312,
+        "num_virtual_tokens": 4,
+        "max_length": 32,
+        "d_model": 64,
+        "r": 2,
+    }
+    finetune = outcome_params(
+        {"trainable_params": 10, "total_params": 10, "dept_shape": None, "config": {"method": "finetune"}}
+    )
     assert finetune == {"trainable_params": 10, "total_params": 10}
     tags = job_tags(by_key(jobs, "transfer/syn-target-food/k4/seed1/source"), "abc")
     assert tags["dept.stage"] == "transfer" and tags["dept.world_size"] == "1" and tags["dept.log_every"] == "2"
@@ -169,12 +189,20 @@ def _results(jobs) -> dict:
     results = {}
     for job in jobs:
         if job.meta["type"] == "train":
-            results[job.key] = {"test": {"syn-warm-animal.accuracy": 62.50000000000001, "syn-warm-animal.n": 16,
-                                         "syn-warm-animal.invalid": 0, "syn-warm-animal.score": 62.5,
-                                         "score": 62.5}, "best_step": 6, "final_loss": 1.2,
-                                "config": {"method": job.config.method},
-                                "history": [{"step": s, "loss": 2.0 / s} for s in (2, 4, 6)],
-                                "evals": [{"step": 6, "score": 50.0}, {"step": 12, "score": 62.5}]}
+            results[job.key] = {
+                "test": {
+                    "syn-warm-animal.accuracy": 62.50000000000001,
+                    "syn-warm-animal.n": 16,
+                    "syn-warm-animal.invalid": 0,
+                    "syn-warm-animal.score": 62.5,
+                    "score": 62.5,
+                },
+                "best_step": 6,
+                "final_loss": 1.2,
+                "config": {"method": job.config.method},
+                "history": [{"step": s, "loss": 2.0 / s} for s in (2, 4, 6)],
+                "evals": [{"step": 6, "score": 50.0}, {"step": 12, "score": 62.5}],
+            }
         else:
             bonus = 10.0 if job.meta["start"] == "source" else 0.0
             results[job.key] = {"test_score": scores[job.meta["seed"]] + bonus + job.meta["k"]}
@@ -203,9 +231,10 @@ def test_summary_table_and_aggregates(jobs):
 
 
 def test_aggregate_names_never_hold_a_slash():
-    summary = {"sources": [{"stage": "s", "test": {"org/task.accuracy": 50.0}}],
-               "transfer": [{"stage": "t", "target": "org/task", "k": 4, "start": "source", "mean": 50.0,
-                             "std": 0.0, "n": 1}]}
+    summary = {
+        "sources": [{"stage": "s", "test": {"org/task.accuracy": 50.0}}],
+        "transfer": [{"stage": "t", "target": "org/task", "k": 4, "start": "source", "mean": 50.0, "std": 0.0, "n": 1}],
+    }
     assert set(aggregates(summary)) == {"org_task.k4.source.mean", "org_task.k4.source.std", "s.test_org_task.accuracy"}
 
 
@@ -214,8 +243,10 @@ def test_aggregate_names_never_hold_a_slash():
 
 def test_ui_hint_for_a_local_store_and_for_a_server():
     local = ui_hint("sqlite:////data/runs/mlflow.db", "7", "abc123")
-    assert "mlflow ui --backend-store-uri sqlite:////data/runs/mlflow.db --host 127.0.0.1 --port 5000 --workers 1" \
-        in local and "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in local
+    assert (
+        "mlflow ui --backend-store-uri sqlite:////data/runs/mlflow.db --host 127.0.0.1 --port 5000 --workers 1" in local
+        and "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in local
+    )
     assert "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning" in local
     assert "http://127.0.0.1:5000/#/experiments/7/runs/abc123" in local
     remote = ui_hint("https://user:secret@mlflow.example.org:8443/ml/", "3", "def456")
@@ -245,9 +276,20 @@ def test_pictures(jobs, tmp_path):
     assert width == round(5.2 * 4 * DPI) and height == round(4.0 * DPI)  # loss, validation, two transfer stages
     only_transfer = plot_summary(summary, {}, tmp_path / "transfer.png")
     assert _png_size(only_transfer)[0] == round(5.2 * 2 * DPI)
-    result = {"history": [{"step": s, "loss": 3.0 / s, "lr_prompt": 0.3 * min(s / 4, (12 - s + 1) / 9),
-                           "lr_lowrank": 1e-4 * min(s / 4, (12 - s + 1) / 9)} for s in range(1, 13)],
-              "evals": [{"step": 6, "score": 50.0}, {"step": 12, "score": 62.5}], "best_step": 12, "test_score": 60.0}
+    result = {
+        "history": [
+            {
+                "step": s,
+                "loss": 3.0 / s,
+                "lr_prompt": 0.3 * min(s / 4, (12 - s + 1) / 9),
+                "lr_lowrank": 1e-4 * min(s / 4, (12 - s + 1) / 9),
+            }
+            for s in range(1, 13)
+        ],
+        "evals": [{"step": 6, "score": 50.0}, {"step": 12, "score": 62.5}],
+        "best_step": 12,
+        "test_score": 60.0,
+    }
     curves = plot_job(result, "k=4 seed=1 source syn-target-food", tmp_path / "job" / "curves.png")
     assert _png_size(curves) == (round(13 * DPI), round(3.6 * DPI))
     empty = plot_job({"history": [], "evals": []}, "nothing logged", tmp_path / "empty.png")

@@ -25,13 +25,19 @@ def raises_one_line(fragment: str, call, *args, **kwargs) -> str:
 
 # Small rule: train = train; the original validation set (n rows) -> validation floor(n/2), test the rest.
 # RTE 277 -> 138/139, CB 56 -> 28/28, CoLA 1,043 -> 521/522, MRPC 408 -> 204/204, STS-B 1,500 -> 750/750.
-@pytest.mark.parametrize("name, sizes", [pytest.param(name, sizes, marks=needs_task_data(name)) for name, sizes in [
-    ("rte", (2490, 138, 139)),
-    ("cb", (250, 28, 28)),
-    ("cola", (8551, 521, 522)),
-    ("mrpc", (3668, 204, 204)),
-    ("stsb", (5749, 750, 750)),
-]])
+@pytest.mark.parametrize(
+    "name, sizes",
+    [
+        pytest.param(name, sizes, marks=needs_task_data(name))
+        for name, sizes in [
+            ("rte", (2490, 138, 139)),
+            ("cb", (250, 28, 28)),
+            ("cola", (8551, 521, 522)),
+            ("mrpc", (3668, 204, 204)),
+            ("stsb", (5749, 750, 750)),
+        ]
+    ],
+)
 def test_small_rule_sizes(name, sizes):
     splits = load_task_splits(name, DATA_DIR)
     assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == sizes
@@ -98,6 +104,7 @@ def test_unknown_split_name_is_refused():  # refused before any file is read
 
 # k-shot ---------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def cb_train():
     if missing_task_data("cb"):
@@ -111,7 +118,11 @@ def test_kshot_is_class_balanced(cb_train):
     # 16 = 3 * 5 + 1: one class gets the extra row
     assert sorted(Counter(r["target"] for r in kshot_sample(cb_train, 16, seed=1, labels=labels)).values()) == [5, 5, 6]
     # 50 = 3 * 16 + 2: class "2" has exactly 16 rows, so the two extra rows go to the others
-    assert Counter(r["target"] for r in kshot_sample(cb_train, 50, seed=3, labels=labels)) == {"0": 17, "1": 17, "2": 16}
+    assert Counter(r["target"] for r in kshot_sample(cb_train, 50, seed=3, labels=labels)) == {
+        "0": 17,
+        "1": 17,
+        "2": 16,
+    }
 
 
 def test_kshot_is_deterministic_per_seed_and_differs_across_seeds(cb_train):
@@ -133,6 +144,7 @@ def test_kshot_errors(cb_train):
 
 
 # Mixtures -------------------------------------------------------------------------------------------------
+
 
 def rows_of(name: str, count: int) -> list[dict]:
     return [{"id": i, "source": f"{name} {i}", "target": "0"} for i in range(count)]

@@ -91,21 +91,54 @@ def test_sqlite_dir_created_and_must_be_writable(tmp_path):
 
 def test_flatten_params():
     assert flatten_params({"a": {"b": 1, "c": {"d": "x", "z": None}}, "e": [1, 2], "f": None, "g": {}}) == {
-        "a.b": "1", "a.c.d": "x", "e": "[1, 2]", "g": "{}"}  # None is no value: never the string "None"
+        "a.b": "1",
+        "a.c.d": "x",
+        "e": "[1, 2]",
+        "g": "{}",
+    }  # None is no value: never the string "None"
     assert len(flatten_params({"long": "x" * 10_000})["long"]) == 6000  # MLflow's limit on a param value
 
 
 def test_split_record_keeps_curves_and_moves_constants_to_tags():
-    record = {"step": 20, "loss": 0.5, "lr_prompt": 0.3, "tokens_per_s": 10, "peak_mem_mb": 700.0, "note": "x",
-              "eval_accuracy": 55.00000000000001, "eval_score": 55.00000000000001, "eval_n": 16, "eval_invalid": 2,
-              "eval_cb.f1_macro": 40.123456, "eval_cb.n": 8, "eval_cb.score": 40.123456, "eval_rte/x.accuracy": 1.0,
-              "test_accuracy": 60.0, "test_score": 60.0, "test_n": 16, "test_invalid": 1}
+    record = {
+        "step": 20,
+        "loss": 0.5,
+        "lr_prompt": 0.3,
+        "tokens_per_s": 10,
+        "peak_mem_mb": 700.0,
+        "note": "x",
+        "eval_accuracy": 55.00000000000001,
+        "eval_score": 55.00000000000001,
+        "eval_n": 16,
+        "eval_invalid": 2,
+        "eval_cb.f1_macro": 40.123456,
+        "eval_cb.n": 8,
+        "eval_cb.score": 40.123456,
+        "eval_rte/x.accuracy": 1.0,
+        "test_accuracy": 60.0,
+        "test_score": 60.0,
+        "test_n": 16,
+        "test_invalid": 1,
+    }
     metrics, tags = split_record(record)
-    assert metrics == {"loss": 0.5, "lr_prompt": 0.3, "tokens_per_s": 10.0, "peak_mem_mb": 700.0,
-                       "eval_accuracy": 55.0, "eval_score": 55.0, "eval_cb.f1_macro": 40.1235,
-                       "eval_rte_x.accuracy": 1.0, "test_accuracy": 60.0}
-    assert tags == {"dept.eval_n": "16", "dept.eval_invalid": "2", "dept.eval_cb.n": "8", "dept.test_n": "16",
-                    "dept.test_invalid": "1"}
+    assert metrics == {
+        "loss": 0.5,
+        "lr_prompt": 0.3,
+        "tokens_per_s": 10.0,
+        "peak_mem_mb": 700.0,
+        "eval_accuracy": 55.0,
+        "eval_score": 55.0,
+        "eval_cb.f1_macro": 40.1235,
+        "eval_rte_x.accuracy": 1.0,
+        "test_accuracy": 60.0,
+    }
+    assert tags == {
+        "dept.eval_n": "16",
+        "dept.eval_invalid": "2",
+        "dept.eval_cb.n": "8",
+        "dept.test_n": "16",
+        "dept.test_invalid": "1",
+    }
     metrics, tags = split_record(record, invalid_curves=True)  # generation: invalid outputs over training
     assert metrics["eval_invalid"] == 2.0 and "dept.eval_invalid" not in tags and tags["dept.test_invalid"] == "1"
     assert not any("/" in k for k in metrics) and "step" not in metrics
@@ -197,8 +230,12 @@ def test_parent_children_params_metrics_artifacts_datasets_and_reattach(tmp_path
     assert set(run.data.metrics) == {"loss", "lr_prompt", "tokens_per_s", "eval_accuracy", "lr_lowrank"}
     inputs = {(d.dataset.name, d.dataset.digest, d.tags[0].value) for d in run.inputs.dataset_inputs}
     assert inputs == {("toy-train", digest, "training"), ("toy-val", inputs_digest(inputs, "toy-val"), "validation")}
-    assert json.loads(next(d for d in run.inputs.dataset_inputs if d.dataset.name == "toy-train")
-                      .dataset.profile)["num_rows"] == 10
+    assert (
+        json.loads(next(d for d in run.inputs.dataset_inputs if d.dataset.name == "toy-train").dataset.profile)[
+            "num_rows"
+        ]
+        == 10
+    )
     assert {a.path for a in client.list_artifacts(train)} == {"adapter", "reports"}
     assert [a.path for a in client.list_artifacts(train, "adapter")] == ["adapter/adapter.safetensors"]
     assert [a.path for a in client.list_artifacts(train, "reports")] == ["reports/results.json"]
@@ -258,7 +295,10 @@ def test_context_manager_marks_open_runs_failed(tmp_path):
 
 
 def test_disabled_and_nonzero_rank_do_nothing(tmp_path):
-    for tracker in (Tracker(None, "exp", enabled=False, workdir=tmp_path), Tracker(None, "exp", rank=1, workdir=tmp_path)):
+    for tracker in (
+        Tracker(None, "exp", enabled=False, workdir=tmp_path),
+        Tracker(None, "exp", rank=1, workdir=tmp_path),
+    ):
         assert tracker.parent("recipe", "k") is None
         assert tracker.child("train", "k/train", {"a": 1}) is None
         assert tracker.is_finished("k/train") is False and tracker.run_id_for("k") is None
@@ -315,10 +355,20 @@ def test_two_ranks_share_one_run(tmp_path):
     port = str(free_port())
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-               "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script), uri], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), uri], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     results = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=300)
@@ -340,8 +390,9 @@ def test_two_ranks_share_one_run(tmp_path):
 
 def _http_json(url: str, body: dict | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                     method="GET" if body is None else "POST")
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST"
+    )
     with urllib.request.urlopen(request, timeout=10) as resp:
         return json.loads(resp.read())
 
@@ -356,9 +407,27 @@ def running_server(tmp_path: Path, *extra: str):
     log_path = tmp_path / f"server-{port}.log"
     log_file = open(log_path, "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server-{port}.db", *extra],
-        cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server-{port}.db",
+            *extra,
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -431,6 +500,16 @@ def test_server_storing_artifacts_on_its_local_disk_is_refused_before_training(t
         message = str(err.value)
         assert "\n" not in message and "--serve-artifacts" in message and "--tracking.experiment" in message
         assert str(local_root) in message
-        assert _http_json(f"{uri}/api/2.0/mlflow/runs/search", {"experiment_ids": [
-            _http_json(f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=no-proxy")
-            ["experiment"]["experiment_id"]]}).get("runs", []) == []  # no run was started
+        assert (
+            _http_json(
+                f"{uri}/api/2.0/mlflow/runs/search",
+                {
+                    "experiment_ids": [
+                        _http_json(f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=no-proxy")[
+                            "experiment"
+                        ]["experiment_id"]
+                    ]
+                },
+            ).get("runs", [])
+            == []
+        )  # no run was started

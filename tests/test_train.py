@@ -19,21 +19,39 @@ from pipeline.train import resolve_shape, train
 
 def job(tmp_path, data, name="out", **train_args) -> JobConfig:
     steps = train_args.pop("steps", 8)
-    return build(JobConfig, {
-        "model": "random:tiny-t5", "output_dir": str(tmp_path / name), "data": {"train_file": str(data)},
-        "dept": {"num_virtual_tokens": 4, "r": 2, "max_length": 16},
-        "train": {"batch_size": 4, "steps": steps, "warmup_steps": 2, "log_every": 1, "lr_lowrank": 0.01,
-                  **train_args}}, "job")
+    return build(
+        JobConfig,
+        {
+            "model": "random:tiny-t5",
+            "output_dir": str(tmp_path / name),
+            "data": {"train_file": str(data)},
+            "dept": {"num_virtual_tokens": 4, "r": 2, "max_length": 16},
+            "train": {
+                "batch_size": 4,
+                "steps": steps,
+                "warmup_steps": 2,
+                "log_every": 1,
+                "lr_lowrank": 0.01,
+                **train_args,
+            },
+        },
+        "job",
+    )
 
 
 def shape_of(tmp_path, method="dept", **dept) -> JobConfig:
-    return build(JobConfig, {"model": "m", "output_dir": str(tmp_path), "method": method,
-                             "data": {"tasks": ["rte"]}, "dept": dept}, "job")
+    return build(
+        JobConfig,
+        {"model": "m", "output_dir": str(tmp_path), "method": method, "data": {"tasks": ["rte"]}, "dept": dept},
+        "job",
+    )
 
 
 def test_shape_defaults_budget_and_pt(tmp_path):
-    assert resolve_shape(shape_of(tmp_path), 768, None)[0].to_dict() == DeptConfig(
-        num_virtual_tokens=60, r=30, max_length=256, d_model=768).to_dict()
+    assert (
+        resolve_shape(shape_of(tmp_path), 768, None)[0].to_dict()
+        == DeptConfig(num_virtual_tokens=60, r=30, max_length=256, d_model=768).to_dict()
+    )
     assert resolve_shape(shape_of(tmp_path, num_virtual_tokens=40, budget_tokens=100), 768, None)[0].r == 45
     assert resolve_shape(shape_of(tmp_path, "pt", num_virtual_tokens=100), 768, None)[0].r == 0
 

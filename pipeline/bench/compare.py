@@ -102,13 +102,31 @@ def set_up(args: BenchArgs, ds: dict, rank: int, world: int) -> Bench:
     for net in (backbone, plain):
         if net is not None and args.infer_tokens:
             exact_generation_length(net.model, args.infer_tokens)
-    batches = Batches(rows, args, rank, world, backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder,
-                      trainer.device)
+    batches = Batches(
+        rows, args, rank, world, backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder, trainer.device
+    )
     if rank == 0:
-        log.info("bench: %d configurations, %d warm-up + %d timed rounds, lengths=%s (%s)", len(variants),
-                 args.warmup, args.steps, args.lengths, length_info["source"])
-    return Bench(args, variants, loops, batches, rank, world, load_s, backbone.d_model,
-                 str(engine.dtype_of(ds)).replace("torch.", ""), backbone.is_encoder_decoder, length_info)
+        log.info(
+            "bench: %d configurations, %d warm-up + %d timed rounds, lengths=%s (%s)",
+            len(variants),
+            args.warmup,
+            args.steps,
+            args.lengths,
+            length_info["source"],
+        )
+    return Bench(
+        args,
+        variants,
+        loops,
+        batches,
+        rank,
+        world,
+        load_s,
+        backbone.d_model,
+        str(engine.dtype_of(ds)).replace("torch.", ""),
+        backbone.is_encoder_decoder,
+        length_info,
+    )
 
 
 def load_backbones(args: BenchArgs, ds: dict) -> tuple[Backbone, Backbone | None]:
@@ -155,8 +173,7 @@ def time_inference(bench: Bench, sampler: MemorySampler) -> None:
         for v in bench.rotation(repeat):
             (batch,), _, _ = bench.batches.tensors(parts, v, generation=args.infer_tokens > 0)
             loop = bench.loops[v.loop]
-            seconds, _ = measured(partial(loop.infer, v.module, batch, args.infer_tokens), sampler, v.key,
-                                  bench.device)
+            seconds, _ = measured(partial(loop.infer, v.module, batch, args.infer_tokens), sampler, v.key, bench.device)
             v.infer.append(seconds)
     for loop in bench.loops.values():
         loop.train(True)
@@ -167,8 +184,14 @@ def rank_measurements(bench: Bench, sampler: MemorySampler) -> dict:
     variants = bench.variants
     for v in variants:
         v.rss_peak_mb = sampler.peak_rss.get(v.key, 0) / 2**20
-    return {"rank": bench.rank, "times": {v.key: v.times for v in variants},
-            "infer": {v.key: v.infer for v in variants}, "step_peak": {v.key: v.step_peak_mb for v in variants},
-            "rss_peak": {v.key: v.rss_peak_mb for v in variants}, "losses": {v.key: v.losses for v in variants},
-            "real": {v.key: v.real_tokens for v in variants}, "ru_maxrss_mb": rss_mb(),
-            "min_available_mb": sampler.min_available / 2**20}
+    return {
+        "rank": bench.rank,
+        "times": {v.key: v.times for v in variants},
+        "infer": {v.key: v.infer for v in variants},
+        "step_peak": {v.key: v.step_peak_mb for v in variants},
+        "rss_peak": {v.key: v.rss_peak_mb for v in variants},
+        "losses": {v.key: v.losses for v in variants},
+        "real": {v.key: v.real_tokens for v in variants},
+        "ru_maxrss_mb": rss_mb(),
+        "min_available_mb": sampler.min_available / 2**20,
+    }

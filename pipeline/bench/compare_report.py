@@ -19,13 +19,40 @@ if TYPE_CHECKING:
     from pipeline.bench.compare import Bench
     from pipeline.bench.variants import Variant
 
-COLUMNS = ["config", "harness", "m", "r", "trainable", "enc_tokens", "step_s", "step_range_s", "tokens_per_s",
-           "x_pt", "x_bare_same_len", "step_tensor_peak_mb", "rss_peak_mb", "infer_s", "epoch_s"]
-HEADERS = {"config": "configuration", "harness": "harness", "m": "m", "r": "r", "trainable": "trainable params",
-           "enc_tokens": "input tokens (m + L)", "step_s": "step s (median)", "step_range_s": "step s (min .. max)",
-           "tokens_per_s": "tokens/s", "x_pt": "time / PT l", "x_bare_same_len": "time / bare same length",
-           "step_tensor_peak_mb": "step tensor peak MB", "rss_peak_mb": "RSS peak MB",
-           "infer_s": "inference s (median)", "epoch_s": "epoch est. s"}
+COLUMNS = [
+    "config",
+    "harness",
+    "m",
+    "r",
+    "trainable",
+    "enc_tokens",
+    "step_s",
+    "step_range_s",
+    "tokens_per_s",
+    "x_pt",
+    "x_bare_same_len",
+    "step_tensor_peak_mb",
+    "rss_peak_mb",
+    "infer_s",
+    "epoch_s",
+]
+HEADERS = {
+    "config": "configuration",
+    "harness": "harness",
+    "m": "m",
+    "r": "r",
+    "trainable": "trainable params",
+    "enc_tokens": "input tokens (m + L)",
+    "step_s": "step s (median)",
+    "step_range_s": "step s (min .. max)",
+    "tokens_per_s": "tokens/s",
+    "x_pt": "time / PT l",
+    "x_bare_same_len": "time / bare same length",
+    "step_tensor_peak_mb": "step tensor peak MB",
+    "rss_peak_mb": "RSS peak MB",
+    "infer_s": "inference s (median)",
+    "epoch_s": "epoch est. s",
+}
 
 
 def compare_report(bench: Bench, per_rank: list[dict], total_ram: int, cpu: bool) -> dict:
@@ -35,12 +62,21 @@ def compare_report(bench: Bench, per_rank: list[dict], total_ram: int, cpu: bool
     refs = References.find(args, variants)
     table = [table_row(v, refs, bench.length_info["batches_per_epoch"]) for v in variants]
     return {
-        "mode": "compare", "settings": settings_record(args), "world_size": bench.world, "d_model": bench.d_model,
-        "dtype": bench.dtype, "device": "cpu" if cpu else "accelerator",
-        "load_s": bench.load_s, "lengths": bench.length_info, "rows": table,
-        "targets": compare_targets(args, variants, refs), "total_ram_mb": total_ram / 2**20,
-        "ranks": [{"rank": r["rank"], "ru_maxrss_mb": r["ru_maxrss_mb"], "min_available_mb": r["min_available_mb"]}
-                  for r in per_rank],
+        "mode": "compare",
+        "settings": settings_record(args),
+        "world_size": bench.world,
+        "d_model": bench.d_model,
+        "dtype": bench.dtype,
+        "device": "cpu" if cpu else "accelerator",
+        "load_s": bench.load_s,
+        "lengths": bench.length_info,
+        "rows": table,
+        "targets": compare_targets(args, variants, refs),
+        "total_ram_mb": total_ram / 2**20,
+        "ranks": [
+            {"rank": r["rank"], "ru_maxrss_mb": r["ru_maxrss_mb"], "min_available_mb": r["min_available_mb"]}
+            for r in per_rank
+        ],
         "notes": compare_notes(args, bench.length_info, bench.world, cpu, bench.is_encoder_decoder),
     }
 
@@ -73,11 +109,13 @@ class References:
         by_key = {v.key: v for v in variants}
         l = args.pt_tokens
         pad_main = args.max_length if args.lengths == "padded" else None
-        pt = next((v for v in variants if v.harness == "engine" and v.m == l and v.r == 0 and v.pad_to == pad_main),
-                  None)
+        pt = next(
+            (v for v in variants if v.harness == "engine" and v.m == l and v.r == 0 and v.pad_to == pad_main), None
+        )
         bare = {v.m: v for v in variants if v.kind == "bare" and v.harness == "engine"}
-        return cls(l, pt, bare, by_key.get(f"eager_pt_l{l}"), by_key.get(f"eager_bare_p{l}"),
-                   by_key.get(f"peft_pt_l{l}"))
+        return cls(
+            l, pt, bare, by_key.get(f"eager_pt_l{l}"), by_key.get(f"eager_bare_p{l}"), by_key.get(f"peft_pt_l{l}")
+        )
 
     def time_base(self, v: Variant) -> Variant | None:
         """What `time / PT l` divides by: PT l (or bare L+l for bare rows), on the row's own harness."""
@@ -98,17 +136,31 @@ def table_row(v: Variant, refs: References, batches_per_epoch: int) -> dict:
     x_bare = paired(v.times, same.times) if same is not None and same is not v and v.kind != "bare" else None
     inference = summary(v.infer)
     return {
-        "key": v.key, "config": v.label,
+        "key": v.key,
+        "config": v.label,
         "harness": "DeepSpeed ZeRO-3" if v.harness == "engine" else "plain PyTorch",
-        "kind": v.kind, "m": v.m, "r": v.r, "trainable": v.trainable, "pad_to": v.pad_to,
+        "kind": v.kind,
+        "m": v.m,
+        "r": v.r,
+        "trainable": v.trainable,
+        "pad_to": v.pad_to,
         "enc_tokens": statistics.fmean(v.enc_tokens) if v.enc_tokens else None,
-        "step_s": step["median"], "step_min_s": step["min"], "step_max_s": step["max"], "step_mean_s": step["mean"],
+        "step_s": step["median"],
+        "step_min_s": step["min"],
+        "step_max_s": step["max"],
+        "step_mean_s": step["mean"],
         "tokens_per_s": statistics.fmean(v.real_tokens) / step["median"] if v.times and step["median"] else None,
-        "x_pt": x_pt, "x_bare_same_len": x_bare,
-        "step_tensor_peak_mb": v.step_peak_mb, "rss_peak_mb": v.rss_peak_mb, "alloc_peak_mb": v.alloc_peak_mb,
-        "infer_s": inference["median"], "infer_range_s": [inference["min"], inference["max"]],
+        "x_pt": x_pt,
+        "x_bare_same_len": x_bare,
+        "step_tensor_peak_mb": v.step_peak_mb,
+        "rss_peak_mb": v.rss_peak_mb,
+        "alloc_peak_mb": v.alloc_peak_mb,
+        "infer_s": inference["median"],
+        "infer_range_s": [inference["min"], inference["max"]],
         "epoch_s": step["mean"] * batches_per_epoch if step["mean"] else None,
-        "times_s": v.times, "infer_times_s": v.infer, "losses": v.losses,
+        "times_s": v.times,
+        "infer_times_s": v.infer,
+        "losses": v.losses,
         "loss_finite": all(math.isfinite(x) for x in v.losses),
     }
 
@@ -140,9 +192,14 @@ def compare_targets(args: BenchArgs, variants: list[Variant], refs: References) 
     for v in (refs.pt, dept_at.get(m60), dept_at.get(m40)):
         if v is not None and v.m in refs.bare and v.kind == "dept":
             overhead = summary([100 * (a / b - 1) for a, b in zip(v.times, refs.bare[v.m].times) if b])
-            out.add(f"overhead.{v.key}_pct", f"pipeline overhead: {v.label} vs bare backbone at the same length (%)",
-                    overhead, "<= 5%", at_most(overhead, 5.0),
-                    "both through the same DeepSpeed engine, so this is the DePT module and its optimizer step")
+            out.add(
+                f"overhead.{v.key}_pct",
+                f"pipeline overhead: {v.label} vs bare backbone at the same length (%)",
+                overhead,
+                "<= 5%",
+                at_most(overhead, 5.0),
+                "both through the same DeepSpeed engine, so this is the DePT module and its optimizer step",
+            )
     harness_targets(out, refs)
     padded = next((v for v in variants if v.key == f"pt_l{l}_pad{args.max_length}"), None)
     if padded is not None and dept_at.get(m60) is not None:
@@ -154,21 +211,43 @@ def budget_targets(out: Targets, dept: Variant, refs: References, limit: float, 
     """DePT m vs PT l: step time, the bare backbone's floor for that ratio and the gap to it, memory."""
     m, l, pt, bare = dept.m, refs.l, refs.pt, refs.bare
     ratio = paired(dept.times, pt.times)
-    out.add(f"time.dept_m{m}_over_pt", f"step time DePT m={m} r={dept.r} / PT l={l}", ratio, f"<= {limit:.2f}",
-            at_most(ratio, limit))
+    out.add(
+        f"time.dept_m{m}_over_pt",
+        f"step time DePT m={m} r={dept.r} / PT l={l}",
+        ratio,
+        f"<= {limit:.2f}",
+        at_most(ratio, limit),
+    )
     if m in bare and l in bare:
         floor = paired(bare[m].times, bare[l].times)
-        out.add(f"time.bare_p{m}_over_bare_p{l}", f"bare backbone, input L+{m} / L+{l} (the floor for the ratio "
-                "above)", floor, "reference", None, "what the shorter input alone saves")
-        gap = summary([100 * (a / b - c / e) for a, b, c, e in
-                       zip(dept.times, pt.times, bare[m].times, bare[l].times) if b and e])
-        out.add(f"gap.dept_m{m}_minus_bare_points", f"DePT m={m} ratio minus bare ratio (points)", gap,
-                "<= +2" if gap_target is not None else "reference",
-                at_most(gap, gap_target) if gap_target is not None else None)
+        out.add(
+            f"time.bare_p{m}_over_bare_p{l}",
+            f"bare backbone, input L+{m} / L+{l} (the floor for the ratio above)",
+            floor,
+            "reference",
+            None,
+            "what the shorter input alone saves",
+        )
+        gap = summary(
+            [100 * (a / b - c / e) for a, b, c, e in zip(dept.times, pt.times, bare[m].times, bare[l].times) if b and e]
+        )
+        out.add(
+            f"gap.dept_m{m}_minus_bare_points",
+            f"DePT m={m} ratio minus bare ratio (points)",
+            gap,
+            "<= +2" if gap_target is not None else "reference",
+            at_most(gap, gap_target) if gap_target is not None else None,
+        )
     if dept.step_peak_mb and pt.step_peak_mb:
         memory = {"median": dept.step_peak_mb / pt.step_peak_mb, "min": None, "max": None, "n": 1}
-        out.add(f"memory.dept_m{m}_over_pt", f"step tensor peak DePT m={m} / PT l={l}", memory,
-                "reference (paper: > 20% less)", None, "one profiled step each")
+        out.add(
+            f"memory.dept_m{m}_over_pt",
+            f"step tensor peak DePT m={m} / PT l={l}",
+            memory,
+            "reference (paper: > 20% less)",
+            None,
+            "one profiled step each",
+        )
 
 
 def harness_targets(out: Targets, refs: References) -> None:
@@ -176,26 +255,51 @@ def harness_targets(out: Targets, refs: References) -> None:
     l = refs.l
     if refs.eager_pt is not None and refs.peft is not None:
         ratio = summary([100 * (a / b - 1) for a, b in zip(refs.eager_pt.times, refs.peft.times) if b])
-        out.add("peft.our_pt_vs_peft_pct", f"our PT l={l} vs PEFT PT l={l}, both without engine (%)", ratio,
-                "within +-5%", ratio["median"] is not None and abs(ratio["median"]) <= 5.0,
-                "PEFT with num_transformer_submodules=1")
+        out.add(
+            "peft.our_pt_vs_peft_pct",
+            f"our PT l={l} vs PEFT PT l={l}, both without engine (%)",
+            ratio,
+            "within +-5%",
+            ratio["median"] is not None and abs(ratio["median"]) <= 5.0,
+            "PEFT with num_transformer_submodules=1",
+        )
     if refs.pt is not None and refs.peft is not None:
-        out.add("peft.our_pt_engine_over_peft", f"our PT l={l} through DeepSpeed ZeRO-3 / PEFT PT l={l} in a plain "
-                "loop", paired(refs.pt.times, refs.peft.times), "reference", None,
-                "what a user sees, engine cost included")
+        out.add(
+            "peft.our_pt_engine_over_peft",
+            f"our PT l={l} through DeepSpeed ZeRO-3 / PEFT PT l={l} in a plain loop",
+            paired(refs.pt.times, refs.peft.times),
+            "reference",
+            None,
+            "what a user sees, engine cost included",
+        )
     if refs.bare.get(l) is not None and refs.eager_bare is not None:
-        out.add("engine.bare_engine_over_plain", f"ZeRO-3 engine cost: bare L+{l} through the engine / without",
-                paired(refs.bare[l].times, refs.eager_bare.times), "reference", None)
+        out.add(
+            "engine.bare_engine_over_plain",
+            f"ZeRO-3 engine cost: bare L+{l} through the engine / without",
+            paired(refs.bare[l].times, refs.eager_bare.times),
+            "reference",
+            None,
+        )
 
 
 def epoch_target(out: Targets, args: BenchArgs, dept: Variant, padded: Variant) -> None:
     """DePT with dynamic padding vs PT padded to s, over the same sampled batches of the epoch order."""
     per_round = paired(dept.times, padded.times)
-    ratio = {"median": sum(dept.times) / sum(padded.times), "min": per_round["min"], "max": per_round["max"],
-             "n": len(dept.times)}
-    out.add(f"epoch.dept_m{dept.m}_dynamic_over_pt_padded", f"epoch time DePT m={dept.m} ({args.lengths} lengths, "
-            f"dynamic padding) / PT l={args.pt_tokens} padded to s={args.max_length}", ratio, "< 0.5 expected",
-            ratio["median"] < 0.5, "sum over the same sampled batches of the epoch order; [min .. max] per batch")
+    ratio = {
+        "median": sum(dept.times) / sum(padded.times),
+        "min": per_round["min"],
+        "max": per_round["max"],
+        "n": len(dept.times),
+    }
+    out.add(
+        f"epoch.dept_m{dept.m}_dynamic_over_pt_padded",
+        f"epoch time DePT m={dept.m} ({args.lengths} lengths, "
+        f"dynamic padding) / PT l={args.pt_tokens} padded to s={args.max_length}",
+        ratio,
+        "< 0.5 expected",
+        ratio["median"] < 0.5,
+        "sum over the same sampled batches of the epoch order; [min .. max] per batch",
+    )
 
 
 def compare_notes(args: BenchArgs, info: dict, world: int, cpu: bool, is_encoder_decoder: bool) -> list[str]:
@@ -231,34 +335,48 @@ def compare_notes(args: BenchArgs, info: dict, world: int, cpu: bool, is_encoder
         "weights and the same batches: our PT vs PEFT is compared there, like for like.",
         f"PEFT PromptTuning uses num_transformer_submodules=1: prompts on the encoder only, {l} x d parameters. PEFT's "
         "seq2seq default (2) also prompts the decoder, i.e. twice the parameters and not the same budget."
-        if is_encoder_decoder else "PEFT PromptTuning (CAUSAL_LM) with l tokens.",
+        if is_encoder_decoder
+        else "PEFT PromptTuning (CAUSAL_LM) with l tokens.",
         "tokens/s = real (non-pad) source tokens of the global batch (mean over rounds) / median step time.",
-        ("Memory: 'step tensor peak MB' = the highest amount of CPU tensor memory one training step held above "
-         "what was live when it started (torch.profiler memory events: allocations minus frees, in order; "
-         "activations, gathered ZeRO-3 parameters, gradients, optimizer temporaries), from one extra untimed step; "
-         "'RSS peak MB' = the process's resident memory, sampled every 10 ms while that configuration ran "
-         "(process-wide: the model, the plain copy, and pages the allocator keeps after earlier configurations, so "
-         "it differs little between rows). Max over ranks."
-         if cpu else
-         "Memory: 'step tensor peak MB' = the accelerator allocator's max_memory_allocated during one extra step "
-         "minus memory_allocated before it; 'RSS peak MB' = host resident memory while the configuration ran."),
-        (f"Inference = one evaluation batch (this rank's {rows_per_eval} rows), "
-         + (f"exactly {args.infer_tokens} greedy tokens generated (min_new_tokens = max_new_tokens)"
-            if args.infer_tokens else "one eval-mode forward pass with the targets")
-         + f", median of {args.infer_repeats} interleaved repeats."),
+        (
+            "Memory: 'step tensor peak MB' = the highest amount of CPU tensor memory one training step held above "
+            "what was live when it started (torch.profiler memory events: allocations minus frees, in order; "
+            "activations, gathered ZeRO-3 parameters, gradients, optimizer temporaries), from one extra untimed step; "
+            "'RSS peak MB' = the process's resident memory, sampled every 10 ms while that configuration ran "
+            "(process-wide: the model, the plain copy, and pages the allocator keeps after earlier configurations, so "
+            "it differs little between rows). Max over ranks."
+            if cpu
+            else "Memory: 'step tensor peak MB' = the accelerator allocator's max_memory_allocated during one extra step "
+            "minus memory_allocated before it; 'RSS peak MB' = host resident memory while the configuration ran."
+        ),
+        (
+            f"Inference = one evaluation batch (this rank's {rows_per_eval} rows), "
+            + (
+                f"exactly {args.infer_tokens} greedy tokens generated (min_new_tokens = max_new_tokens)"
+                if args.infer_tokens
+                else "one eval-mode forward pass with the targets"
+            )
+            + f", median of {args.infer_repeats} interleaved repeats."
+        ),
         "epoch est. s = mean step time over the sampled batches x batches per epoch.",
     ]
     if not args.tokenizer and args.model.startswith("random:") and args.lengths != "padded":
-        notes.append("The random: presets' 1,000-piece test tokenizer makes English text about 3x longer than T5's "
-                     "32k SentencePiece; pass --tokenizer (a T5 tokenizer directory) for T5's real lengths.")
+        notes.append(
+            "The random: presets' 1,000-piece test tokenizer makes English text about 3x longer than T5's "
+            "32k SentencePiece; pass --tokenizer (a T5 tokenizer directory) for T5's real lengths."
+        )
     return notes
 
 
 def compare_markdown(result: dict) -> str:
     st = result["settings"]
-    lines = [f"# dept bench: {st['model']}, l={st['pt_tokens']}, s={st['max_length']}, "
-             f"lengths={st['lengths']}, batch {st['batch_size']}, {result['world_size']} rank(s), {result['dtype']}",
-             "", "| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = [
+        f"# dept bench: {st['model']}, l={st['pt_tokens']}, s={st['max_length']}, "
+        f"lengths={st['lengths']}, batch {st['batch_size']}, {result['world_size']} rank(s), {result['dtype']}",
+        "",
+        "| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     for row in result["rows"]:
         cells = []
         for c in COLUMNS:
@@ -272,8 +390,13 @@ def compare_markdown(result: dict) -> str:
                 cells.append(fmt(row[c]) if not isinstance(row[c], str) else row[c])
         lines.append("| " + " | ".join(cells) + " |")
     if result["targets"]:
-        lines += ["", "## Targets", "", "| question | value: median [min .. max] | target | verdict |",
-                  "|---|---|---|---|"]
+        lines += [
+            "",
+            "## Targets",
+            "",
+            "| question | value: median [min .. max] | target | verdict |",
+            "|---|---|---|---|",
+        ]
         for t in result["targets"]:
             lines.append(f"| {t['name']} | {fmt_ratio(t['value'])} | {t['target']} | {t['verdict']} |")
     lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
@@ -305,21 +428,35 @@ def plot_compare(result: dict, path: Path) -> None:
     refs = [r for r in rows if r["harness"].startswith("plain") or (r["kind"] == "dept" and r not in main)]
     for i, r in enumerate(refs):  # rows without an m axis: horizontal lines, labels staggered so they don't overlap
         ax_t.axhline(r["step_s"], linestyle=":", linewidth=1, color="grey")
-        ax_t.text(0.01 + 0.33 * (i % 3), r["step_s"], r["config"], transform=ax_t.get_yaxis_transform(),
-                  fontsize=6.5, color="dimgrey", va="bottom")
+        ax_t.text(
+            0.01 + 0.33 * (i % 3),
+            r["step_s"],
+            r["config"],
+            transform=ax_t.get_yaxis_transform(),
+            fontsize=6.5,
+            color="dimgrey",
+            va="bottom",
+        )
     rss = sorted(main, key=lambda r: r["m"])
     if rss:
         ax_r = ax_m.twinx()
-        ax_r.plot([r["m"] for r in rss], [r["rss_peak_mb"] for r in rss], "^:", color="tab:green",
-                  label="RSS peak, process (right axis)")
+        ax_r.plot(
+            [r["m"] for r in rss],
+            [r["rss_peak_mb"] for r in rss],
+            "^:",
+            color="tab:green",
+            label="RSS peak, process (right axis)",
+        )
         ax_r.set_ylabel("RSS MB")
         ax_r.set_ylim(0, 1.5 * max(r["rss_peak_mb"] or 0 for r in rss) + 1)  # below the legends
         ax_r.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax_r.legend(fontsize=7, loc="lower right")
     st = result["settings"]
-    ax_t.set(xlabel=f"m (prompt length; r from the budget of l={st['pt_tokens']})",
-             ylabel="step time, s (median, min-max)",
-             title=f"{st['model']}, lengths={st['lengths']}, batch {st['batch_size']}")
+    ax_t.set(
+        xlabel=f"m (prompt length; r from the budget of l={st['pt_tokens']})",
+        ylabel="step time, s (median, min-max)",
+        title=f"{st['model']}, lengths={st['lengths']}, batch {st['batch_size']}",
+    )
     ax_m.set(xlabel="m", ylabel="step tensor peak MB", title="memory")
     for ax in (ax_t, ax_m):
         ax.grid(alpha=0.3)

@@ -51,8 +51,10 @@ def _texts(args: BenchArgs) -> tuple[list[dict], str]:
     if args.lengths != "padded":
         raise PipelineError(f"no {task_name} data for --lengths {args.lengths}: {errors[-1]}")
     rng, vocab = random.Random(args.seed), words()
-    texts = [{"source": " ".join(rng.choice(vocab) for _ in range(rng.randint(20, 120))), "target": "1"}
-             for _ in range(max(256, args.batch_size * 4))]
+    texts = [
+        {"source": " ".join(rng.choice(vocab) for _ in range(rng.randint(20, 120))), "target": "1"}
+        for _ in range(max(256, args.batch_size * 4))
+    ]
     return texts, "synthetic rows (no RTE data found); every input is padded to s"
 
 
@@ -60,8 +62,9 @@ def _tokenizer(args: BenchArgs, backbone: Backbone):
     if args.tokenizer == DATA_TOKENIZER:
         folder = data_folder(args.data_dir)
         if folder is None:
-            raise PipelineError(f"--tokenizer {DATA_TOKENIZER} trains on the task data: pass --data_dir or set "
-                                "$DEPT_DATA_DIR")
+            raise PipelineError(
+                f"--tokenizer {DATA_TOKENIZER} trains on the task data: pass --data_dir or set $DEPT_DATA_DIR"
+            )
         return data_tokenizer(folder, 32000, os.environ.get("DEPT_CACHE"))
     if args.tokenizer:
         return load_tokenizer(args.tokenizer, os.environ.get("DEPT_CACHE"))
@@ -71,10 +74,16 @@ def _tokenizer(args: BenchArgs, backbone: Backbone):
 def _length_info(args: BenchArgs, rows: list[dict], where: str) -> dict:
     lens = sorted(len(r["input_ids"]) for r in rows)
     n = len(lens)
-    return {"source": where, "tokenizer": args.tokenizer or f"{args.model}'s own",
-            "rows": n, "median": lens[n // 2], "p90": lens[min(n - 1, int(0.9 * n))], "max": lens[-1],
-            "at_s_fraction": sum(x >= args.max_length for x in lens) / n,
-            "batches_per_epoch": max(n // args.batch_size, 1)}
+    return {
+        "source": where,
+        "tokenizer": args.tokenizer or f"{args.model}'s own",
+        "rows": n,
+        "median": lens[n // 2],
+        "p90": lens[min(n - 1, int(0.9 * n))],
+        "max": lens[-1],
+        "at_s_fraction": sum(x >= args.max_length for x in lens) / n,
+        "batches_per_epoch": max(n // args.batch_size, 1),
+    }
 
 
 @dataclass
@@ -99,7 +108,7 @@ class Batches:
         ids = global_batch(len(self.rows), args.batch_size, step, args.seed, self.lengths)
         micro = args.batch_size // (self.world * args.grad_accum)
         firsts = [(a * self.world + self.rank) * micro for a in range(args.grad_accum)]
-        return [ids[first:first + micro] for first in firsts]
+        return [ids[first : first + micro] for first in firsts]
 
     def tensors(self, parts: list[list[int]], variant: Variant, generation: bool = False):
         """(batches on the device, real source tokens, mean input width seen by the backbone)."""
@@ -110,8 +119,9 @@ class Batches:
     def _batch(self, ids: list[int], variant: Variant, generation: bool):
         """Rows `ids` padded as the variant pads; bare rows get m extra real inputs (mask 1, label -100), so the
         backbone sees exactly the tensor shape the prompt methods give it."""
-        batch = collate([self.rows[i] for i in ids], self.pad_id, self.is_encoder_decoder, variant.pad_to,
-                        for_generation=generation)
+        batch = collate(
+            [self.rows[i] for i in ids], self.pad_id, self.is_encoder_decoder, variant.pad_to, for_generation=generation
+        )
         real = int(batch["attention_mask"].sum())
         if variant.kind == "bare" and variant.m:
             b, m = batch["input_ids"].shape[0], variant.m

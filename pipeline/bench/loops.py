@@ -1,9 +1,9 @@
 """How a compare row takes a training step and an inference: the prompt modules, and the three loops.
 
-  engine  every DePT/PT/bare row through one `engine.Engine` over the sharded backbone (all prompt modules in one
-          module tree: a second engine on the same backbone would hook it twice);
-  eager   our bare input and PT module in a plain PyTorch loop (AdamW) on an unsharded copy of the weights;
-  peft    PEFT's PromptTuning in the same plain loop on the same copy.
+engine  every DePT/PT/bare row through one `engine.Engine` over the sharded backbone (all prompt modules in one
+        module tree: a second engine on the same backbone would hook it twice);
+eager   our bare input and PT module in a plain PyTorch loop (AdamW) on an unsharded copy of the weights;
+peft    PEFT's PromptTuning in the same plain loop on the same copy.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ NO_SCHEDULE = 10**6  # steps of the learning-rate schedule: far beyond any bench
 
 def training_ds_config(args: BenchArgs, world: int) -> dict:
     """The DeepSpeed config with the benchmark's batch geometry."""
-    return engine.training_ds_config(engine.read_ds_config(args.ds_config), args.batch_size, args.grad_accum,
-                                     GRAD_CLIP, world)
+    return engine.training_ds_config(
+        engine.read_ds_config(args.ds_config), args.batch_size, args.grad_accum, GRAD_CLIP, world
+    )
 
 
 def bench_engine(model: nn.Module, prompts: dict[str, nn.Module], args: BenchArgs, ds: dict) -> engine.Engine:
     """The training engine over `model`, optimising the prompt modules with `dept train`'s two learning rates."""
-    return engine.Engine(model, prompt_groups(prompts, args), ds, weight_decay=0.0, warmup=0,
-                         total_steps=NO_SCHEDULE)
+    return engine.Engine(model, prompt_groups(prompts, args), ds, weight_decay=0.0, warmup=0, total_steps=NO_SCHEDULE)
 
 
 class BareInput(nn.Module):
@@ -86,8 +86,7 @@ def prompt_groups(prompts: dict[str, nn.Module], args: BenchArgs) -> list[dict]:
             if module.prompt_parameters():
                 groups.append({"name": f"{name}.prompt", "params": module.prompt_parameters(), "lr": args.lr_prompt})
             if module.lowrank_parameters():
-                groups.append({"name": f"{name}.lowrank", "params": module.lowrank_parameters(),
-                               "lr": args.lr_lowrank})
+                groups.append({"name": f"{name}.lowrank", "params": module.lowrank_parameters(), "lr": args.lr_lowrank})
         else:
             groups.append({"name": name, "params": list(module.parameters()), "lr": args.lr_lowrank})
     return groups
@@ -100,8 +99,12 @@ def infer(model: nn.Module, batch: dict, new_tokens: int, synced: bool = False) 
     if not new_tokens:
         model(**batch)
         return
-    model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=new_tokens,
-                   synced_gpus=synced)
+    model.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        max_new_tokens=new_tokens,
+        synced_gpus=synced,
+    )
 
 
 def exact_generation_length(net: nn.Module, new_tokens: int) -> None:
@@ -169,8 +172,9 @@ def plain_loops(args: BenchArgs, plain: Backbone, sharded: Backbone, device: tor
     loops: dict[str, PlainLoop] = {}
     if "eager" in args.refs:
         m, s, d = args.pt_tokens, args.max_length, plain.d_model  # PT with l tokens: m = l, r = 0
-        pt = init_dept_prompt(DeptConfig(num_virtual_tokens=m, r=0, max_length=s, d_model=d, prompt_init="RANDOM"),
-                              plain, args.seed)
+        pt = init_dept_prompt(
+            DeptConfig(num_virtual_tokens=m, r=0, max_length=s, d_model=d, prompt_init="RANDOM"), plain, args.seed
+        )
         eager = PromptSwitch(plain.model, {"bare": BareInput(d), f"pt_l{m}": pt}, plain.is_encoder_decoder).to(device)
         loops["eager"] = PlainLoop(eager.use, eager, args.lr_lowrank)
     if "peft" in args.refs:
@@ -196,6 +200,11 @@ def peft_prompt_tuning(plain: Backbone, tokens: int, seed: int) -> nn.Module:
 
     task = TaskType.SEQ_2_SEQ_LM if plain.is_encoder_decoder else TaskType.CAUSAL_LM
     torch.manual_seed(seed)
-    config = PromptTuningConfig(task_type=task, num_virtual_tokens=tokens, num_transformer_submodules=1,
-                                prompt_tuning_init=PromptTuningInit.RANDOM, token_dim=plain.d_model)
+    config = PromptTuningConfig(
+        task_type=task,
+        num_virtual_tokens=tokens,
+        num_transformer_submodules=1,
+        prompt_tuning_init=PromptTuningInit.RANDOM,
+        token_dim=plain.d_model,
+    )
     return get_peft_model(plain.model, config)

@@ -108,8 +108,11 @@ def tensor_peak(step: Callable[[], object], device: torch.device) -> tuple[float
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-              and e.device_type() == torch.autograd.DeviceType.CPU]
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
     current = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
         current += event.nbytes()
@@ -126,8 +129,9 @@ def timed(call: Callable[[], object], device: torch.device) -> tuple[float, obje
     return time.perf_counter() - start, result
 
 
-def measured(call: Callable[[], object], sampler: MemorySampler, label: str,
-             device: torch.device) -> tuple[float, object]:
+def measured(
+    call: Callable[[], object], sampler: MemorySampler, label: str, device: torch.device
+) -> tuple[float, object]:
     """`timed(call)`, the RSS sampler filing what it sees meanwhile under `label` (then under "between")."""
     sampler.label = label
     try:
@@ -140,8 +144,13 @@ def summary(values: list[float]) -> dict:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
         return {"median": None, "min": None, "max": None, "mean": None, "n": 0}
-    return {"median": statistics.median(finite), "min": min(finite), "max": max(finite),
-            "mean": statistics.fmean(finite), "n": len(finite)}
+    return {
+        "median": statistics.median(finite),
+        "min": min(finite),
+        "max": max(finite),
+        "mean": statistics.fmean(finite),
+        "n": len(finite),
+    }
 
 
 def paired(a: list[float], b: list[float]) -> dict:

@@ -44,8 +44,9 @@ def fmt_ratio(value: dict | None) -> str:
     return f"{fmt(value['median'])} [{fmt(value['min'])} .. {fmt(value['max'])}]"
 
 
-def write_outputs(output_dir: str, result: dict, markdown: Callable[[dict], str],
-                  plot: Callable[[dict, Path], None]) -> None:
+def write_outputs(
+    output_dir: str, result: dict, markdown: Callable[[dict], str], plot: Callable[[dict, Path], None]
+) -> None:
     """bench.md (`markdown(result)`), bench.json and bench.png (`plot(result, path)`) in `output_dir`, written
     atomically; the table on stdout (rank 0)."""
     from pipeline import atomic
@@ -69,8 +70,17 @@ def _metrics(result: dict) -> dict[str, float]:
 
     if result["mode"] == "compare":
         for row in result["rows"]:
-            for col in ("step_s", "step_min_s", "step_max_s", "tokens_per_s", "step_tensor_peak_mb", "rss_peak_mb",
-                        "infer_s", "epoch_s", "enc_tokens"):
+            for col in (
+                "step_s",
+                "step_min_s",
+                "step_max_s",
+                "tokens_per_s",
+                "step_tensor_peak_mb",
+                "rss_peak_mb",
+                "infer_s",
+                "epoch_s",
+                "enc_tokens",
+            ):
                 put(f"{row['key']}.{col}", row[col])
             for col in ("x_pt", "x_bare_same_len"):
                 if row[col]:
@@ -79,8 +89,16 @@ def _metrics(result: dict) -> dict[str, float]:
             if target["value"]:
                 put(f"target.{target['key']}", target["value"]["median"])
     else:
-        for key in ("load_s", "engine_init_s", "step_s", "tokens_per_s", "backbone_params", "peak_used_mb",
-                    "headroom_mb", "total_ram_mb"):
+        for key in (
+            "load_s",
+            "engine_init_s",
+            "step_s",
+            "tokens_per_s",
+            "backbone_params",
+            "peak_used_mb",
+            "headroom_mb",
+            "total_ram_mb",
+        ):
             put(key, result[key])
         for r in result["ranks"]:
             put(f"rank{r['rank']}.held_param_bytes", r["held_param_bytes"])
@@ -113,8 +131,13 @@ def track(args: BenchArgs, result: dict | None) -> None:
         tracker.set_tags({"dept.bench": result["mode"]}, run_id)
         tracker.log_metrics(_metrics(result), step=0, run_id=run_id)
         for target in result.get("targets", []):
-            tracker.set_tags({f"target.{target['key']}": f"{target['name']}: {fmt_ratio(target['value'])} vs "
-                                                          f"{target['target']} ({target['verdict']})"}, run_id)
+            tracker.set_tags(
+                {
+                    f"target.{target['key']}": f"{target['name']}: {fmt_ratio(target['value'])} vs "
+                    f"{target['target']} ({target['verdict']})"
+                },
+                run_id,
+            )
         out = Path(args.output_dir)
         for file in ("bench.md", "bench.json", "bench.png"):
             tracker.log_artifact(out / file, run_id=run_id)

@@ -69,8 +69,9 @@ def build_sharded(args: BenchArgs, ds: dict, sampler: MemorySampler) -> Sharded:
     and what each rank holds."""
     sampler.label = "load"
     tick = time.perf_counter()
-    backbone = load_backbone(args.model, ds, engine.dtype_of(ds), args.overrides, seed=args.seed,
-                             cache_dir=os.environ.get("DEPT_CACHE"))
+    backbone = load_backbone(
+        args.model, ds, engine.dtype_of(ds), args.overrides, seed=args.seed, cache_dir=os.environ.get("DEPT_CACHE")
+    )
     m, s, d = args.ms[0], args.max_length, backbone.d_model
     r = min(rank_for_budget(args.pt_tokens, m, s, d), s, d)
     shape = DeptConfig(num_virtual_tokens=m, r=r, max_length=s, d_model=d)
@@ -83,12 +84,22 @@ def build_sharded(args: BenchArgs, ds: dict, sampler: MemorySampler) -> Sharded:
     tick = time.perf_counter()
     trainer = bench_engine(model, {"dept": prompt}, args, ds)
     init_s = time.perf_counter() - tick
-    return Sharded(backbone, shape, trainer, load_s, init_s, trainable, total, held_bytes,
-                   engine.sharding_report(trainer.module.base_model))
+    return Sharded(
+        backbone,
+        shape,
+        trainer,
+        load_s,
+        init_s,
+        trainable,
+        total,
+        held_bytes,
+        engine.sharding_report(trainer.module.base_model),
+    )
 
 
-def take_steps(args: BenchArgs, built: Sharded, rows: list[dict], sampler: MemorySampler, rank: int,
-               world: int) -> tuple[list[float], list[float]]:
+def take_steps(
+    args: BenchArgs, built: Sharded, rows: list[dict], sampler: MemorySampler, rank: int, world: int
+) -> tuple[list[float], list[float]]:
     """Warm-up and timed DePT steps, each rank on its own rows of the global batch."""
     backbone, trainer = built.backbone, built.trainer
     micro = args.batch_size // world
@@ -96,8 +107,9 @@ def take_steps(args: BenchArgs, built: Sharded, rows: list[dict], sampler: Memor
     times, losses = [], []
     for step in range(args.warmup + args.steps):
         first = (step * args.batch_size + rank * micro) % max(len(rows) - micro, 1)
-        batch = collate(rows[first:first + micro], backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder,
-                        args.max_length)
+        batch = collate(
+            rows[first : first + micro], backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder, args.max_length
+        )
         sampler.label = "warm-up" if step < args.warmup else "steps"  # one label a phase: the plot marks each
         seconds, loss = timed(partial(one_step, trainer, batch), trainer.device)
         if step >= args.warmup:
@@ -118,12 +130,19 @@ def one_step(trainer: engine.Engine, batch: dict) -> float:
 def rank_record(rank: int, built: Sharded, sampler: MemorySampler, times: list[float], losses: list[float]) -> dict:
     device = built.trainer.device
     on_accelerator = device.type != "cpu"
-    return {"rank": rank, "held_param_bytes": built.held_bytes, "ru_maxrss_mb": rss_mb(),
-            "sampled_rss_peak_mb": max(sampler.peak_rss.values()) / 2**20,
-            "min_available_mb": sampler.min_available / 2**20, "total_ram_mb": sampler.total / 2**20,
-            "times": times, "losses": losses, "timeline": sampler.timeline[-2000:],
-            "alloc_peak_mb": engine.peak_memory_mb() if on_accelerator else None,
-            "device_total_mb": device_memory_mb(device)}
+    return {
+        "rank": rank,
+        "held_param_bytes": built.held_bytes,
+        "ru_maxrss_mb": rss_mb(),
+        "sampled_rss_peak_mb": max(sampler.peak_rss.values()) / 2**20,
+        "min_available_mb": sampler.min_available / 2**20,
+        "total_ram_mb": sampler.total / 2**20,
+        "times": times,
+        "losses": losses,
+        "timeline": sampler.timeline[-2000:],
+        "alloc_peak_mb": engine.peak_memory_mb() if on_accelerator else None,
+        "device_total_mb": device_memory_mb(device),
+    }
 
 
 def scale_result(args: BenchArgs, built: Sharded, per_rank: list[dict], ds: dict, info: dict, world: int) -> dict:
@@ -135,22 +154,38 @@ def scale_result(args: BenchArgs, built: Sharded, per_rank: list[dict], ds: dict
     total_ram = per_rank[0]["total_ram_mb"]
     min_avail = min(r["min_available_mb"] for r in per_rank)
     result = {
-        "mode": "scale", "settings": settings_record(args), "world_size": world,
+        "mode": "scale",
+        "settings": settings_record(args),
+        "world_size": world,
         "device": "cpu" if on_cpu else "accelerator",
-        "model": args.model, "overrides": args.overrides, "d_model": built.backbone.d_model,
+        "model": args.model,
+        "overrides": args.overrides,
+        "d_model": built.backbone.d_model,
         "layers": getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None),
         "intermediate": getattr(config, "intermediate_size", None) or getattr(config, "d_ff", None),
-        "backbone_params": built.total - built.trainable, "trainable_params": built.trainable,
-        "m": built.shape.num_virtual_tokens, "r": built.shape.r, "max_length": args.max_length,
-        "batch_size": args.batch_size, "dtype": str(engine.dtype_of(ds)).replace("torch.", ""),
-        "load_s": built.load_s, "engine_init_s": built.init_s, "step_s": step["median"],
-        "step_min_s": step["min"], "step_max_s": step["max"], "times_s": step_times,
+        "backbone_params": built.total - built.trainable,
+        "trainable_params": built.trainable,
+        "m": built.shape.num_virtual_tokens,
+        "r": built.shape.r,
+        "max_length": args.max_length,
+        "batch_size": args.batch_size,
+        "dtype": str(engine.dtype_of(ds)).replace("torch.", ""),
+        "load_s": built.load_s,
+        "engine_init_s": built.init_s,
+        "step_s": step["median"],
+        "step_min_s": step["min"],
+        "step_max_s": step["max"],
+        "times_s": step_times,
         "tokens_per_s": args.batch_size * args.max_length / step["median"] if step["median"] else None,
         "loss_finite": all(math.isfinite(x) for r in per_rank for x in r["losses"]),
         "ranks": [{k: v for k, v in r.items() if k not in ("times", "timeline")} for r in per_rank],
-        "sharding": built.sharding, "total_ram_mb": total_ram, "min_available_mb": min_avail,
-        "peak_used_mb": total_ram - min_avail, "headroom_mb": min_avail,
-        "timelines": {r["rank"]: r["timeline"] for r in per_rank}, "lengths": info,
+        "sharding": built.sharding,
+        "total_ram_mb": total_ram,
+        "min_available_mb": min_avail,
+        "peak_used_mb": total_ram - min_avail,
+        "headroom_mb": min_avail,
+        "timelines": {r["rank"]: r["timeline"] for r in per_rank},
+        "lengths": info,
     }
     result["notes"] = scale_notes(result, on_cpu)
     return result
@@ -169,41 +204,63 @@ def scale_notes(result: dict, on_cpu: bool) -> list[str]:
         "optimizer step, median over the timed steps (slowest rank per step), after the warm-up steps.",
         "To find the largest size that fits, raise --hidden / --layers / --intermediate until headroom nears 0 "
         "(keep ~1 GB spare: the OS and the launcher need some).",
-    ] + ([] if on_cpu else ["accelerator: alloc peak = max_memory_allocated per rank; headroom on the device = "
-                             "device total - alloc peak."])
+    ] + (
+        []
+        if on_cpu
+        else [
+            "accelerator: alloc peak = max_memory_allocated per rank; headroom on the device = "
+            "device total - alloc peak."
+        ]
+    )
 
 
 def scale_markdown(result: dict) -> str:
     gb = 1024
     overrides = json.dumps(result["overrides"]) if result["overrides"] else ""
-    lines = [f"# dept bench --mode scale: {result['model']} {overrides}",
-             "", f"{count_label(result['backbone_params'])} backbone parameters (d={result['d_model']}, "
-             f"{result['layers']} layers, "
-             f"intermediate {result['intermediate']}), {result['dtype']}, {result['world_size']} rank(s), DePT m="
-             f"{result['m']} r={result['r']} ({result['trainable_params']:,} trainable), batch {result['batch_size']} "
-             f"x {result['max_length']} tokens.", "",
-             "| rank | held params (M) | held fraction | held param GB | peak RSS GB | sampled RSS peak GB |"
-             + (" alloc peak GB |" if result["device"] != "cpu" else ""),
-             "|---|---|---|---|---|---|" + ("---|" if result["device"] != "cpu" else "")]
+    lines = [
+        f"# dept bench --mode scale: {result['model']} {overrides}",
+        "",
+        f"{count_label(result['backbone_params'])} backbone parameters (d={result['d_model']}, "
+        f"{result['layers']} layers, "
+        f"intermediate {result['intermediate']}), {result['dtype']}, {result['world_size']} rank(s), DePT m="
+        f"{result['m']} r={result['r']} ({result['trainable_params']:,} trainable), batch {result['batch_size']} "
+        f"x {result['max_length']} tokens.",
+        "",
+        "| rank | held params (M) | held fraction | held param GB | peak RSS GB | sampled RSS peak GB |"
+        + (" alloc peak GB |" if result["device"] != "cpu" else ""),
+        "|---|---|---|---|---|---|" + ("---|" if result["device"] != "cpu" else ""),
+    ]
     shard = {s["rank"]: s for s in result["sharding"]}
     for r in result["ranks"]:
         sh = shard.get(r["rank"], {})
-        cells = [str(r["rank"]), fmt(sh.get("held_elements", 0) / 1e6), fmt(sh.get("held_fraction")),
-                 fmt(r["held_param_bytes"] / 2**30), fmt(r["ru_maxrss_mb"] / gb), fmt(r["sampled_rss_peak_mb"] / gb)]
+        cells = [
+            str(r["rank"]),
+            fmt(sh.get("held_elements", 0) / 1e6),
+            fmt(sh.get("held_fraction")),
+            fmt(r["held_param_bytes"] / 2**30),
+            fmt(r["ru_maxrss_mb"] / gb),
+            fmt(r["sampled_rss_peak_mb"] / gb),
+        ]
         if result["device"] != "cpu":
             cells.append(fmt((r["alloc_peak_mb"] or 0) / gb))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| measure | value |", "|---|---|",
-              f"| load (build sharded) s | {fmt(result['load_s'])} |",
-              f"| engine init s | {fmt(result['engine_init_s'])} |",
-              f"| step s (median) | {fmt(result['step_s'])} |",
-              f"| step s (min .. max) | {fmt(result['step_min_s'])} .. {fmt(result['step_max_s'])} |",
-              f"| tokens/s (batch x s, padded) | {fmt(result['tokens_per_s'])} |",
-              f"| total RAM GB | {fmt(result['total_ram_mb'] / gb)} |",
-              f"| system peak used GB | {fmt(result['peak_used_mb'] / gb)} |",
-              f"| headroom GB (total - peak used) | {fmt(result['headroom_mb'] / gb)} |",
-              f"| losses finite | {result['loss_finite']} |",
-              "", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
+    lines += [
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| load (build sharded) s | {fmt(result['load_s'])} |",
+        f"| engine init s | {fmt(result['engine_init_s'])} |",
+        f"| step s (median) | {fmt(result['step_s'])} |",
+        f"| step s (min .. max) | {fmt(result['step_min_s'])} .. {fmt(result['step_max_s'])} |",
+        f"| tokens/s (batch x s, padded) | {fmt(result['tokens_per_s'])} |",
+        f"| total RAM GB | {fmt(result['total_ram_mb'] / gb)} |",
+        f"| system peak used GB | {fmt(result['peak_used_mb'] / gb)} |",
+        f"| headroom GB (total - peak used) | {fmt(result['headroom_mb'] / gb)} |",
+        f"| losses finite | {result['loss_finite']} |",
+        "",
+        "## Notes",
+        "",
+    ] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -227,8 +284,11 @@ def plot_scale(result: dict, path: Path) -> None:
                     ax.annotate(t[3], (t[0], 0), fontsize=7, rotation=90, va="bottom", color="grey")
                     last = t[3]
     ax.axhline(result["total_ram_mb"] / 1024, color="red", linewidth=1, label="total RAM")
-    ax.set(xlabel="s since start", ylabel="GB", title=f"{count_label(result['backbone_params'])} params on "
-           f"{result['world_size']} rank(s): memory over time")
+    ax.set(
+        xlabel="s since start",
+        ylabel="GB",
+        title=f"{count_label(result['backbone_params'])} params on {result['world_size']} rank(s): memory over time",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

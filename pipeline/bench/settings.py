@@ -33,8 +33,18 @@ RANDOM_PREFIX = "random:"  # pipeline.backbone's; repeated here so that --help n
 
 # Batch 32 as 4 micro-batches of 8 (8 of 4 for t5-large): the activations of 32 x 356 tokens at once would take
 # ~18 GB for T5-base in fp32 (scaled from T5-small's measured step peak), too close to a 24 GB machine's RAM.
-PAPER = dict(mode="compare", model="random:t5-base", ms=[0, 20, 40, 60, 80, 100], pt_tokens=100, max_length=256,
-             batch_size=32, grad_accum=4, steps=5, warmup=1, lengths="padded")
+PAPER = dict(
+    mode="compare",
+    model="random:t5-base",
+    ms=[0, 20, 40, 60, 80, 100],
+    pt_tokens=100,
+    max_length=256,
+    batch_size=32,
+    grad_accum=4,
+    steps=5,
+    warmup=1,
+    lengths="padded",
+)
 PRESETS: dict[str, dict] = {
     # The paper's efficiency setting: T5-base geometry, l = 100, s = 256, every input padded to s, batch 32.
     "paper": dict(PAPER),
@@ -53,8 +63,17 @@ PRESETS: dict[str, dict] = {
 PRESET_NAMES = tuple(PRESETS)
 
 # Scale mode's defaults where they differ from compare mode's (BenchArgs' own defaults).
-SCALE_DEFAULTS = dict(model="random:llama-7b", ms=[60], max_length=64, batch_size=0, steps=3, refs=[],
-                      infer_tokens=0, infer_repeats=0, ds_config="zero3_cpu_bf16")
+SCALE_DEFAULTS = dict(
+    model="random:llama-7b",
+    ms=[60],
+    max_length=64,
+    batch_size=0,
+    steps=3,
+    refs=[],
+    infer_tokens=0,
+    infer_repeats=0,
+    ds_config="zero3_cpu_bf16",
+)
 
 
 @dataclass
@@ -62,49 +81,88 @@ class BenchArgs:
     """The flags of `dept bench` (defaults: compare mode's; scale mode's differ where the help says so)."""
 
     preset: Literal[PRESET_NAMES] | None = option(None, "a named setting (below); explicit flags override its values")
-    mode: Literal[MODES] = option("compare", "compare: PT vs DePT at equal budget, with reference rows; scale: the "
-                                  "largest LLaMA backbone that fits, sharded over the launched ranks")
-    model: str = option("random:t5-base", "random:<preset> (random weights from the preset's geometry: t5-base, "
-                        "t5-small, t5-large, tiny-t5, llama-7b, ...) or a local model directory; scale: "
-                        "random:llama-7b")
-    ms: list[int] = option(help="prompt lengths m, comma-separated (default 0,20,40,60,80,100; scale: 60, and only "
-                           "the first is used); each gets r = rank_for_budget(l, m, s, d), m = l is vanilla PT",
-                           default_factory=lambda: [0, 20, 40, 60, 80, 100])
-    pt_tokens: int = option(100, "l, the vanilla prompt length that sets the budget (not --l: the DeepSpeed "
-                            "launcher would take it for --launcher)", minimum=1)
+    mode: Literal[MODES] = option(
+        "compare",
+        "compare: PT vs DePT at equal budget, with reference rows; scale: the "
+        "largest LLaMA backbone that fits, sharded over the launched ranks",
+    )
+    model: str = option(
+        "random:t5-base",
+        "random:<preset> (random weights from the preset's geometry: t5-base, "
+        "t5-small, t5-large, tiny-t5, llama-7b, ...) or a local model directory; scale: "
+        "random:llama-7b",
+    )
+    ms: list[int] = option(
+        help="prompt lengths m, comma-separated (default 0,20,40,60,80,100; scale: 60, and only "
+        "the first is used); each gets r = rank_for_budget(l, m, s, d), m = l is vanilla PT",
+        default_factory=lambda: [0, 20, 40, 60, 80, 100],
+    )
+    pt_tokens: int = option(
+        100,
+        "l, the vanilla prompt length that sets the budget (not --l: the DeepSpeed "
+        "launcher would take it for --launcher)",
+        minimum=1,
+    )
     max_length: int = option(256, "s, the longest input and the rows of A (scale: 64)", minimum=1)
-    batch_size: int = option(8, "global batch over all ranks (scale: 0 = one row per rank; paper presets: 32)",
-                             minimum=0)
-    grad_accum: int = option(1, "micro-batches per step and rank, then one optimizer step (paper presets: 4, "
-                             "t5-large 8, so that batch 32 fits in 24 GB of RAM; scale: 1 only)", minimum=1)
+    batch_size: int = option(
+        8, "global batch over all ranks (scale: 0 = one row per rank; paper presets: 32)", minimum=0
+    )
+    grad_accum: int = option(
+        1,
+        "micro-batches per step and rank, then one optimizer step (paper presets: 4, "
+        "t5-large 8, so that batch 32 fits in 24 GB of RAM; scale: 1 only)",
+        minimum=1,
+    )
     steps: int = option(5, "timed steps (rounds) per configuration (scale: 3)", minimum=1)
     warmup: int = option(1, "untimed rounds before them", minimum=0)
-    lengths: Literal[LENGTHS] = option("padded", "padded: every input padded to s (the paper's setting); rte, boolq: "
-                                       "the shipped task's real lengths, each batch padded to its longest input "
-                                       "(an epoch-time estimate is reported)")
-    refs: list[Literal[REF_WORDS]] = option(help="reference rows, comma-separated from bare, eager, peft, padded, or "
-                                            "all / none (default all; scale: none)", default_factory=lambda: list(REFS))
-    infer_tokens: int = option(2, "inference = one evaluation batch with exactly this many greedy tokens; 0 = one "
-                               "eval-mode forward pass instead (scale: 0)", minimum=0)
-    infer_repeats: int = option(3, "inference timings per configuration, interleaved; 0 skips inference (scale: 0)",
-                                minimum=0)
-    group_by_length: bool = option(False, "batch rows of similar length together (the epoch order of `dept train "
-                                   "--group_by_length`), so that dynamic padding wastes little")
-    memory_profile: bool = option(True, "one extra untimed step per configuration measures its tensor peak "
-                                  "(CPU: torch.profiler memory events; GPU: the allocator's peak)")
-    tokenizer: str = option("", "tokenizer whose token counts set the lengths (hub name or directory; its ids are "
-                            f"folded into the backbone's vocabulary), or {DATA_TOKENIZER} (a 32k SentencePiece "
-                            "trained on the task data); default: the backbone's own")
-    data_dir: str = option("", "folder with <task>/<split>.jsonl (default $DEPT_DATA_DIR, else ../shared/data next "
-                           "to the repository)")
-    hidden: int | None = option(None, "backbone width (LLaMA hidden_size, T5 d_model); heads follow at 128 (LLaMA) "
-                                "or 64 (T5) per head unless --heads is given", minimum=1)
-    layers: int | None = option(None, "layer count (LLaMA num_hidden_layers; T5 encoder and decoder layers)",
-                                minimum=1)
+    lengths: Literal[LENGTHS] = option(
+        "padded",
+        "padded: every input padded to s (the paper's setting); rte, boolq: "
+        "the shipped task's real lengths, each batch padded to its longest input "
+        "(an epoch-time estimate is reported)",
+    )
+    refs: list[Literal[REF_WORDS]] = option(
+        help="reference rows, comma-separated from bare, eager, peft, padded, or all / none (default all; scale: none)",
+        default_factory=lambda: list(REFS),
+    )
+    infer_tokens: int = option(
+        2,
+        "inference = one evaluation batch with exactly this many greedy tokens; 0 = one "
+        "eval-mode forward pass instead (scale: 0)",
+        minimum=0,
+    )
+    infer_repeats: int = option(
+        3, "inference timings per configuration, interleaved; 0 skips inference (scale: 0)", minimum=0
+    )
+    group_by_length: bool = option(
+        False,
+        "batch rows of similar length together (the epoch order of `dept train "
+        "--group_by_length`), so that dynamic padding wastes little",
+    )
+    memory_profile: bool = option(
+        True,
+        "one extra untimed step per configuration measures its tensor peak "
+        "(CPU: torch.profiler memory events; GPU: the allocator's peak)",
+    )
+    tokenizer: str = option(
+        "",
+        "tokenizer whose token counts set the lengths (hub name or directory; its ids are "
+        f"folded into the backbone's vocabulary), or {DATA_TOKENIZER} (a 32k SentencePiece "
+        "trained on the task data); default: the backbone's own",
+    )
+    data_dir: str = option(
+        "", "folder with <task>/<split>.jsonl (default $DEPT_DATA_DIR, else ../shared/data next to the repository)"
+    )
+    hidden: int | None = option(
+        None,
+        "backbone width (LLaMA hidden_size, T5 d_model); heads follow at 128 (LLaMA) "
+        "or 64 (T5) per head unless --heads is given",
+        minimum=1,
+    )
+    layers: int | None = option(None, "layer count (LLaMA num_hidden_layers; T5 encoder and decoder layers)", minimum=1)
     intermediate: int | None = option(None, "feed-forward width (LLaMA intermediate_size, T5 d_ff)", minimum=1)
     heads: int | None = option(None, "attention heads (LLaMA also sets num_key_value_heads)", minimum=1)
-    overrides: dict = option(help="any other config fields, e.g. '{\"num_key_value_heads\": 8}'",
-                             default_factory=dict)
+    overrides: dict = option(help="any other config fields, e.g. '{\"num_key_value_heads\": 8}'", default_factory=dict)
     output_dir: str = option("bench_out", "where bench.md, bench.json and bench.png go")
     ds_config: str = option("zero3_cpu", "DeepSpeed config: a shipped name or a JSON path (scale: zero3_cpu_bf16)")
     lr_prompt: float = option(0.3, "learning rate of the prompts (timing does not depend on it)", minimum=0.0)
@@ -122,8 +180,9 @@ class BenchArgs:
             raise PipelineError(f"every m in --ms must lie in 0..l (l = pt_tokens = {self.pt_tokens}); got {bad}")
         self.refs = _expand_refs(self.refs)
         if "peft" in self.refs and importlib.util.find_spec("peft") is None:
-            raise PipelineError("the peft reference row needs the peft package: pip install peft, or leave peft "
-                                "out of --refs")
+            raise PipelineError(
+                "the peft reference row needs the peft package: pip install peft, or leave peft out of --refs"
+            )
         if self.mode == "compare" and self.batch_size < 1:
             raise PipelineError("--batch_size must be at least 1 in compare mode")
         if self.mode == "scale":
@@ -133,8 +192,10 @@ class BenchArgs:
         resized = [f"--{name}" for name in ("hidden", "layers", "intermediate", "heads") if getattr(self, name)]
         if resized and not self.model.startswith(RANDOM_PREFIX):
             verb = "needs" if len(resized) == 1 else "need"
-            raise PipelineError(f"{'/'.join(resized)} {verb} a random:<preset> model; use --overrides with the "
-                                "config's own field names for a model directory")
+            raise PipelineError(
+                f"{'/'.join(resized)} {verb} a random:<preset> model; use --overrides with the "
+                "config's own field names for a model directory"
+            )
         ds_config_path(self.ds_config)  # a missing file is refused now, not after the backbone is built
 
 
@@ -172,7 +233,7 @@ def with_model_overrides(args: BenchArgs) -> BenchArgs:
     field names (explicit --overrides entries win). Reads the backbone presets, so torch is imported."""
     from pipeline.backbone import PRESETS as GEOMETRIES
 
-    geometry = GEOMETRIES.get(args.model[len(RANDOM_PREFIX):]) if args.model.startswith(RANDOM_PREFIX) else None
+    geometry = GEOMETRIES.get(args.model[len(RANDOM_PREFIX) :]) if args.model.startswith(RANDOM_PREFIX) else None
     arch = geometry["arch"] if geometry else None
     out = dict(args.overrides)
     if arch == "llama":
@@ -183,8 +244,11 @@ def with_model_overrides(args: BenchArgs) -> BenchArgs:
 
 
 def _set_llama(out: dict, args: BenchArgs) -> None:
-    for key, value in (("hidden_size", args.hidden), ("num_hidden_layers", args.layers),
-                       ("intermediate_size", args.intermediate)):
+    for key, value in (
+        ("hidden_size", args.hidden),
+        ("num_hidden_layers", args.layers),
+        ("intermediate_size", args.intermediate),
+    ):
         if value:
             out.setdefault(key, value)
     heads = args.heads or (max(1, args.hidden // 128) if args.hidden else None)
@@ -194,8 +258,12 @@ def _set_llama(out: dict, args: BenchArgs) -> None:
 
 
 def _set_t5(out: dict, args: BenchArgs) -> None:
-    for key, value in (("d_model", args.hidden), ("num_layers", args.layers), ("num_decoder_layers", args.layers),
-                       ("d_ff", args.intermediate)):
+    for key, value in (
+        ("d_model", args.hidden),
+        ("num_layers", args.layers),
+        ("num_decoder_layers", args.layers),
+        ("d_ff", args.intermediate),
+    ):
         if value:
             out.setdefault(key, value)
     heads = args.heads or (max(1, args.hidden // 64) if args.hidden else None)

@@ -11,6 +11,17 @@ from pipeline.tasks.splits import SPLIT_SEED, SPLITS
 from pipeline.tasks.task import Task
 
 __all__ = [
-    "DATA_DIR_ENV", "MIRROR_ENV", "SPLITS", "SPLIT_SEED", "Task", "custom_task", "get_task", "kshot_sample",
-    "list_tasks", "load_raw_split", "load_task_splits", "mixture", "resolve_data_dir",
+    "DATA_DIR_ENV",
+    "MIRROR_ENV",
+    "SPLITS",
+    "SPLIT_SEED",
+    "Task",
+    "custom_task",
+    "get_task",
+    "kshot_sample",
+    "list_tasks",
+    "load_raw_split",
+    "load_task_splits",
+    "mixture",
+    "resolve_data_dir",
 ]

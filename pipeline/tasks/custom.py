@@ -94,7 +94,16 @@ def custom_task(spec: dict) -> Task:
         )
     to_target = LabelWords.from_mapping(words) if words else score_text if kind == "regression" else label_key
     return Task(
-        name=name, hub_path=None, hub_config=None, input_fields=inputs, label_column=label_column,
-        labels=to_target.targets if words else None, metrics=(metric,), split_rule=split_rule, kind=kind,
-        template=template, to_target=to_target, data_files=_check_data_files(name, spec["data_files"]),
+        name=name,
+        hub_path=None,
+        hub_config=None,
+        input_fields=inputs,
+        label_column=label_column,
+        labels=to_target.targets if words else None,
+        metrics=(metric,),
+        split_rule=split_rule,
+        kind=kind,
+        template=template,
+        to_target=to_target,
+        data_files=_check_data_files(name, spec["data_files"]),
     )

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.tasks.loading import _load_rendered, resolve_data_dir
-from pipeline.tasks.sampling import kshot_sample
+from pipeline.tasks.loading import rendered_split_file, resolve_data_dir
+from pipeline.tasks.sampling import kshot_positions
 from pipeline.tasks.specs import task_from_spec
 from pipeline.tasks.splits import SPLITS, original_split_of
 
@@ -32,12 +32,21 @@ def check_job_data(data, seed: int) -> None:
         if not _local(task, data.data_dir):
             continue
         originals = dict.fromkeys(original_split_of(task, split) for split in wanted)
-        rendered = {}
+        files = {}
         for original in originals:
-            try:
-                rendered[original] = _load_rendered(task, original, data.data_dir, None)[1]
+            try:  # renders into the cache the job then reuses (memory-mapped; no rows held)
+                files[original] = rendered_split_file(task, original, data.data_dir)
             except PipelineError as err:
                 users = [s for s in wanted if original_split_of(task, s) == original]
                 raise PipelineError(f"{err} (needed for {', '.join(users)})") from None
         if data.k is not None:
-            kshot_sample(rendered[original_split_of(task, "train")], data.k, seed, task)
+            targets = _column(files[original_split_of(task, "train")], "target")
+            kshot_positions([{"target": t} for t in targets], data.k, seed, task)
+
+
+def _column(path: Path, name: str) -> list:
+    """One column of a cached Arrow file, read with pyarrow alone (no `datasets`, no torch)."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all().column(name).to_pylist()

@@ -26,10 +26,26 @@ MIRROR_ENV = "DEPT_HUB_MIRROR"
 DATA_DIR_ENV = "DEPT_DATA_DIR"
 # Exception class names (anywhere in an error's chain) that mean "no connection": builtins, httpx/httpx2 and
 # requests spell them differently, and importing every library just to name its classes would be wasteful.
-_NETWORK_ERRORS = {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError",
-                   "ConnectTimeout", "ReadTimeout", "TimeoutException", "NetworkError", "ProxyError"}
-_NOT_FOUND_ERRORS = {"DatasetNotFoundError", "RepositoryNotFoundError", "RevisionNotFoundError",
-                     "EntryNotFoundError", "DataFilesNotFoundError", "EmptyDatasetError", "FileNotFoundError"}
+_NETWORK_ERRORS = {
+    "ConnectionError",
+    "OfflineModeIsEnabled",
+    "LocalEntryNotFoundError",
+    "ConnectError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "TimeoutException",
+    "NetworkError",
+    "ProxyError",
+}
+_NOT_FOUND_ERRORS = {
+    "DatasetNotFoundError",
+    "RepositoryNotFoundError",
+    "RevisionNotFoundError",
+    "EntryNotFoundError",
+    "DataFilesNotFoundError",
+    "EmptyDatasetError",
+    "FileNotFoundError",
+}
 _NOT_FOUND_TEXT = ("BuilderConfig", "Unknown split", "Config name is missing", "doesn't exist", "not found")
 
 
@@ -126,13 +142,17 @@ def resolve_commit(task: Task) -> str | None:
     return HfApi().dataset_info(task.hub_path, revision=task.revision or "main").sha
 
 
-def load_hub_rows(task: Task, split: str) -> tuple[list[dict], dict]:
-    """Rows of one original split (only the columns the task needs) and a record of where they came from:
-    `{"source": "hub"|"mirror", "location", "hub_path", "hub_config", "revision", "commit"}`."""
+def load_hub_table(task: Task, split: str):
+    """One original split as a memory-mapped `datasets.Dataset` (only the columns the task needs; MRQA: only its
+    subset's rows) and a record of where it came from:
+    `{"source": "hub"|"mirror", "location", "hub_path", "hub_config", "revision", "commit"}`.
+    The table's fingerprint is derived from the loaded split's (the hub cache's content) and the filter."""
     if task.hub_path is None:
         raise PipelineError(f"task {task.name!r} has no hub dataset: give it data files")
     check_hub_id(task)
     import datasets  # heavy; only needed without local files
+
+    from pipeline.tasks.tables import digest
 
     mirror = _mirror_root()
     record = {"hub_path": task.hub_path, "hub_config": task.hub_config, "revision": task.revision}
@@ -149,16 +169,35 @@ def load_hub_rows(task: Task, split: str) -> tuple[list[dict], dict]:
         else:
             commit = resolve_commit(task)
             record.update(source="hub", location=f"hf://datasets/{task.hub_path}", commit=commit)
-            dataset = datasets.load_dataset(task.hub_path, task.hub_config, split=split,
-                                            revision=commit or task.revision)
+            dataset = datasets.load_dataset(
+                task.hub_path, task.hub_config, split=split, revision=commit or task.revision
+            )
     except PipelineError:
         raise
     except Exception as err:  # the hub's many error types: sorted into causes by `explain`
         raise explain(task, split, err) from err
     if task.row_filter is not None:
         column, value = task.row_filter
-        # Filter before materialising: MRQA's train split holds ~500k rows with tokenised contexts.
-        dataset = dataset.filter(lambda cell: cell == value, input_columns=column)
+        # Filter before anything reads the rows: MRQA's train split holds ~500k rows with tokenised contexts.
+        dataset = dataset.filter(
+            lambda cell: cell == value,
+            input_columns=column,
+            new_fingerprint=digest(dataset._fingerprint, "filter", column, value)[:16],
+        )
     wanted = set(task.required_columns) | set(ID_COLUMNS) | ({task.row_filter[0]} if task.row_filter else set())
-    rows = dataset.select_columns([c for c in dataset.column_names if c in wanted]).to_list()
-    return rows, record
+    kept = [c for c in dataset.column_names if c in wanted]
+    return dataset.select_columns(kept, new_fingerprint=digest(dataset._fingerprint, "columns", kept)[:16]), record
+
+
+def load_hub_rows(task: Task, split: str) -> tuple[list[dict], dict]:
+    """Rows of one original split as a list (only the columns the task needs) and the record of `load_hub_table`."""
+    table, record = load_hub_table(task, split)
+    return table.to_list(), record
+
+
+def iter_table_rows(table, batch_rows: int = 1000):
+    """The rows of a `datasets.Dataset`, one dict at a time, read one batch at a time."""
+    for batch in table.iter(batch_size=batch_rows):
+        names = list(batch)
+        for values in zip(*(batch[name] for name in names)):
+            yield dict(zip(names, values))

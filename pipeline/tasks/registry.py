@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from pipeline.errors import PipelineError
 from pipeline.tasks.row_transforms import mark_wsc_spans, strip_multirc_markup
+from pipeline.tasks.stories import STORY_TASKS, story_task
 from pipeline.tasks.synthetic import SYNTHETIC_TASKS, synthetic_task
 from pipeline.tasks.targets import LabelWords, stsb_score, winogrande_answer
 from pipeline.tasks.task import UNPINNED, Task
@@ -61,65 +62,144 @@ YELP_TRAIN_ROWS = 100_000
 
 def _classify(name, hub, hub_config, fields, split_rule, labels=BINARY, metrics=("accuracy",), **more) -> Task:
     hub_path, revision = hub
-    return Task(name=name, hub_path=hub_path, hub_config=hub_config, revision=revision, input_fields=fields,
-                label_column="label", labels=labels, metrics=metrics, split_rule=split_rule,
-                kind="classification", **more)
+    return Task(
+        name=name,
+        hub_path=hub_path,
+        hub_config=hub_config,
+        revision=revision,
+        input_fields=fields,
+        label_column="label",
+        labels=labels,
+        metrics=metrics,
+        split_rule=split_rule,
+        kind="classification",
+        **more,
+    )
 
 
 def _mrqa(name: str) -> Task:
-    return Task(name=name, hub_path=MRQA[0], hub_config="plain_text", revision=MRQA[1],
-                input_fields=("question", "context"), label_column="answers", labels=None,
-                metrics=("squad_f1", "squad_em", "squad_f1_first", "squad_em_first"), selection_metric="squad_em",
-                split_rule="large", kind="qa", row_filter=("subset", MRQA_SUBSETS[name]))
+    return Task(
+        name=name,
+        hub_path=MRQA[0],
+        hub_config="plain_text",
+        revision=MRQA[1],
+        input_fields=("question", "context"),
+        label_column="answers",
+        labels=None,
+        metrics=("squad_f1", "squad_em", "squad_f1_first", "squad_em_first"),
+        selection_metric="squad_em",
+        split_rule="large",
+        kind="qa",
+        row_filter=("subset", MRQA_SUBSETS[name]),
+    )
 
 
 PAPER_TASKS = [
     # GLUE
-    _classify("mnli", GLUE, "mnli", ("premise", "hypothesis"), "mnli", labels=THREE_WAY,
-              # The shipped data names validation_matched plainly `validation.jsonl`.
-              split_aliases=(("validation_matched", "validation"),)),
+    _classify(
+        "mnli",
+        GLUE,
+        "mnli",
+        ("premise", "hypothesis"),
+        "mnli",
+        labels=THREE_WAY,
+        # The shipped data names validation_matched plainly `validation.jsonl`.
+        split_aliases=(("validation_matched", "validation"),),
+    ),
     _classify("qqp", GLUE, "qqp", ("question1", "question2"), "large", metrics=("accuracy", "f1")),
     _classify("qnli", GLUE, "qnli", ("question", "sentence"), "large"),
     _classify("sst2", GLUE, "sst2", ("sentence",), "large"),
-    Task(name="stsb", hub_path=GLUE[0], hub_config="stsb", revision=GLUE[1], input_fields=("sentence1", "sentence2"),
-         label_column="label", labels=None, metrics=("pearson", "spearman"), split_rule="small",
-         kind="regression", to_target=stsb_score, kshot_boundaries=STSB_KSHOT_BOUNDARIES),
+    Task(
+        name="stsb",
+        hub_path=GLUE[0],
+        hub_config="stsb",
+        revision=GLUE[1],
+        input_fields=("sentence1", "sentence2"),
+        label_column="label",
+        labels=None,
+        metrics=("pearson", "spearman"),
+        split_rule="small",
+        kind="regression",
+        to_target=stsb_score,
+        kshot_boundaries=STSB_KSHOT_BOUNDARIES,
+    ),
     _classify("mrpc", GLUE, "mrpc", ("sentence1", "sentence2"), "small", metrics=("accuracy", "f1")),
     _classify("rte", GLUE, "rte", ("sentence1", "sentence2"), "small"),
     _classify("cola", GLUE, "cola", ("sentence",), "small", metrics=("matthews_corrcoef",)),
     # SuperGLUE
-    _classify("multirc", SUPER_GLUE, "multirc", ("question", "answer", "paragraph"), "small",
-              metrics=("f1", "accuracy"), row_transform=strip_multirc_markup),
+    _classify(
+        "multirc",
+        SUPER_GLUE,
+        "multirc",
+        ("question", "answer", "paragraph"),
+        "small",
+        metrics=("f1", "accuracy"),
+        row_transform=strip_multirc_markup,
+    ),
     _classify("boolq", SUPER_GLUE, "boolq", ("question", "passage"), "small"),
     _classify("wic", SUPER_GLUE, "wic", ("sentence1", "sentence2", "word"), "small"),
     # Spans marked case-insensitively and nested on overlap (the authors: exact case only); see row_transforms.
-    _classify("wsc", SUPER_GLUE, "wsc.fixed", ("text",), "small", row_transform=mark_wsc_spans,
-              extra_columns=WSC_SPAN_COLUMNS),
+    _classify(
+        "wsc", SUPER_GLUE, "wsc.fixed", ("text",), "small", row_transform=mark_wsc_spans, extra_columns=WSC_SPAN_COLUMNS
+    ),
     # Accuracy is reported first (the paper's CB column); checkpoints are selected on macro-F1 as the authors'
     # metric_for_best_model (TASK_TO_METRICS["superglue-cb"][0] == "f1_multiclass") does.
-    _classify("cb", SUPER_GLUE, "cb", ("premise", "hypothesis"), "small", labels=THREE_WAY,
-              metrics=("accuracy", "macro_f1"), selection_metric="macro_f1"),
+    _classify(
+        "cb",
+        SUPER_GLUE,
+        "cb",
+        ("premise", "hypothesis"),
+        "small",
+        labels=THREE_WAY,
+        metrics=("accuracy", "macro_f1"),
+        selection_metric="macro_f1",
+    ),
     # The authors' template: premise, choice1, choice2. Like theirs it leaves out `question` (cause/effect).
     _classify("copa", SUPER_GLUE, "copa", ("premise", "choice1", "choice2"), "small"),
     # MRQA: every gold answer scores the headline metrics; *_first are the authors' first-gold scores.
     *(_mrqa(name) for name in MRQA_SUBSETS),
     # Others. WinoGrande: the authors' slot names (option0, option1) over both options, not option1 twice.
-    Task(name="winogrande", hub_path=WINOGRANDE[0], hub_config="winogrande_xl", revision=WINOGRANDE[1],
-         input_fields=("sentence", "option1", "option2"), field_names=("sentence", "option0", "option1"),
-         label_column="answer", labels=BINARY, metrics=("accuracy",), split_rule="large", kind="classification",
-         to_target=winogrande_answer),
+    Task(
+        name="winogrande",
+        hub_path=WINOGRANDE[0],
+        hub_config="winogrande_xl",
+        revision=WINOGRANDE[1],
+        input_fields=("sentence", "option1", "option2"),
+        field_names=("sentence", "option0", "option1"),
+        label_column="answer",
+        labels=BINARY,
+        metrics=("accuracy",),
+        split_rule="large",
+        kind="classification",
+        to_target=winogrande_answer,
+    ),
     # yelp_polarity has no validation split: its test split plays that part; the authors write "sentence:" and
     # train on the first 100,000 rows left after the 1,000 validation rows are held out.
-    _classify("yelp", YELP, "plain_text", ("text",), "large", field_names=("sentence",), eval_split="test",
-              train_limit=YELP_TRAIN_ROWS),
+    _classify(
+        "yelp",
+        YELP,
+        "plain_text",
+        ("text",),
+        "large",
+        field_names=("sentence",),
+        eval_split="test",
+        train_limit=YELP_TRAIN_ROWS,
+    ),
     # tsv_format instead of the authors' snli_format: the same sentences under hub column names premise/hypothesis.
-    _classify("scitail", SCITAIL, "tsv_format", ("premise", "hypothesis"), "small",
-              to_target=LabelWords.from_mapping({"entails": "0", "neutral": "1"})),
+    _classify(
+        "scitail",
+        SCITAIL,
+        "tsv_format",
+        ("premise", "hypothesis"),
+        "small",
+        to_target=LabelWords.from_mapping({"entails": "0", "neutral": "1"}),
+    ),
     # PAWS has labelled train/validation/test; the authors' code uses them as they are.
     _classify("paws", PAWS, "labeled_final", ("sentence1", "sentence2"), "original"),
 ]
 TASKS: dict[str, Task] = {task.name: task for task in PAPER_TASKS}
 TASKS.update({name: synthetic_task(name) for name in SYNTHETIC_TASKS})
+TASKS.update({name: story_task(name) for name in STORY_TASKS})
 
 
 def list_tasks(paper_only: bool = False) -> list[str]:

@@ -25,7 +25,7 @@ def _span_start(text: str, index: object, span: str) -> int:
     if not span or not 0 <= index < len(starts):
         raise PipelineError(f"WSC span {span!r} is not at word {index} of the text {text[:60]!r}...")
     start = starts[index]
-    if text[start:start + len(span)].lower() != span.lower():
+    if text[start : start + len(span)].lower() != span.lower():
         raise PipelineError(f"WSC span {span!r} is not at word {index} of the text {text[:60]!r}...")
     return start
 
@@ -50,8 +50,10 @@ def mark_wsc_spans(row: dict) -> dict:
     # Insertions as (offset, rank, text): at one offset closing marks come before opening ones, the inner span
     # closes first and the outer span opens first, so marks always nest.
     inserts = [
-        (outer[0], 2, f"{outer[2]} "), (inner[0], 3, f"{inner[2]} "),
-        (inner[1], 0, f" {inner[2]}"), (outer[1], 1, f" {outer[2]}"),
+        (outer[0], 2, f"{outer[2]} "),
+        (inner[0], 3, f"{inner[2]} "),
+        (inner[1], 0, f" {inner[2]}"),
+        (outer[1], 1, f" {outer[2]}"),
     ]
     for offset, _, mark in sorted(inserts, key=lambda item: (-item[0], -item[1])):
         text = text[:offset] + mark + text[offset:]

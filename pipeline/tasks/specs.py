@@ -21,8 +21,10 @@ def with_absolute_paths(spec: dict, base_dir: Path) -> dict:
     files = spec.get("data_files")
     if not isinstance(files, dict):
         return spec
-    resolved = {split: str(path if Path(str(path)).is_absolute() else (base_dir / str(path)).resolve())
-                for split, path in files.items()}
+    resolved = {
+        split: str(path if Path(str(path)).is_absolute() else (base_dir / str(path)).resolve())
+        for split, path in files.items()
+    }
     return {**spec, "data_files": resolved}
 
 
@@ -32,8 +34,10 @@ def read_task_file(path: str | Path) -> dict:
 
     file = Path(path).expanduser()
     if not file.is_file():
-        raise PipelineError(f"custom task file {path} does not exist: pass a YAML file with name, data_files, "
-                            "input_columns, label_column, metric")
+        raise PipelineError(
+            f"custom task file {path} does not exist: pass a YAML file with name, data_files, "
+            "input_columns, label_column, metric"
+        )
     try:
         spec = yaml.safe_load(file.read_text())
     except yaml.YAMLError as err:

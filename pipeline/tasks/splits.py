@@ -13,6 +13,9 @@ rows left after holding out validation).
 The shuffle is `torch.randperm` with a generator seeded 42 (independent of any training seed): the same
 permutation the authors' code draws, so the validation/test halves are theirs, row for row, when the rows
 come in hub order.
+
+Rows are a list of dicts or a `datasets.Dataset` (`tables.py`); a table's parts are index mappings over its file
+(`Dataset.select` with the same permutation indices), so both give the same rows in the same order.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pipeline.errors import PipelineError
+from pipeline.tasks.tables import head, take
 
 SPLITS = ("train", "validation", "test")
 VALIDATION_FROM_TRAIN = 1000
@@ -49,36 +53,38 @@ def original_split_of(task, split: str) -> str:
     return split
 
 
-def _halves(rows: list, seed: int) -> tuple[list, list]:
+def _halves(rows, seed: int, second: bool):
+    """The first (floor) or the second half of the seeded shuffle."""
     order = seeded_permutation(len(rows), seed)
     half = len(rows) // 2
-    return [rows[i] for i in order[:half]], [rows[i] for i in order[half:]]
+    return take(rows, order[half:] if second else order[:half])
 
 
-def _hold_out(task, rows: list, seed: int) -> tuple[list, list]:
+def _hold_out(task, rows, seed: int, held: bool):
+    """The rows left for training, or (`held`) the first 1,000 of the seeded shuffle."""
     if len(rows) <= VALIDATION_FROM_TRAIN:
         raise PipelineError(
             f"task {task.name!r} has {len(rows)} training rows; the large split rule moves {VALIDATION_FROM_TRAIN} "
             "of them to validation and needs more: use split_rule 'small'"
         )
     order = seeded_permutation(len(rows), seed)
-    return [rows[i] for i in order[VALIDATION_FROM_TRAIN:]], [rows[i] for i in order[:VALIDATION_FROM_TRAIN]]
+    return take(rows, order[:VALIDATION_FROM_TRAIN] if held else order[VALIDATION_FROM_TRAIN:])
 
 
-def apply_split_rule(task, wanted: tuple[str, ...], fetch: Callable[[str], list], seed: int = SPLIT_SEED) -> dict:
-    """`{split: rows}` for each wanted split; `fetch(original_split)` supplies rows and is called only for the
-    original splits the wanted ones need (so MNLI train+test works without validation_mismatched)."""
+def apply_split_rule(task, wanted: tuple[str, ...], fetch: Callable[[str], object], seed: int = SPLIT_SEED) -> dict:
+    """`{split: rows}` for each wanted split; `fetch(original_split)` supplies rows (a list or a table) and is called
+    only for the original splits the wanted ones need (so MNLI train+test works without validation_mismatched)."""
     result = {}
     for split in wanted:
         source = original_split_of(task, split)
         rows = fetch(source)
         if task.split_rule == "small" and split != "train":
-            rows = _halves(rows, seed)[split == "test"]
+            rows = _halves(rows, seed, second=split == "test")
         elif task.split_rule == "large" and split != "test":
-            rows = _hold_out(task, rows, seed)[split == "validation"]
+            rows = _hold_out(task, rows, seed, held=split == "validation")
         if split == "train" and task.train_limit is not None:
-            rows = rows[: task.train_limit]
-        if not rows:
+            rows = head(rows, task.train_limit)
+        if not len(rows):
             raise PipelineError(
                 f"split {split!r} of task {task.name!r} is empty after the {task.split_rule!r} rule "
                 f"(original split {source!r}): it needs more rows"

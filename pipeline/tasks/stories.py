@@ -11,7 +11,7 @@ slot of the same story, and the slot is not named in the input (the prompt has t
 
 A frozen LM that was pretrained on such stories can copy a word it has just read; what a soft prompt must add is
 *which* word, the answer format (one word, then the end token) and nothing after it. stories260K never saw
-`</s>` (its EOS row equals ~250 untrained rows), so prompt methods answer with `<s>` as the end token, declared
+`</s>` (its EOS row equals ~170 untrained rows), so prompt methods answer with `<s>` as the end token, declared
 by the model directory (docs/real_backbone.md). The tasks share their inputs and their format, which makes them
 a few-shot transfer setting: a source adapter trained on `stories-animal` knows the format and how to copy an
 animal; `stories-had` / `stories-saw` add a second animal and ask for one of the two, which k examples must
@@ -33,12 +33,21 @@ PLACES = ("park", "beach", "store", "school", "garden", "forest", "lake", "farm"
 COLORS = ("red", "blue", "green", "yellow", "pink", "brown")
 FEELINGS = ("happy", "sad", "scared", "excited")
 
-INTROS = ("Once upon a time, there was a little {kind} named {name}.", "{name} was a little {kind}.",
-          "There was a {kind} called {name}.")
-ANIMAL_LINES = ("{Pron} had a {color} {animal}.", "{name} saw a {color} {animal}.",
-                "One day, {name} found a little {animal}.")
-PLACE_LINES = ("They went to the {place}.", "{Pron} liked to play at the {place}.",
-               "One day, {name} went to the {place} with mom.")
+INTROS = (
+    "Once upon a time, there was a little {kind} named {name}.",
+    "{name} was a little {kind}.",
+    "There was a {kind} called {name}.",
+)
+ANIMAL_LINES = (
+    "{Pron} had a {color} {animal}.",
+    "{name} saw a {color} {animal}.",
+    "One day, {name} found a little {animal}.",
+)
+PLACE_LINES = (
+    "They went to the {place}.",
+    "{Pron} liked to play at the {place}.",
+    "One day, {name} went to the {place} with mom.",
+)
 FEELING_LINES = ("{name} was very {feeling}.", "{Pron} felt {feeling}.")
 # two-animal stories: one animal is owned, another one is seen; the verb, not the position, tells them apart
 HAD_LINES = ("{Pron} had a {color} {had}.", "{name} had a pet {had}.")
@@ -63,9 +72,18 @@ def story_task(name: str) -> Task:
     per split (train/validation/test), no files, no hub."""
     if name not in STORY_TASKS:
         raise PipelineError(f"unknown stories task {name!r}: choose one of {', '.join(STORY_TASKS)}")
-    return Task(name=name, hub_path=None, hub_config=None, input_fields=("story",), label_column="label",
-                labels=SLOT_LABELS[STORY_TASKS[name]], metrics=("accuracy",), split_rule="original",
-                kind="classification", generate=partial(story_rows, name))
+    return Task(
+        name=name,
+        hub_path=None,
+        hub_config=None,
+        input_fields=("story",),
+        label_column="label",
+        labels=SLOT_LABELS[STORY_TASKS[name]],
+        metrics=("accuracy",),
+        split_rule="original",
+        kind="classification",
+        generate=partial(story_rows, name),
+    )
 
 
 def story(rng: random.Random, slots: dict[str, str]) -> str:
@@ -92,8 +110,13 @@ def story_rows(name: str, split: str, n: int | None = None) -> list[dict]:
     labels = SLOT_LABELS[slot]
     rows = []
     for i in range(n or SPLIT_SIZES[split]):
-        slots = {"name": rng.choice(GIRLS + BOYS), "animal": rng.choice(ANIMALS), "place": rng.choice(PLACES),
-                 "color": rng.choice(COLORS), "feeling": rng.choice(FEELINGS)}
+        slots = {
+            "name": rng.choice(GIRLS + BOYS),
+            "animal": rng.choice(ANIMALS),
+            "place": rng.choice(PLACES),
+            "color": rng.choice(COLORS),
+            "feeling": rng.choice(FEELINGS),
+        }
         slots[slot] = labels[i % len(labels)]
         if slot in TWO_ANIMALS:  # the other animal of the story: a different one
             other = TWO_ANIMALS[1 - TWO_ANIMALS.index(slot)]

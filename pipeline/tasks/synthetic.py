@@ -28,8 +28,10 @@ CATEGORIES = {
     "vehicle": "car bus train plane boat ship bike truck",
     "number": "one two three four five six seven eight nine ten hundred thousand",
 }
-FILLER = ("the a and of on in with by near under over to from at this that is was very big small old new good "
-          "bad happy sad house room street city day night man woman child book letter song story").split()
+FILLER = (
+    "the a and of on in with by near under over to from at this that is was very big small old new good "
+    "bad happy sad house room street city day night man woman child book letter song story"
+).split()
 
 # name -> (rule shown in the input or None, category, negated)
 SYNTHETIC_TASKS: dict[str, tuple[str | None, str, bool]] = {
@@ -53,9 +55,18 @@ def synthetic_task(name: str) -> Task:
     """The registered `Task` of a synthetic task: its rows are generated per split, no files, no hub."""
     if name not in SYNTHETIC_TASKS:
         raise PipelineError(f"unknown synthetic task {name!r}: choose one of {', '.join(SYNTHETIC_TASKS)}")
-    return Task(name=name, hub_path=None, hub_config=None, input_fields=("sentence",), label_column="label",
-                labels=("0", "1"), metrics=("accuracy",), split_rule="original", kind="classification",
-                generate=partial(synthetic_rows, name))
+    return Task(
+        name=name,
+        hub_path=None,
+        hub_config=None,
+        input_fields=("sentence",),
+        label_column="label",
+        labels=("0", "1"),
+        metrics=("accuracy",),
+        split_rule="original",
+        kind="classification",
+        generate=partial(synthetic_rows, name),
+    )
 
 
 def _sentence(rng: random.Random, category: str, positive: bool) -> str:

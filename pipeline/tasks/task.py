@@ -62,6 +62,8 @@ class Task:
     kshot_boundaries: tuple[float, ...] = ()
     # Generated tasks (quickstart): original split name -> rendered rows {id, source, target}; no data files.
     generate: Callable[[str], list[dict]] | None = None
+    # Decoder-only models: the text between source and target (None: the authors' " Label : ", data.py).
+    separator: str | None = None
 
     def __post_init__(self):
         if self.split_rule not in SPLIT_RULES:

@@ -1,0 +1,97 @@
+"""The README is executable: every code block in it runs as written, in README order, in a fresh copy of the
+repository (what a clone gives) against the installed wheel, and the outputs it promises exist. Blocks marked
+`<!-- readme: not run (why) -->` (GPUs, a real cluster, the test suite itself) are skipped and counted.
+
+Only the environment variables the README documents near its top shrink the long runs: DEPT_MAX_STEPS caps every
+job's steps. The install line runs with `pip` and `python3 -m venv` standing in for the wheel this test installed
+(nothing is downloaded), and `.venv` is that environment. Also: the README's numbers are copies of the files the
+project writes (tests/readme.py), so they cannot drift silently.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from installed import build_wheel, environment, fresh_venv
+from readme import REPO, blocks, generated_sections
+
+pytestmark = pytest.mark.slow
+
+# The README documents these for trying its commands quickly; CI uses them to keep this test in minutes.
+DOCUMENTED_ENV = {"DEPT_MAX_STEPS": "12"}
+# What a block promises, by a line it contains: files (relative to the copy) and text its output shows.
+PROMISES = {
+    "dept run quickstart": ["runs/quickstart/summary.md", "runs/quickstart/summary.png", "| target |"],
+    "dept predict": ["preds.jsonl", "preds.metrics.json"],
+    "dept import-adapter": ["adapters/cola/adapter_config.json"],
+    "load_dept(": ["prediction:"],
+}
+PRELUDE = """set -eo pipefail
+pip() { echo "(readme test: pip $* skipped; the wheel is installed in .venv)"; }
+python3() { if [[ "$1 $2" == "-m venv" ]]; then return 0; fi; command python3 "$@"; }
+"""
+
+
+def test_the_readme_numbers_are_copies_of_the_files_the_project_writes():
+    sections = generated_sections()
+    assert sections, "the README quotes numbers: they must come from generated sections"
+    for name, body in sections:
+        assert body == (REPO / name).read_text().strip("\n"), "README.md is out of date: python tests/readme.py --write"
+
+
+def test_every_readme_block_marked_not_run_says_why():
+    for block in blocks():
+        if block.not_run is not None:
+            assert len(block.not_run) > 10, block.line
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+    """A copy of the working tree as a clone would give it (tracked and new files, nothing ignored), with `.venv`
+    the fresh environment the wheel is installed in."""
+    root = tmp_path_factory.mktemp("readme")
+    files = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    copy = root / "dept-pipeline"
+    for name in files:
+        if (REPO / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, copy / name)
+    venv = fresh_venv(root / "venv", build_wheel(root / "dist"))
+    (copy / ".venv").symlink_to(venv)
+    return copy, venv
+
+
+def test_every_readme_block_runs_as_written(checkout):
+    copy, venv = checkout
+    env = {**environment(venv), **DOCUMENTED_ENV, "PYTHONUNBUFFERED": "1"}
+    ran, skipped, outputs = [], [], {}
+    for block in blocks():
+        if block.language not in ("bash", "python") or block.not_run is not None:
+            skipped.append((block.line, block.not_run or f"a {block.language or 'plain'} block"))
+            continue
+        if block.language == "bash":
+            cmd = ["bash", "-c", PRELUDE + block.code]
+        else:
+            cmd = [str(venv / "bin" / "python"), "-c", block.code]
+        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, (
+            f"README block at line {block.line} failed ({proc.returncode}):\n{block.code}\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+        ran.append(block.line)
+        outputs[block.line] = (block.code, proc.stdout + proc.stderr)
+    for needle, promised in PROMISES.items():
+        where = [line for line, (code, _) in outputs.items() if needle in code]
+        assert where, f"no README block runs {needle!r}"
+        shown = "".join(outputs[line][1] for line in where)
+        for item in promised:
+            assert (copy / item).exists() or item in shown, f"{needle}: promised {item} is missing"
+    print(f"README: {len(ran)} blocks ran (lines {ran}); {len(skipped)} not run: {skipped}")
+    assert len(ran) >= 10
