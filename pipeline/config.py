@@ -625,37 +625,46 @@ class ExportAdapterArgs:
 # ---------------------------------------------------------------------------------------------- quick tries
 
 MAX_STEPS_ENV = "DEPT_MAX_STEPS"
+MAX_EVAL_ROWS_ENV = "DEPT_MAX_EVAL_ROWS"
+
+
+def _env_cap(name: str) -> int | None:
+    import os
+
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    cap = coerce(text, int, name)
+    if cap < 1:
+        raise PipelineError(f"{name}={text}: give a positive number or unset it")
+    return cap
 
 
 def capped(cfg: JobConfig) -> JobConfig:
-    """`cfg` with at most $DEPT_MAX_STEPS steps, for trying commands quickly (results are not the recipe's).
+    """`cfg` shrunk for trying commands quickly (results are not the recipe's): at most $DEPT_MAX_STEPS steps, at
+    most $DEPT_MAX_EVAL_ROWS validation and test rows per task.
 
-    Warm-up, evaluation and checkpoint cadence shrink in proportion, so the schedule keeps its shape. The capped
+    Warm-up, evaluation and checkpoint cadence shrink with the steps, so the schedule keeps its shape. The capped
     values are what the job records (results.json, MLflow, fingerprint): a later uncapped run does not reuse it.
     """
-    import os
-
-    text = os.environ.get(MAX_STEPS_ENV, "").strip()
-    if not text:
-        return cfg
-    cap = coerce(text, int, MAX_STEPS_ENV)
-    if cap < 1:
-        raise PipelineError(f"{MAX_STEPS_ENV}={text}: give a positive number of steps or unset it")
+    steps, rows = _env_cap(MAX_STEPS_ENV), _env_cap(MAX_EVAL_ROWS_ENV)
+    if rows is not None and (cfg.data.max_eval_rows is None or cfg.data.max_eval_rows > rows):
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_eval_rows=rows))
     train = cfg.train
-    if train.steps <= cap:
+    if steps is None or train.steps <= steps:
         return cfg
-    ratio = cap / train.steps
+    ratio = steps / train.steps
 
     def scaled(value: int) -> int:
         return 0 if value == 0 else max(1, int(value * ratio))
 
-    warmup = min(scaled(train.warmup_steps), cap - 1) if train.warmup_steps else 0
+    warmup = min(scaled(train.warmup_steps), steps - 1) if train.warmup_steps else 0
     new = dataclasses.replace(
         train,
-        steps=cap,
+        steps=steps,
         warmup_steps=warmup,
         eval_every=scaled(train.eval_every),
         save_every=scaled(train.save_every),
-        log_every=min(train.log_every, cap),
+        log_every=min(train.log_every, steps),
     )
     return dataclasses.replace(cfg, train=new)

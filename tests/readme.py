@@ -78,6 +78,14 @@ def write() -> None:
     README.write_text(text)
 
 
+def as_section(markdown: str) -> str:
+    """A recipe's summary.md as a README section: its title dropped, its headings below the README's."""
+    lines = markdown.strip("\n").splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return "\n".join("###" + line[1:] if line.startswith("## ") else line for line in lines).strip("\n") + "\n"
+
+
 def regenerate() -> None:
     import shutil
     import tempfile
@@ -86,7 +94,7 @@ def regenerate() -> None:
     for target, (command, produced) in PRODUCERS.items():
         subprocess.run(command, cwd=scratch, check=True)
         (REPO / target).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(scratch / produced, REPO / target)
+        (REPO / target).write_text(as_section((scratch / produced).read_text()))
     shutil.rmtree(scratch, ignore_errors=True)
     write()
 

@@ -10,17 +10,27 @@ project writes (tests/readme.py), so they cannot drift silently.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
+from conftest import needs_task_data
 from installed import build_wheel, environment, fresh_venv
 from readme import REPO, blocks, generated_sections
 
 pytestmark = pytest.mark.slow
 
-# The README documents these for trying its commands quickly; CI uses them to keep this test in minutes.
-DOCUMENTED_ENV = {"DEPT_MAX_STEPS": "12"}
+# The README documents these: DEPT_MAX_STEPS and DEPT_MAX_EVAL_ROWS for trying its commands quickly (they keep
+# this test in minutes),
+# DEPT_DATA_DIR for local task data, AUTHORS for where the DePT authors' released checkpoints are.
+SHARED = REPO.parent / "shared" / "data"
+DOCUMENTED_ENV = {
+    "DEPT_MAX_STEPS": "12",
+    "DEPT_DATA_DIR": os.environ.get("DEPT_DATA_DIR", str(SHARED)),
+    "AUTHORS": str(Path(os.environ.get("DEPT_DATA_DIR", str(SHARED))) / "authors_adapters"),
+}
 # What a block promises, by a line it contains: files (relative to the copy) and text its output shows.
 PROMISES = {
     "dept run quickstart": ["runs/quickstart/summary.md", "runs/quickstart/summary.png", "| target |"],
@@ -68,6 +78,7 @@ def checkout(tmp_path_factory):
     return copy, venv
 
 
+@needs_task_data("mnli", "qnli", "rte", "cb", "authors_adapters")
 def test_every_readme_block_runs_as_written(checkout):
     copy, venv = checkout
     env = {**environment(venv), **DOCUMENTED_ENV, "PYTHONUNBUFFERED": "1"}
