@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from functools import lru_cache
 from pathlib import Path
 
 from pipeline.config import JobConfig, to_dict
+from pipeline.tasks.tables import file_digest
 
 NOT_RESULT_DEFINING = {
     ("output_dir",),
@@ -56,20 +55,6 @@ def code_version() -> str:
     except PackageNotFoundError:
         return "unknown"
     return ".".join(full.split(".")[:2])
-
-
-@lru_cache(maxsize=4096)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def file_digest(path: str | Path) -> str:
-    stat = os.stat(path)
-    return _file_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def _folder_identity(folder: Path, pattern: str = "*") -> dict[str, str]:
