@@ -343,11 +343,16 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging()
         import fire
 
-        fire.Fire(
-            {n: c.function for n, c in COMMANDS.items()},
-            command=[name, *positionals, *(f"--{k}={v}" for k, v in values.items())],
-            name="dept",
-        )
+        if COMMANDS[name].overrides:
+            # Not through fire: it rewrites '-' to '_' in flag names, so `--stages.source-pt.train.steps` would
+            # address a stage that does not exist. The recipe loader parses override values (yaml.safe_load).
+            COMMANDS[name].function(*positionals, **values)
+        else:
+            fire.Fire(
+                {n: c.function for n, c in COMMANDS.items()},
+                command=[name, *positionals, *(f"--{k}={v}" for k, v in values.items())],
+                name="dept",
+            )
     except SystemExit as stop:
         return int(stop.code or 0)
     except BrokenPipeError:  # `dept train --help | head`: the reader left; say nothing more

@@ -61,7 +61,9 @@ SITECUSTOMIZE = r"""
 import os
 _logdir, _rank = os.environ.get("DEPT_TEST_RANK_LOG"), os.environ.get("RANK")
 if _logdir and _rank is not None and os.environ.get("LOCAL_RANK") is not None:
-    import json
+    import json, sys
+    # once per rank: Python processes a rank starts (py-cpuinfo while DeepSpeed builds its CPU op) inherit RANK
+    del os.environ["DEPT_TEST_RANK_LOG"]
     _addrs = []
     try:
         _lines = open("/proc/net/fib_trie").read().splitlines()
@@ -71,7 +73,7 @@ if _logdir and _rank is not None and os.environ.get("LOCAL_RANK") is not None:
     os.makedirs(_logdir, exist_ok=True)
     with open(os.path.join(_logdir, f"rank{_rank}-{os.getpid()}.json"), "w") as _f:
         json.dump({"rank": int(_rank), "cwd": os.getcwd(), "netns": os.readlink("/proc/self/ns/net"),
-                   "addresses": _addrs, "env": {k: os.environ.get(k) for k in NAMES}}, _f)
+                   "addresses": _addrs, "argv": sys.argv, "env": {k: os.environ.get(k) for k in NAMES}}, _f)
 """.replace("NAMES", repr(PROPAGATED))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 
 import pytest
@@ -100,7 +101,8 @@ def test_a_failed_or_hung_rank_ends_the_job_in_bounded_time(fault, tiny_models, 
     if fault == "RAISE":
         assert "injected failure on rank 1" in output
     else:
-        assert "error (rank 0): lost contact with another rank" in output
+        # rank 1 sleeps and never checks in with the rendezvous store: rank 0 names it
+        assert re.search(r"error \(rank 0\): lost contact with rank 1 \(host [^)]*\)", output), output[-2000:]
     assert elapsed < 120, f"job took {elapsed:.0f} s to end"
     print(f"{fault}: 2-rank job ended {elapsed:.0f} s after start (comm timeout 20 s)")
 
