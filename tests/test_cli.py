@@ -90,7 +90,9 @@ def test_run_accepts_key_value_words_and_refuses_unknown_keys(tmp_path, capsys):
 
 def test_run_overrides_reach_stages_whose_names_hold_a_hyphen(capsys):
     # fire would rewrite `source-pt` to `source_pt` (a stage that does not exist): overrides bypass its flag parser
-    assert main(["run", "quickstart", "--stages.source-pt.train.steps=70", "stages.transfer-pt.k=[8]", "--dry_run"]) == 0
+    assert (
+        main(["run", "quickstart", "--stages.source-pt.train.steps=70", "stages.transfer-pt.k=[8]", "--dry_run"]) == 0
+    )
     plan = capsys.readouterr().out
     assert re.search(r"source-pt .*steps=70 ", plan) and re.search(r"transfer-pt .*k \[8\];", plan), plan
     assert re.search(r"source \(.*steps=300 ", plan), plan  # the other stages keep their own values
