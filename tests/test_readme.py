@@ -37,6 +37,7 @@ PROMISES = {
     "dept predict": ["preds.jsonl", "preds.metrics.json"],
     "dept import-adapter": ["adapters/cola/adapter_config.json"],
     "load_dept(": ["prediction:"],
+    "train.lr_prompt=0.2": ["ran before with other settings", "--rerun_changed", "refused, as it should be"],
 }
 PRELUDE = """set -eo pipefail
 pip() { echo "(readme test: pip $* skipped; the wheel is installed in .venv)"; }
