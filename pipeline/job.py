@@ -24,7 +24,7 @@ from pipeline.data import local_rank_first, source_target_table
 from pipeline.errors import PipelineError
 from pipeline.evaluation import Evaluator, MixtureEvaluator
 from pipeline.fingerprint import job_fingerprint
-from pipeline.tasks import Task, kshot_sample, mixture
+from pipeline.tasks import Task, kshot_sample, mixture, resolve_data_dir
 from pipeline.tasks.loading import load_task_tables
 from pipeline.tasks.specs import task_from_spec
 from pipeline.tasks.tables import head
@@ -43,6 +43,17 @@ class JobData:
     train: object  # datasets.Dataset
     held_out: dict[str, tuple[list[dict], list[dict]]]
     sizes: dict[str, dict]
+
+
+def data_revisions(tasks: list[Task], data_dir: str | None) -> dict[str, str]:
+    """Which version of each hub task's rows a job read: the hub revision ("main": unpinned), or "local <folder>"
+    when the rows came from a local data folder (DEPT_DATA_DIR / data_dir), which takes precedence over the hub."""
+    root = resolve_data_dir(data_dir)
+    return {
+        t.name: f"local {root / t.name}" if root is not None and (root / t.name).is_dir() else str(t.revision)
+        for t in tasks
+        if t.hub_path
+    }
 
 
 def resolve_tasks(data: DataArgs) -> list[Task]:
@@ -140,7 +151,7 @@ def run_job(cfg: JobConfig, callbacks=(), on_data=None) -> dict:
         **result.to_dict(),
         "tasks": [t.name for t in job_data.tasks],
         "data_sizes": job_data.sizes,
-        "data_revisions": {t.name: t.revision for t in job_data.tasks if t.hub_path},
+        "data_revisions": data_revisions(job_data.tasks, cfg.data.data_dir),
         "k": cfg.data.k,
         "eval_mode": cfg.data.eval_mode,
         **reported_score(job_data.tasks, result.test),

@@ -340,7 +340,8 @@ def job_params(job: Job) -> dict:
 
 def outcome_params(result: dict) -> dict:
     """Params known once a job ran: trainable and total parameter counts; for prompt methods the resolved shape
-    (m, r, s: from the recipe, else the init adapter, else the defaults) and the backbone's width d."""
+    (m, r, s: from the recipe, else the init adapter, else the defaults) and the backbone's width d; the hub
+    revision of each hub dataset it read."""
     params = {"trainable_params": result.get("trainable_params"), "total_params": result.get("total_params")}
     shape = result.get("dept_shape") or {}
     if shape:
@@ -351,6 +352,8 @@ def outcome_params(result: dict) -> dict:
         )
         if result.get("config", {}).get("method") == "dept":
             params["r"] = shape.get("r")
+    for task, revision in sorted((result.get("data_revisions") or {}).items()):
+        params[f"data_revision.{task}"] = revision  # the hub commit read ("main": unpinned)
     return {k: v for k, v in params.items() if v is not None}
 
 

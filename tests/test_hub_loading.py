@@ -93,6 +93,16 @@ def test_every_hub_id_is_accepted_by_huggingface_hub_and_revisions_are_recorded(
     assert get_task("rte").revision == get_task("cola").revision  # one GLUE snapshot for every GLUE task
 
 
+def test_results_name_the_data_version_a_job_read(tmp_path, monkeypatch):
+    from pipeline.job import data_revisions
+
+    tasks = [get_task("rte"), get_task("yelp"), get_task("syn-source-animal")]
+    monkeypatch.delenv("DEPT_DATA_DIR", raising=False)
+    assert data_revisions(tasks, None) == {"rte": get_task("rte").revision, "yelp": "main"}
+    (tmp_path / "rte").mkdir()
+    assert data_revisions(tasks, str(tmp_path)) == {"rte": f"local {tmp_path / 'rte'}", "yelp": "main"}
+
+
 def test_a_bare_id_is_refused_before_any_download(offline_env):
     bare = replace(get_task("rte"), hub_path="glue")
     message = raises_one_line(

@@ -134,6 +134,8 @@ def test_outcome_params_and_tags(jobs):
         {"trainable_params": 10, "total_params": 10, "dept_shape": None, "config": {"method": "finetune"}}
     )
     assert finetune == {"trainable_params": 10, "total_params": 10}
+    hub = outcome_params({"trainable_params": 1, "data_revisions": {"rte": "bcdcba79", "yelp": "main"}})
+    assert hub == {"trainable_params": 1, "data_revision.rte": "bcdcba79", "data_revision.yelp": "main"}
     tags = job_tags(by_key(jobs, "transfer/syn-target-food/k4/seed1/source"), "abc")
     assert tags["dept.stage"] == "transfer" and tags["dept.world_size"] == "1" and tags["dept.log_every"] == "2"
     assert tags["dept.k"] == "4" and tags["dept.start"] == "source" and tags["dept.fingerprint"] == "abc"
