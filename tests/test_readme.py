@@ -10,6 +10,7 @@ project writes (tests/readme.py), so they cannot drift silently.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -107,3 +108,25 @@ def test_every_readme_block_runs_as_written(checkout):
             assert (copy / item).exists() or item in shown, f"{needle}: promised {item} is missing"
     print(f"README: {len(ran)} blocks ran (lines {ran}); {len(skipped)} not run: {skipped}")
     assert len(ran) >= 10
+
+
+# The README's own training examples, at their full length: what a user copying them gets must be a model that
+# answers (a learning rate that teaches the prompt something generation cannot use would pass the test above).
+LEARNING_EXAMPLES = {
+    "--task stories-who": "runs/who/results.json",
+    "--custom_task ../pets/task.yaml": "elsewhere/runs/pets/results.json",
+}
+
+
+def test_the_readme_training_examples_learn_at_full_length(checkout, tmp_path):
+    _, venv = checkout
+    env = {**environment(venv), "PYTHONUNBUFFERED": "1"}  # no DEPT_MAX_STEPS: the commands as a user runs them
+    for needle, results in LEARNING_EXAMPLES.items():
+        (block,) = [b for b in blocks() if needle in b.code and b.not_run is None]
+        proc = subprocess.run(
+            ["bash", "-c", PRELUDE + block.code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+        )
+        assert proc.returncode == 0, f"README block at line {block.line}:\n{proc.stderr[-3000:]}"
+        test = json.loads((tmp_path / results).read_text())["test"]
+        print(f"README line {block.line}: test {test}")
+        assert test["accuracy"] >= 90 and test["invalid"] == 0, (block.line, test)
