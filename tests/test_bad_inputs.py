@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run, write_toy_task
+from conftest import missing_task_data, run, write_toy_task
 
 from pipeline.cli import main
 
@@ -22,12 +22,13 @@ pytestmark = pytest.mark.usefixtures("one_process_group")
 CATALOGUE: dict[str, tuple] = {}
 
 
-def case(name: str, expected: str, makes: str | None = "out"):
+def case(name: str, expected: str, makes: str | None = "out", data: tuple[str, ...] = ()):
     """Register a bad-input case: a function (ctx) -> CLI args; `expected` must appear in the one error line;
-    `makes` names the path (relative to the case's tmp dir) that must not exist afterwards."""
+    `makes` names the path (relative to the case's tmp dir) that must not exist afterwards; `data` the shipped task
+    folders it reads (skipped with the reason where they are absent)."""
 
     def register(build):
-        CATALOGUE[name] = (build, expected, makes)
+        CATALOGUE[name] = (build, expected, makes, data)
         return build
 
     return register
@@ -124,8 +125,12 @@ case("corrupt JSONL line", "line 3")(lambda c: train(c)[:6] + [str(c["corrupt"])
 case("missing split file", "validation")(lambda c: task_train(c, "--task", "qqp"))  # shipped QQP has no validation
 case("empty data", "no rows")(lambda c: task_train(c, "--custom_task", str(c["custom_empty"])))
 case("unknown task", "unknown task")(lambda c: task_train(c, "--task", "rtee"))
-case("k larger than a class allows", "but the data has only")(lambda c: task_train(c, "--task", "cb", "--k", "999"))
-case("k smaller than the classes", "smaller than the 3 classes")(lambda c: task_train(c, "--task", "cb", "--k", "2"))
+case("k larger than a class allows", "but the data has only", data=("cb",))(
+    lambda c: task_train(c, "--task", "cb", "--k", "999")
+)
+case("k smaller than the classes", "smaller than the 3 classes", data=("cb",))(
+    lambda c: task_train(c, "--task", "cb", "--k", "2")
+)
 case("custom task: missing column", "review")(lambda c: task_train(c, "--custom_task", str(c["custom_missing_column"])))
 case("custom task: label outside the set", "label")(
     lambda c: task_train(c, "--custom_task", str(c["custom_bad_label"]))
@@ -311,7 +316,9 @@ def test_the_catalogue_is_large():
 
 @pytest.mark.parametrize("name", list(CATALOGUE))
 def test_bad_input_is_refused_with_one_line(name, shared, tmp_path, capsys, monkeypatch):
-    build, expected, makes = CATALOGUE[name]
+    build, expected, makes, data = CATALOGUE[name]
+    if missing_task_data(*data):
+        pytest.skip(f"real task data not found ({', '.join(missing_task_data(*data))}): set DEPT_DATA_DIR")
     ctx = {**shared, "tmp": tmp_path}
     before = sorted(p.name for p in Path(shared["finished"]).iterdir())
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: fail fast, not after retries
@@ -329,7 +336,7 @@ def test_bad_input_is_refused_with_one_line(name, shared, tmp_path, capsys, monk
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["typo'd flag", "init adapter tampered", "recipe not YAML"])
 def test_the_console_script_exits_2_with_one_line_and_no_traceback(name, shared, tmp_path):
-    build, expected, _ = CATALOGUE[name]
+    build, expected, _, _ = CATALOGUE[name]
     proc = run(build({**shared, "tmp": tmp_path}), check=False, env={"HF_HUB_OFFLINE": "1"})
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert proc.returncode == 2 and len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]

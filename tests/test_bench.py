@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run
+from conftest import REPO, needs_task_data, run
 
 from pipeline.bench import bench_flags
 from pipeline.bench.settings import PRESETS, REFS, BenchArgs, bench_args, with_model_overrides
@@ -135,6 +135,7 @@ def test_bench_source_names_no_deepspeed_internals():
 
 
 @pytest.mark.slow
+@needs_task_data("rte")  # --lengths rte: real RTE lengths
 def test_bench_compare_tiny_writes_table_json_plot_and_mlflow_run(tmp_path):
     out = tmp_path / "bench"
     db = tmp_path / "ml" / "mlflow.db"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run
+from conftest import needs_task_data, run
 
 from pipeline import adapters, interop
 from pipeline.backbone import load_backbone
@@ -19,6 +19,7 @@ from pipeline.errors import PipelineError
 from pipeline.model import DePTModel
 
 AUTHORS = Path(os.environ["DEPT_DATA_DIR"]) / "authors_adapters"
+pytestmark = needs_task_data("authors_adapters")  # the DePT authors' released adapters, read where they lie
 A_KEY, B_KEY = "prompt_encoder.lora_embedding_A", "prompt_encoder.lora_embedding_B"
 # task -> (m, r, s) as the configs say
 COMPLETE = {"cola": (80, 15, 256), "sst2": (60, 30, 256)}

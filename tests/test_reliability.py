@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import read_results, run
+from conftest import needs_task_data, read_results, run
 
 from pipeline import adapters
 
@@ -107,6 +107,7 @@ def test_a_failed_or_hung_rank_ends_the_job_in_bounded_time(fault, tiny_models, 
     print(f"{fault}: 2-rank job ended {elapsed:.0f} s after start (comm timeout 20 s)")
 
 
+@needs_task_data("rte")
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nan_loss_stops_or_skips_and_never_writes_a_nan_adapter(policy, tiny_models, tmp_path):
     out = tmp_path / "run"
@@ -156,6 +157,7 @@ def test_nan_loss_stops_or_skips_and_never_writes_a_nan_adapter(policy, tiny_mod
     assert all(torch.isfinite(t).all() for t in best.values())
 
 
+@needs_task_data("rte")
 def test_same_seeds_give_the_same_results_on_re_run(tiny_models, tmp_path):
     def train_rte(name, nproc):
         run(

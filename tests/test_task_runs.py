@@ -7,7 +7,7 @@ import csv
 import json
 
 import pytest
-from conftest import read_results, run
+from conftest import needs_task_data, read_results, run
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +45,7 @@ def rte_args(model_dir, out, mode, *extra):
     ]
 
 
+@needs_task_data("rte")
 @pytest.mark.parametrize("arch,mode", [("t5", "generate"), ("llama", "score")])  # LLaMA generation: test_real_backbone
 def test_tiny_backbone_trains_on_rte_on_two_ranks(arch, mode, tiny_models, tmp_path):
     run(rte_args(tiny_models[arch], tmp_path / "run", mode), nproc=2, launcher="deepspeed")
@@ -61,6 +62,7 @@ def test_tiny_backbone_trains_on_rte_on_two_ranks(arch, mode, tiny_models, tmp_p
     assert result["data_sizes"]["rte"]["train"] == 2490
 
 
+@needs_task_data("rte")
 def test_predict_and_evaluate_reuse_the_adapter(tiny_models, tmp_path):
     model = tiny_models["t5"]
     run(rte_args(model, tmp_path / "run", "score"), nproc=2, launcher="deepspeed")
