@@ -70,21 +70,20 @@ def _model_identity(model: str) -> object:
 
 
 def data_identity(cfg: JobConfig) -> list:
-    from pipeline.tasks import resolve_data_dir
+    from pipeline.tasks import local_task_folder
     from pipeline.tasks.specs import task_from_spec
 
     if cfg.data.train_file:
         return [{"file": file_digest(cfg.data.train_file)}]
     out = []
-    root = resolve_data_dir(cfg.data.data_dir)
     for spec in cfg.data.tasks:
         task = task_from_spec(spec)
         if task.data_files:
             out.append({"task": spec, "files": {split: file_digest(path) for split, path in task.data_files}})
         elif task.hub_path is None:  # generated (synthetic) tasks: the code version covers them
             out.append({"task": task.name})
-        elif root is not None and (root / task.name).is_dir():
-            out.append({"task": task.name, "files": _folder_identity(root / task.name)})
+        elif (folder := local_task_folder(task, cfg.data.data_dir)) is not None:
+            out.append({"task": task.name, "files": _folder_identity(folder)})
         else:
             out.append({"task": task.name, "hub": [task.hub_path, task.hub_config, task.revision]})
     return out

@@ -24,7 +24,7 @@ from pipeline.data import local_rank_first, source_target_table
 from pipeline.errors import PipelineError
 from pipeline.evaluation import Evaluator, MixtureEvaluator
 from pipeline.fingerprint import job_fingerprint
-from pipeline.tasks import Task, kshot_sample, mixture, resolve_data_dir
+from pipeline.tasks import Task, kshot_sample, local_task_folder, mixture
 from pipeline.tasks.loading import load_task_tables
 from pipeline.tasks.specs import task_from_spec
 from pipeline.tasks.tables import head
@@ -48,12 +48,12 @@ class JobData:
 def data_revisions(tasks: list[Task], data_dir: str | None) -> dict[str, str]:
     """Which version of each hub task's rows a job read: the hub revision ("main": unpinned), or "local <folder>"
     when the rows came from a local data folder (DEPT_DATA_DIR / data_dir), which takes precedence over the hub."""
-    root = resolve_data_dir(data_dir)
-    return {
-        t.name: f"local {root / t.name}" if root is not None and (root / t.name).is_dir() else str(t.revision)
-        for t in tasks
-        if t.hub_path
-    }
+    revisions = {}
+    for task in tasks:
+        if task.hub_path:
+            folder = local_task_folder(task, data_dir)
+            revisions[task.name] = f"local {folder}" if folder is not None else str(task.revision)
+    return revisions
 
 
 def resolve_tasks(data: DataArgs) -> list[Task]:

@@ -4,7 +4,13 @@
 
 from pipeline.tasks.custom import custom_task
 from pipeline.tasks.hub import MIRROR_ENV
-from pipeline.tasks.loading import DATA_DIR_ENV, load_raw_split, load_task_splits, resolve_data_dir
+from pipeline.tasks.loading import (
+    DATA_DIR_ENV,
+    load_raw_split,
+    load_task_splits,
+    local_task_folder,
+    resolve_data_dir,
+)
 from pipeline.tasks.registry import get_task, list_tasks
 from pipeline.tasks.sampling import kshot_sample, mixture
 from pipeline.tasks.splits import SPLIT_SEED, SPLITS
@@ -23,5 +29,6 @@ __all__ = [
     "load_raw_split",
     "load_task_splits",
     "mixture",
+    "local_task_folder",
     "resolve_data_dir",
 ]

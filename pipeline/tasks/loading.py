@@ -59,6 +59,13 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
     return Path(chosen) if chosen is not None else None
 
 
+def local_task_folder(task: Task, data_dir: str | Path | None = None) -> Path | None:
+    """The local folder holding a registered task's split files (`<data_dir>/<task>`), or None when there is none
+    and its rows come from the hub."""
+    root = resolve_data_dir(data_dir)
+    return root / task.name if root is not None and (root / task.name).is_dir() else None
+
+
 def _local_file(task: Task, split: str, data_dir) -> Path | None:
     """The file holding one original split, or None when it comes from the hub; one line when it is missing."""
     if task.data_files:
