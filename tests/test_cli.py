@@ -96,6 +96,8 @@ def test_run_overrides_reach_stages_whose_names_hold_a_hyphen(capsys):
     plan = capsys.readouterr().out
     assert re.search(r"source-pt .*steps=70 ", plan) and re.search(r"transfer-pt .*k \[8\];", plan), plan
     assert re.search(r"source \(.*steps=300 ", plan), plan  # the other stages keep their own values
+    assert main(["run", "quickstart", "--stages.source-pz.train.steps=70", "--dry_run"]) == 2
+    assert "no stage 'source-pz' (did you mean 'source-pt'?)" in capsys.readouterr().err
 
 
 def test_unknown_command_is_refused(capsys):
