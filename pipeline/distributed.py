@@ -1,37 +1,62 @@
-"""Collectives every rank takes part in, on top of torch.distributed (started by `engine.init_distributed`).
+"""Collectives every rank takes part in, on top of torch.distributed (started by `engine.init_distributed`), and
+the one place that reads which rank this process is.
 
 Each helper is a no-op on a single process, so the same code runs under one `python` and under a launcher.
+`import pipeline.distributed` is cheap: torch is imported only by the helpers that move tensors, and a process that
+never imported torch has no process group (its rank and world size come from the launcher's RANK / WORLD_SIZE).
 """
 
 from __future__ import annotations
 
-import torch
+import os
+import sys
+
+
+def _group():
+    """torch.distributed when a process group is up, else None (without importing torch)."""
+    if "torch" not in sys.modules:
+        return None
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
 
 
 def rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's global rank: the process group's, else the launcher's RANK variable, else 0."""
+    dist = _group()
+    return dist.get_rank() if dist else int(os.environ.get("RANK", "0") or 0)
 
 
 def world_size() -> int:
-    import torch.distributed as dist
+    """How many ranks run this job: the process group's size, else the launcher's WORLD_SIZE, else 1."""
+    dist = _group()
+    return dist.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", "1") or 1)
 
-    return dist.get_world_size() if dist.is_initialized() else 1
+
+def local_rank() -> int | None:
+    """This process's rank on its node (the launcher's LOCAL_RANK), None when no launcher set it."""
+    value = os.environ.get("LOCAL_RANK", "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def _shared():
+    """torch.distributed when answers must travel between ranks (a group of several ranks), else None."""
+    dist = _group()
+    return dist if dist and dist.get_world_size() > 1 else None
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    dist = _shared()
+    if dist:
         dist.barrier()
 
 
 def mean_over_ranks(value: float) -> float:
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    dist = _shared()
+    if not dist:
         return value
+    import torch
+
     tensor = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(tensor)
     return tensor.item() / dist.get_world_size()
@@ -39,10 +64,11 @@ def mean_over_ranks(value: float) -> float:
 
 def any_rank(flag: bool) -> bool:
     """True when the flag is set on any rank (so every rank takes the same branch)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    dist = _shared()
+    if not dist:
         return flag
+    import torch
+
     tensor = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(tensor)
     return tensor.item() > 0
@@ -50,9 +76,8 @@ def any_rank(flag: bool) -> bool:
 
 def gather_objects(items: list) -> list:
     """Concatenate per-rank Python lists on every rank (for evaluation outputs)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    dist = _shared()
+    if not dist:
         return list(items)
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, items)
@@ -60,13 +85,37 @@ def gather_objects(items: list) -> list:
 
 
 def broadcast_object(obj):
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    dist = _shared()
+    if not dist:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def decided_on_rank0(fn, default=None, what: str = "rank 0"):
+    """`fn()` run on rank 0 only; its answer (or its error, as a PipelineError naming `what`) reaches every rank, so
+    that all take the same branch. Every rank must call it at the same point. Without a process group, ranks other
+    than 0 get `default`."""
+    shared = _shared() is not None
+    if rank() == 0:
+        try:
+            result = fn()
+        except BaseException as exc:
+            if shared:
+                broadcast_object(("error", f"{type(exc).__name__}: {exc}"))
+            raise
+        if shared:
+            broadcast_object(("ok", result))
+        return result
+    if not shared:
+        return default
+    kind, value = broadcast_object(None)
+    if kind == "error":
+        from pipeline.errors import PipelineError
+
+        raise PipelineError(f"{what} failed on rank 0: {value}")
+    return value
 
 
 # ------------------------------------------------------------------------------------ naming a lost peer (clusters)
@@ -146,10 +195,9 @@ def record_peers() -> list[dict]:
     """Gather every rank's `peer_info()` on every rank (a collective: call it on all ranks right after the process
     group starts) and keep the table for `name_lost_peers`. One process: its own entry."""
     global _PEERS
-    import torch.distributed as dist
-
     mine = peer_info()
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    dist = _shared()
+    if not dist:
         _PEERS = [mine]
     else:
         table: list = [None] * dist.get_world_size()

@@ -4,7 +4,8 @@ results.json.
 `dept train` runs one job; a recipe runs one job per train stage and one per (target, k, seed) of a transfer
 stage. A job trains on one task, a mixture of source tasks (examples-proportional, capped) or a plain
 source/target file, evaluates every `eval_every` steps, keeps the best adapter, and reports the test metrics of the
-best step. `results.json` is the job's completion marker and is written here, once, by rank 0.
+best step. `results.json` is the job's completion marker and is written here, once, by rank 0, followed by the
+job's `curves.png` (loss, learning rates, validation score).
 
 Training rows stay memory-mapped `datasets.Dataset`s from reading to the training loop (`pipeline.tasks.tables`):
 each node's LOCAL_RANK 0 renders (and mixes) the data into content-keyed cache files first while the other ranks
@@ -120,10 +121,11 @@ def make_evaluator(job_data: JobData, data: DataArgs, tokenizer, is_encoder_deco
     return next(iter(evaluators.values())) if len(evaluators) == 1 else MixtureEvaluator(evaluators)
 
 
-def run_job(cfg: JobConfig, callbacks=(), on_data=None) -> dict:
-    """Train `cfg` on its data and write `<output_dir>/results.json` (rank 0); returns the results.
+def run_job(cfg: JobConfig, callbacks=(), on_data=None, title: str | None = None) -> dict:
+    """Train `cfg` on its data and write `<output_dir>/results.json` and `curves.png` (rank 0); returns the results.
 
-    `on_data(name, context, rows)` is told which rows train and evaluate (the tracker logs them as datasets).
+    `on_data(name, context, rows)` is told which rows train and evaluate (the tracker logs them as datasets);
+    `title` heads curves.png (default: the output directory's name).
     """
     engine.init_distributed(cfg.train.comm_timeout_s)  # the ranks prepare the data together (once per node)
     job_data = load_job_data(cfg.data, cfg.train.seed)
@@ -156,10 +158,19 @@ def run_job(cfg: JobConfig, callbacks=(), on_data=None) -> dict:
         "eval_mode": cfg.data.eval_mode,
         **reported_score(job_data.tasks, result.test),
     }
+    out = Path(cfg.output_dir)
     if distributed.rank() == 0:
-        atomic.write_json(Path(cfg.output_dir) / RESULTS, results)
+        atomic.write_json(out / RESULTS, results)
+        draw_curves(results, title or out.resolve().name, out)
     distributed.barrier()
     return results
+
+
+def draw_curves(results: dict, title: str, out: Path) -> Path | None:
+    """`<out>/curves.png` from a job's results (`plots.plot_job`); without matplotlib, a warning and no picture."""
+    from pipeline.plots import draw, plot_job
+
+    return draw(plot_job, results, title, Path(out) / "curves.png")
 
 
 def separator_of(tasks: list[Task]) -> str | None:

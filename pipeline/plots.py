@@ -11,10 +11,25 @@ light grids, small legends, 110 dpi. matplotlib is imported inside the functions
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 DPI = 110
 START_STYLE = {"source": ("o-", "source adapter"), "scratch": ("s--", "from scratch")}
+
+
+def draw(plot, *args) -> Path | None:
+    """`plot(*args)` (the last argument is the picture's path); a missing matplotlib or a failing plot costs the
+    picture, never the run."""
+    try:
+        return plot(*args)
+    except ImportError as exc:
+        log.warning("no %s: matplotlib is not installed (%s); pip install matplotlib", args[-1], exc)
+    except Exception as exc:  # noqa: BLE001 -- see docstring
+        log.warning("could not draw %s: %s: %s", args[-1], type(exc).__name__, exc)
+    return None
 
 
 def _pyplot():

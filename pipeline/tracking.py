@@ -1,16 +1,17 @@
-"""MLflow tracking from rank 0 only: one parent run per recipe execution, one nested child run per stage.
+"""The MLflow client: one parent run per recipe execution, one nested child run per job, logged from rank 0 only.
+What the runs hold (names, params, tags, how a training record becomes curves) is decided in mlflow_record.py.
 
 Only rank 0 talks to MLflow; every other rank holds a tracker whose logging methods do nothing, so several
 ranks never create duplicate runs. The calls that decide control flow (`parent`, `child`, `is_finished`,
-`run_id_for`) are collectives when torch.distributed runs several ranks: rank 0 answers and the answer (or its
-error) is broadcast, so every rank gets the same run id and skips the same finished stages. All ranks must
+`run_id_for`) are collectives when torch.distributed runs several ranks (`distributed.decided_on_rank0`): rank 0
+answers and the answer (or its error) is broadcast, so every rank gets the same run id and skips the same finished stages. All ranks must
 therefore make those calls in the same order, with the same `enabled` value.
 
 Runs are found again by the tag `dept.key` (a stable identity of a recipe execution or stage that the caller
 computes): re-running a recipe re-attaches to its runs instead of creating new ones. Everything goes through
 `MlflowClient` with explicit run ids: no global active run, so nesting and re-attaching are explicit.
 
-What reaches MLflow from the training loop (`callback_for`, `split_record`): curves only (loss, learning rates,
+What reaches MLflow from the training loop (`callback_for`, through `mlflow_record.split_record`): curves only (loss, learning rates,
 tokens/s, memory, validation scores), sent in batches; `step` is the x axis, counts that do not change (`eval_n`, ...)
 are tags; metric names carry no '/'; None is never a param value. With a tracking server, artifacts must go through
 its artifact proxy (`mlflow-artifacts:`) or a shared store: an experiment whose artifacts would land on a local path
@@ -37,9 +38,10 @@ import urllib.request
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from pipeline import distributed
 from pipeline.errors import PipelineError
+from pipeline.mlflow_record import flatten_params, metric_name, numeric, safe_name, split_record
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +61,8 @@ CONTEXTS = {
 }
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 DATASET_PREVIEW_ROWS = 1000  # rows of a large training table shown as the run's dataset input
-MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
-MAX_KEY_LEN = 250
 FLUSH_EVERY_S = 10.0  # buffered training metrics reach MLflow at least this often
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.:/=+\-]{1,250}$")
-_BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
 _FILE_STORE_HINT = (
     "MLflow 3 refuses the plain file store (maintenance mode); use a database store such as "
     "sqlite:///ABSOLUTE/PATH/mlflow.db or an http(s) tracking server, or set "
@@ -144,12 +143,12 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         except OSError as exc:
             raise PipelineError(
                 f"tracking URI {uri}: cannot create directory {parent} ({exc}); "
-                f"choose another --tracking-uri or output directory"
+                f"choose another --tracking.uri=URI (or MLFLOW_TRACKING_URI) or --output_dir"
             ) from None
         if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
             raise PipelineError(
                 f"tracking URI {uri}: {path if path.exists() else parent} is not writable; "
-                f"fix its permissions or choose another --tracking-uri"
+                f"fix its permissions or choose another --tracking.uri=URI (or MLFLOW_TRACKING_URI)"
             )
 
 
@@ -181,81 +180,6 @@ def git_commit() -> tuple[str, str]:
         return "unknown", "unknown"
 
 
-def _param_value(value: Any) -> str:
-    if isinstance(value, (list, tuple, set)):
-        text = json.dumps(sorted(value) if isinstance(value, set) else list(value), default=str)
-    else:
-        text = str(value)
-    return text if len(text) <= MAX_PARAM_LEN else text[: MAX_PARAM_LEN - 3] + "..."
-
-
-def _name(key: str) -> str:
-    """A valid MLflow param/metric/tag name: bad characters become '_', length capped."""
-    return _BAD_NAME_CHARS.sub("_", str(key))[:MAX_KEY_LEN] or "_"
-
-
-def flatten_params(params: dict, prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}, "c": [1, 2], "d": None} -> {"a.b": "1", "c": "[1, 2]"}: what MLflow stores as params.
-
-    None is left out (never the string "None"): an unset option is no parameter value.
-    """
-    out: dict[str, str] = {}
-    for key, value in params.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if value is None:
-            continue
-        if isinstance(value, dict) and value:
-            out.update(flatten_params(value, name))
-        else:
-            out[_name(name)] = _param_value(value)
-    return out
-
-
-def metric_name(key: str) -> str:
-    """A metric name the MLflow UI shows as one chart: no '/' (the UI would make a chart section of the prefix)."""
-    return _name(str(key).replace("/", "_"))
-
-
-def split_record(record: dict, invalid_curves: bool = False) -> tuple[dict[str, float], dict[str, str]]:
-    """A training-loop record as (metrics to plot, tags).
-
-    `step` is the x axis, not a metric. Counts that do not change over a run (`eval_n`, `test_n`, per task
-    `eval_<task>.n`) and the test split's invalid-output count become tags (`dept.test_n`, ...), as do
-    `eval_*invalid` counts unless `invalid_curves` (generation can produce invalid outputs, and fewer over training
-    is a curve worth seeing; label scoring never does). Selection scores that repeat one of the metrics next to
-    them are dropped: a task's `<task>.score` in a mixture, and `test_score` (the caller logs the score it reports,
-    which may be another metric than the one the best step was selected on); `eval_score`, the selection curve,
-    stays. Scores (`eval_*`, `test_*`) are rounded to 4 decimals, so 55.00000000000001 reads 55.0. Non-numbers are
-    dropped.
-    """
-    metrics: dict[str, float] = {}
-    tags: dict[str, str] = {}
-    for key, value in record.items():
-        if key == "step":
-            continue
-        number = _numeric(value)
-        if number is None:
-            continue
-        leaf = str(key).rsplit(".", 1)[-1].removeprefix("eval_").removeprefix("test_")
-        scored = str(key).startswith(("eval_", "test_"))
-        if scored and leaf == "score" and key != "eval_score":
-            continue
-        if scored and (leaf == "n" or (leaf == "invalid" and (key.startswith("test_") or not invalid_curves))):
-            tags[_name(f"dept.{metric_name(key)}")] = f"{number:g}"
-            continue
-        metrics[metric_name(key)] = round(number, 4) if scored and math.isfinite(number) else number
-    return metrics, tags
-
-
-def _numeric(value: Any) -> float | None:
-    if isinstance(value, (str, bytes)) or value is None:
-        return None
-    try:
-        return float(value)  # int, float, bool, numpy scalars, 0-d torch tensors
-    except (TypeError, ValueError):
-        return None
-
-
 def _check_key(key: str) -> str:
     if not isinstance(key, str) or not _KEY_RE.match(key):
         raise PipelineError(
@@ -263,32 +187,6 @@ def _check_key(key: str) -> str:
             f"(e.g. a hash of the resolved recipe and output directory)"
         )
     return key
-
-
-def _rank_now() -> int:
-    """This process's rank: the launcher's RANK variable when set (it equals torch.distributed's rank), else
-    torch.distributed's when it is up, else 0."""
-    import sys
-
-    if os.environ.get("RANK") is None and "torch" in sys.modules:
-        import torch.distributed as dist
-
-        from pipeline.distributed import rank
-
-        if dist.is_available() and dist.is_initialized():
-            return rank()
-    return int(os.environ.get("RANK", "0") or 0)
-
-
-def _shared() -> bool:
-    """True when answers must be broadcast from rank 0 (torch.distributed up with several ranks)."""
-    import sys
-
-    if "torch" not in sys.modules:
-        return False
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 # ----------------------------------------------------------------------------------------------- tracker
@@ -315,11 +213,11 @@ class Tracker:
         workdir: str | os.PathLike | None = None,
     ):
         self.enabled = bool(enabled)
-        self.rank = _rank_now() if rank is None else int(rank)
+        self.rank = distributed.rank() if rank is None else int(rank)
         self.active = self.enabled and self.rank == 0
         self.experiment = str(experiment)
         if self.enabled and not self.experiment.strip():
-            raise PipelineError("MLflow experiment name is empty: pass a name such as --experiment dept")
+            raise PipelineError("MLflow experiment name is empty: give one, e.g. --tracking.experiment=dept")
         self.uri = resolve_tracking_uri(uri, workdir or os.getcwd()) if self.enabled else (uri or "")
         self._client = None
         self._experiment_id: str | None = None
@@ -400,31 +298,13 @@ class Tracker:
         """The experiment's id (rank 0 with tracking on), for links into the MLflow UI."""
         return self._experiment() if self.active else None
 
-    def _collective(self, fn: Callable, *args, default=None):
-        """fn(*args) on rank 0 when active; its result (or its error) is handed to every rank."""
-        shared = self.enabled and _shared()
-        if self.active:
-            try:
-                result = fn(*args)
-            except BaseException as exc:
-                if shared:
-                    from pipeline.distributed import broadcast_object
-
-                    broadcast_object(("error", f"{type(exc).__name__}: {exc}"))
-                raise
-            if shared:
-                from pipeline.distributed import broadcast_object
-
-                broadcast_object(("ok", result))
-            return result
-        if shared:
-            from pipeline.distributed import broadcast_object
-
-            kind, value = broadcast_object(None)
-            if kind == "error":
-                raise PipelineError(f"MLflow tracking failed on rank 0: {value}")
-            return value
-        return default
+    def _collective(self, fn: Callable, default=None):
+        """fn() on rank 0 when tracking is on; its result (or its error) is handed to every rank."""
+        if not self.enabled:
+            return default
+        if self.rank != distributed.rank():  # a tracker told its rank (tests): no collective to take part in
+            return fn() if self.active else default
+        return distributed.decided_on_rank0(fn, default, what="MLflow tracking")
 
     def _find(self, key: str, parent_id: str | None = None, role: str | None = None):
         """The oldest active run of this experiment with tag dept.key == key (under parent_id, of role, if given)."""
@@ -486,7 +366,7 @@ class Tracker:
     def _set_tags(self, tags: dict, run_id: str) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(_name(k), str(v)[:8000]) for k, v in tags.items()]
+        items = [RunTag(safe_name(k), str(v)[:8000]) for k, v in tags.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, tags=items[i : i + 100])
 
@@ -603,7 +483,7 @@ class Tracker:
         now = int(time.time() * 1000)
         items = []
         for key, value in metrics.items():
-            number = _numeric(value)
+            number = numeric(value)
             if number is not None:
                 items.append(Metric(metric_name(key), number, now, int(step)))
         for i in range(0, len(items), 1000):

@@ -39,6 +39,7 @@ LAYERS = [
     "plots",
     "fingerprint",
     "tracking",
+    "mlflow_record",
     "tasks",
     "metrics",
     "config",

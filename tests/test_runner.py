@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.recipe import load_recipe, plan
-from pipeline.runner import (
+from pipeline.mlflow_record import (
     adapter_artifact,
+    flatten_params,
     job_params,
     job_tags,
     lineage_tags,
@@ -20,8 +20,8 @@ from pipeline.runner import (
     run_names,
     ui_hint,
 )
+from pipeline.recipe import load_recipe, plan
 from pipeline.summary import aggregates, summarize
-from pipeline.tracking import flatten_params
 
 RECIPE = """
 name: small
@@ -136,10 +136,10 @@ def test_outcome_params_and_tags(jobs):
     assert finetune == {"trainable_params": 10, "total_params": 10}
     hub = outcome_params({"trainable_params": 1, "data_revisions": {"rte": "bcdcba79", "yelp": "main"}})
     assert hub == {"trainable_params": 1, "data_revision.rte": "bcdcba79", "data_revision.yelp": "main"}
-    tags = job_tags(by_key(jobs, "transfer/syn-target-food/k4/seed1/source"), "abc")
+    tags = job_tags(by_key(jobs, "transfer/syn-target-food/k4/seed1/source"), "abc", 1)
     assert tags["dept.stage"] == "transfer" and tags["dept.world_size"] == "1" and tags["dept.log_every"] == "2"
     assert tags["dept.k"] == "4" and tags["dept.start"] == "source" and tags["dept.fingerprint"] == "abc"
-    assert job_tags(by_key(jobs, "warmup"), "x")["dept.tasks"] == "syn-warm-animal,syn-warm-food"
+    assert job_tags(by_key(jobs, "warmup"), "x", 1)["dept.tasks"] == "syn-warm-animal,syn-warm-food"
 
 
 # ------------------------------------------------------------------------------------------------ lineage, adapters

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.tracking import Tracker, check_reachable, flatten_params, resolve_tracking_uri, split_record
+from pipeline.mlflow_record import flatten_params, split_record
+from pipeline.tracking import Tracker, check_reachable, resolve_tracking_uri
 
 REPO = Path(__file__).resolve().parent.parent
 
