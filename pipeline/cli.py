@@ -1,5 +1,6 @@
 """`dept`: the command line. Every command's flags and `--help` are derived from the typed configuration
-(pipeline/config.py); python-fire dispatches the command once the flags have passed a strict check.
+(pipeline/config.py); `COMMANDS` is the command table, `parse` accounts for every word, and each value is parsed
+once, by the options machinery (pipeline/options.py), into the command's dataclass.
 
     dept run quickstart                                   # a shipped recipe, one process
     dept run recipes/fewshot_small.yaml train.steps=10    # overrides: --train.steps=10 or train.steps=10
@@ -9,6 +10,11 @@
 
 Unknown flags, stray words and bad values are refused before anything runs: one line on stderr (`error: ...`, with
 a "did you mean" for near misses), exit status 2; `--debug` shows the traceback.
+
+Why no python-fire: it was only the dispatcher after `parse` had checked every flag, and it parsed every value a
+second time with Python-literal rules that differ from the YAML rules recipes use (`--init_text True` became a
+bool and was refused, `--model 123` a number, `--stages.source-pt...` a stage that does not exist). `COMMANDS`
+already holds what fire would (names, functions, help), so a command is called with the words `parse` returns.
 """
 
 from __future__ import annotations
@@ -20,10 +26,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from pipeline import distributed
 from pipeline._version import __version__
 from pipeline.config import (
-    FALSE_WORDS,
-    TRUE_WORDS,
     EvaluateArgs,
     ExportAdapterArgs,
     ImportAdapterArgs,
@@ -31,15 +36,10 @@ from pipeline.config import (
     PredictArgs,
     RecipeSpec,
     RunArgs,
-    build,
     capped,
-    coerce,
-    describe,
-    did_you_mean,
-    flat_fields,
-    from_flags,
 )
 from pipeline.errors import PipelineError
+from pipeline.options import FALSE_WORDS, TRUE_WORDS, build, coerce, describe, did_you_mean, flat_fields, from_flags
 
 CLI_ONLY_TRAIN = {
     "overwrite": "replace a finished job in output_dir (otherwise refused)",
@@ -61,7 +61,6 @@ def run(recipe: str = "quickstart", **flags) -> None:
 
 
 def train(**flags) -> None:
-    from pipeline import distributed
     from pipeline.job import run_job
     from pipeline.preflight import check_job
 
@@ -84,7 +83,6 @@ def train(**flags) -> None:
 def evaluate(**flags) -> None:
     import json
 
-    from pipeline import distributed
     from pipeline.inference import evaluate_adapter
 
     metrics = evaluate_adapter(from_flags(EvaluateArgs, flags, ""))
@@ -93,7 +91,6 @@ def evaluate(**flags) -> None:
 
 
 def predict(**flags) -> None:
-    from pipeline import distributed
     from pipeline.inference import metrics_path
     from pipeline.inference import predict as run_prediction
 
@@ -131,8 +128,11 @@ def bench(**flags) -> None:
 
 
 def _custom_task(value) -> dict:
+    """--custom_task: a YAML file, or the mapping itself (`--custom_task "{name: pets, data_files: ...}"`)."""
     from pipeline.tasks.specs import read_task_file
 
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        value = coerce(value, dict, "--custom_task")
     if isinstance(value, dict):
         return value
     return read_task_file(str(value))
@@ -160,7 +160,7 @@ def prepare_output_dir(cfg: JobConfig, overwrite: bool) -> None:
             f"{out} holds a checkpointed job started with other settings ({', '.join(changed[:5])}): "
             "pass --overwrite to start over or choose another --output_dir"
         )
-    if overwrite and out.exists() and int(os.environ.get("RANK", "0")) == 0:
+    if overwrite and out.exists() and distributed.rank() == 0:
         shutil.rmtree(out)
 
 
@@ -267,6 +267,12 @@ def parse(argv: list[str]) -> tuple[str, list[str], dict[str, str]]:
             f"{name}: unexpected word {stray!r}{hint}; dept {name} takes "
             f"{len(positionals)} positional argument(s) ({', '.join(positionals) or 'none'})"
         )
+    required = [p for p in positionals if command.args.__dataclass_fields__[p].default is dataclasses.MISSING]
+    if len(words) < len(required):
+        missing = " ".join(p.upper() for p in required[len(words) :])
+        raise PipelineError(
+            f"{name}: missing {missing} (usage: dept {name} {' '.join(p.upper() for p in positionals)})"
+        )
     return name, words, values
 
 
@@ -318,7 +324,7 @@ def help_text(name: str) -> str:
 
 
 def _setup_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
+    rank = distributed.rank()
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s",
@@ -336,23 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if not a.startswith("--local_rank")]
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    who = f" (rank {os.environ.get('RANK', '0')})" if world > 1 else ""
+    world = distributed.world_size()
+    who = f" (rank {distributed.rank()})" if world > 1 else ""
     try:
         name, positionals, values = parse(argv)
         _setup_logging()
-        import fire
-
-        if COMMANDS[name].overrides:
-            # Not through fire: it rewrites '-' to '_' in flag names, so `--stages.source-pt.train.steps` would
-            # address a stage that does not exist. The recipe loader parses override values (yaml.safe_load).
-            COMMANDS[name].function(*positionals, **values)
-        else:
-            fire.Fire(
-                {n: c.function for n, c in COMMANDS.items()},
-                command=[name, *positionals, *(f"--{k}={v}" for k, v in values.items())],
-                name="dept",
-            )
+        # Raw strings: the command's dataclass parses each (options.py); recipe overrides are parsed by the recipe
+        # loader (yaml.safe_load), which names their path.
+        COMMANDS[name].function(*positionals, **values)
     except SystemExit as stop:
         return int(stop.code or 0)
     except BrokenPipeError:  # `dept train --help | head`: the reader left; say nothing more
@@ -374,9 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         ):
             raise
-        from pipeline.distributed import name_lost_peers
-
-        lost = name_lost_peers(err)  # checks in with the rendezvous store: a few seconds at most
+        lost = distributed.name_lost_peers(err)  # checks in with the rendezvous store: a few seconds at most
         print(
             f"error{who}: lost contact with {lost} ({text.splitlines()[0][:160]}); that rank's own log names the "
             "cause; re-run the same command to resume from the last checkpoint, or raise comm_timeout_s if steps "

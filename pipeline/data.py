@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -299,12 +298,6 @@ def _cache_file(content, tokenizer, is_encoder_decoder, max_length, max_target_l
     return str(folder / f"{name}.arrow"), name[:16]
 
 
-def local_rank() -> int:
-    """This process's rank on its node (LOCAL_RANK, set by the deepspeed launcher and torchrun; 0 without one)."""
-    value = os.environ.get("LOCAL_RANK", "")
-    return int(value) if value.strip().isdigit() else 0
-
-
 def local_rank_first(prepare):
     """`prepare()` on every rank, each node's LOCAL_RANK 0 first: it writes the content-keyed caches (rendered rows,
     mixtures, token ids) while the other ranks wait, and they then call `prepare()` and find the caches written, so
@@ -312,7 +305,7 @@ def local_rank_first(prepare):
     rank is raised on every rank, with its message); a plain call otherwise."""
     if distributed.world_size() == 1:
         return prepare()
-    first = local_rank() == 0
+    first = distributed.local_rank() == 0
     result, failure = None, None
     if first:
         try:

@@ -2,8 +2,9 @@
 the one place that reads which rank this process is.
 
 Each helper is a no-op on a single process, so the same code runs under one `python` and under a launcher.
-`import pipeline.distributed` is cheap: torch is imported only by the helpers that move tensors, and a process that
-never imported torch has no process group (its rank and world size come from the launcher's RANK / WORLD_SIZE).
+`import pipeline.distributed` is cheap: torch is imported only by the helpers that move tensors. `rank()` and
+`world_size()` are the one place that reads the launcher's RANK / WORLD_SIZE (engine.init_distributed sets them for a
+bare `python`, so they always agree with the process group once it is up).
 """
 
 from __future__ import annotations
@@ -22,21 +23,27 @@ def _group():
 
 
 def rank() -> int:
-    """This process's global rank: the process group's, else the launcher's RANK variable, else 0."""
+    """This process's global rank: the launcher's RANK (equal to the process group's), else the group's, else 0."""
+    value = os.environ.get("RANK", "").strip()
+    if value:
+        return int(value)
     dist = _group()
-    return dist.get_rank() if dist else int(os.environ.get("RANK", "0") or 0)
+    return dist.get_rank() if dist else 0
 
 
 def world_size() -> int:
-    """How many ranks run this job: the process group's size, else the launcher's WORLD_SIZE, else 1."""
+    """How many ranks run this job: the launcher's WORLD_SIZE (equal to the group's size), else the group's, else 1."""
+    value = os.environ.get("WORLD_SIZE", "").strip()
+    if value:
+        return int(value)
     dist = _group()
-    return dist.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return dist.get_world_size() if dist else 1
 
 
-def local_rank() -> int | None:
-    """This process's rank on its node (the launcher's LOCAL_RANK), None when no launcher set it."""
+def local_rank() -> int:
+    """This process's rank on its node (LOCAL_RANK, set by the deepspeed launcher and torchrun; 0 without one)."""
     value = os.environ.get("LOCAL_RANK", "").strip()
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isdigit() else 0
 
 
 def _shared():

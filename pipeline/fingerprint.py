@@ -15,7 +15,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from pipeline.config import JobConfig, to_dict
+from pipeline.config import JobConfig
+from pipeline.options import to_dict
 from pipeline.tasks.tables import file_digest
 
 NOT_RESULT_DEFINING = {

@@ -12,7 +12,6 @@ split over the ranks. Either way the forward is the training-time one (`model.De
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from pipeline.tasks.readers import read_rows
 
 
 def several_ranks() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return distributed.world_size() > 1
 
 
 def load_model(

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import atomic, distributed, engine
-from pipeline.config import DataArgs, JobConfig, to_dict
+from pipeline.config import DataArgs, JobConfig
 from pipeline.data import local_rank_first, source_target_table
 from pipeline.errors import PipelineError
 from pipeline.evaluation import Evaluator, MixtureEvaluator
 from pipeline.fingerprint import job_fingerprint
+from pipeline.options import to_dict
 from pipeline.tasks import Task, kshot_sample, local_task_folder, mixture
 from pipeline.tasks.loading import load_task_tables
 from pipeline.tasks.specs import task_from_spec

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import to_dict
+from pipeline.options import to_dict
 
 if TYPE_CHECKING:
     from pipeline.recipe import Job, Recipe

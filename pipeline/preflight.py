@@ -9,17 +9,12 @@ every job of the plan. Nothing here imports torch.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from pipeline import distributed
 from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
 from pipeline.resources import ds_config_path
-
-
-def world_size() -> int:
-    """The number of ranks the launcher started (1 without a launcher)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def check_model(model: str) -> None:
@@ -86,6 +81,6 @@ def check_job(cfg: JobConfig, data: bool = True, model: bool = True, init_adapte
         check_model(cfg.model)
     if init_adapter:
         check_init_adapter(cfg)
-    check_batch(cfg, world_size())
+    check_batch(cfg, distributed.world_size())
     if data:
         check_job_data(cfg.data, cfg.train.seed)

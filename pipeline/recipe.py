@@ -29,20 +29,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import (  # noqa: I001
-    DataArgs,
-    DeptArgs,
-    JobConfig,
-    RecipeSpec,
-    StageSpec,
-    TrainArgs,
-    build,
-    capped,
-    check_partial,
-    did_you_mean,
-    to_dict,
-)
+from pipeline import distributed
+from pipeline.config import DataArgs, DeptArgs, JobConfig, RecipeSpec, StageSpec, TrainArgs, capped
 from pipeline.errors import PipelineError
+from pipeline.options import build, check_partial, did_you_mean, to_dict
 from pipeline.resources import recipe_path
 
 SECTIONS = {"dept": DeptArgs, "train": TrainArgs, "data": DataArgs}
@@ -389,9 +379,8 @@ def check_feasible(recipe: Recipe, jobs: list[Job]) -> None:
 
 
 def describe_plan(recipe: Recipe, jobs: list[Job]) -> str:
-    import os
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = distributed.world_size()
     spec = recipe.spec
     lines = [
         f"recipe {spec.name}: {len(jobs)} jobs in {len(spec.stages)} stages, world size {world}, "

@@ -43,6 +43,7 @@ LAYERS = [
     "tasks",
     "metrics",
     "config",
+    "options",
     "resources",
     "distributed",
     "atomic",

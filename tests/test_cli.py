@@ -9,7 +9,8 @@ import re
 import pytest
 
 from pipeline.cli import CLI_ONLY_TRAIN, COMMANDS, known_flags, main
-from pipeline.config import DataArgs, DeptArgs, JobConfig, RecipeSpec, StageSpec, TrainArgs, flag_name
+from pipeline.config import DataArgs, DeptArgs, JobConfig, RecipeSpec, StageSpec, TrainArgs
+from pipeline.options import flag_name
 
 ALIASES = {"lora_rank": "r", "task": "tasks", "custom_task": "tasks", "mode": "eval_mode"}  # documented in --help
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import JobConfig, TrainArgs, build, capped, check_partial, coerce
+from pipeline.config import JobConfig, TrainArgs, capped
 from pipeline.errors import PipelineError
+from pipeline.options import build, check_partial, coerce
 
 
 def job(**sections) -> JobConfig:

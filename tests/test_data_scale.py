@@ -15,10 +15,11 @@ import pytest
 from conftest import LAUNCHER_VARIABLES, REPO, free_port, needs_task_data
 from conftest import SHIPPED_DATA as DATA_DIR
 
-from pipeline.config import DataArgs, JobConfig, build
+from pipeline.config import DataArgs, JobConfig
 from pipeline.data import read_source_target, row_lengths, rows_at, source_target_table, tokenize, tokenize_table
 from pipeline.errors import PipelineError
 from pipeline.job import load_job_data
+from pipeline.options import build
 from pipeline.tasks import get_task, kshot_sample, loading, mixture, tables
 from pipeline.tasks.loading import load_task_splits, load_task_tables
 from pipeline.tasks.splits import SPLITS, apply_split_rule
@@ -248,7 +249,8 @@ WORKER = """
 import json, sys
 import torch.distributed as dist
 dist.init_process_group("gloo")
-from pipeline.config import DataArgs, build
+from pipeline.config import DataArgs
+from pipeline.options import build
 from pipeline.errors import PipelineError
 from pipeline.job import load_job_data
 from pipeline.tasks import loading

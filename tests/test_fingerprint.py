@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import JobConfig, build
+from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import JOB_RECORD, job_fingerprint, recorded_state
+from pipeline.options import build
 from pipeline.recipe import load_recipe, plan
 from pipeline.runner import job_states, refuse_changed
 

@@ -12,10 +12,11 @@ import torch
 
 from pipeline import load_dept
 from pipeline.cli import main
-from pipeline.config import JobConfig, build
+from pipeline.config import JobConfig
 from pipeline.data import collate, read_source_target, tokenize
 from pipeline.errors import PipelineError
 from pipeline.inference import rows_for
+from pipeline.options import build
 from pipeline.train import train
 
 pytestmark = pytest.mark.usefixtures("one_process_group")

@@ -9,11 +9,12 @@ import shutil
 import pytest
 import torch
 
-from pipeline.config import JobConfig, build
+from pipeline.config import JobConfig
 from pipeline.data import global_batch, read_source_target
 from pipeline.dept import DeptConfig
 from pipeline.engine import warmup_then_linear_decay
 from pipeline.errors import PipelineError
+from pipeline.options import build
 from pipeline.train import resolve_shape, train
 
 

@@ -29,7 +29,7 @@ import logging
 import os
 
 from pipeline.bench.settings import PRESETS, BenchArgs, bench_args, with_model_overrides
-from pipeline.config import describe, flat_fields
+from pipeline.options import describe, flat_fields
 
 ABOUT = """\
 Benchmark DePT against prompt tuning at equal budget (compare), or find the largest backbone that fits (scale).

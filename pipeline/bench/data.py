@@ -137,8 +137,9 @@ def _prepare(args, memory: _Memory) -> dict:
     import pipeline.data as data
     import pipeline.tasks.loading as loading
     from pipeline.backbone import load_tokenizer
-    from pipeline.config import DataArgs, build
+    from pipeline.config import DataArgs
     from pipeline.job import load_job_data
+    from pipeline.options import build
 
     passes = _render_counter(loading)
     tokenizer = load_tokenizer(args.tokenizer)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.bench.settings import BenchArgs
-from pipeline.config import to_dict
+from pipeline.options import to_dict
 
 log = logging.getLogger("pipeline.bench")
 

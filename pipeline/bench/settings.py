@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import coerce, field_types, from_flags, option
 from pipeline.errors import PipelineError
+from pipeline.options import coerce, field_types, from_flags, option
 from pipeline.resources import ds_config_path
 
 log = logging.getLogger("pipeline.bench")
