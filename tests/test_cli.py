@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 import pytest
@@ -110,3 +111,52 @@ def test_a_batch_the_ranks_cannot_split_is_refused_at_planning(monkeypatch, caps
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert main(["run", "quickstart", "--dry_run"]) == 2
     assert "not divisible by world size 3" in capsys.readouterr().err
+
+
+def test_each_value_is_parsed_once_by_the_flags_own_type(tmp_path):
+    """No second parser between the command line and the dataclass: text that reads as a bool, a number or a list
+    elsewhere stays text in a text flag; a list flag splits on commas or reads YAML."""
+    from pipeline.cli import parse
+    from pipeline.options import from_flags
+
+    _, _, values = parse(["train", "--model", "123", "--task", "rte,cb", "--output_dir", str(tmp_path)])
+    cfg = from_flags(JobConfig, {**values, "init_text": "True", "steps": "1e3", "warmup_steps": "10"}, "")
+    assert cfg.model == "123" and cfg.data.tasks == ["rte", "cb"] and cfg.dept.init_text == "True"
+    assert cfg.train.steps == 1000 and isinstance(cfg.train.steps, int)
+
+
+def test_a_missing_positional_is_one_line(capsys):
+    assert main(["import-adapter", "only-the-source"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: import-adapter: missing OUT (usage: dept import-adapter SRC OUT)"
+
+
+def test_tracking_errors_name_flags_dept_run_has(tmp_path, monkeypatch):
+    """The tracking store's errors tell the user which `dept run` flag to change: each flag they name is one the
+    command accepts."""
+    from pipeline.cli import parse
+    from pipeline.errors import PipelineError
+    from pipeline.tracking import Tracker, check_reachable
+
+    messages = []
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for call in (
+        lambda: check_reachable(f"sqlite:///{blocker}/sub/mlflow.db"),  # cannot create the directory
+        lambda: Tracker(f"sqlite:///{tmp_path}/x.db", " "),  # empty experiment name
+    ):
+        with pytest.raises(PipelineError) as caught:
+            call()
+        messages.append(str(caught.value))
+    if os.geteuid() != 0:  # root writes anywhere
+        with pytest.raises(PipelineError) as caught:
+            check_reachable(f"sqlite:///{locked}/mlflow.db")
+        messages.append(str(caught.value))
+    for message in messages:
+        flags = re.findall(r"--[\w.]+", message)
+        assert flags, message
+        for flag in flags:
+            parse(["run", "quickstart", f"{flag}=x"])  # raises on an unknown flag

@@ -87,3 +87,4 @@ def test_a_few_training_steps_from_an_unrelated_directory(venv, tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["config"]["ds_config"] == "auto" and results["test"]["n"] == 8
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "out" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # every job draws its curves
