@@ -148,12 +148,14 @@ def load_backbone(
     trainable: bool = False,
     seed: int = 0,
     cache_dir: str | Path | None = None,
+    allow_fp16_t5: bool = False,
 ) -> Backbone:
     """Load or build the backbone, sharded at creation when `ds_config` is ZeRO-3, frozen unless `trainable`.
 
     `trainable=True` is the `finetune` method (every backbone parameter trains); DePT and PT keep it frozen.
     `seed` fixes the weights of a `random:<preset>` backbone: training and inference pass the job's seed, so an
     adapter is always scored on the backbone it was trained on (and every rank builds the same weights).
+    T5 in fp16 is refused unless `allow_fp16_t5` (`check_precision`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -168,6 +170,7 @@ def load_backbone(
         if is_random(model):
             special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
             config = build_config(model, len(tokenizer), overrides, special)
+            check_precision(config, dtype, allow_fp16_t5)
             auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
             torch.manual_seed(seed)
             net = auto.from_config(config, dtype=dtype)
@@ -179,6 +182,7 @@ def load_backbone(
                     f"unknown model {model!r}: not a local model directory and not found on the hub "
                     f"({str(err).splitlines()[0][:120]}); check the name/path or use random:<preset>"
                 ) from None
+            check_precision(config, dtype, allow_fp16_t5)
             auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
             net = auto.from_pretrained(model, config=config, dtype=dtype)
 
@@ -188,6 +192,16 @@ def load_backbone(
         column_major_output_grads(net)
     d_model = getattr(net.config, "d_model", None) or net.config.hidden_size
     return Backbone(net, tokenizer, bool(net.config.is_encoder_decoder), int(d_model), name)
+
+
+def check_precision(config, dtype: torch.dtype, allow_fp16_t5: bool = False) -> None:
+    """T5 in fp16 is refused: its activations overflow fp16's range (inf/NaN losses; transformers issues #10830,
+    #14189; T5 was pretrained in bf16). bf16 has fp32's range and is what the shipped GPU configs use."""
+    if dtype == torch.float16 and config.is_encoder_decoder and not allow_fp16_t5:
+        raise PipelineError(
+            "T5 overflows in fp16 (NaN losses): use a bf16 or fp32 DeepSpeed config (zero3_gpu_bf16, zero3_gpu), "
+            "or set train.allow_fp16_t5 (--allow_fp16_t5) to try anyway"
+        )
 
 
 def materialized_random(model: str, seed: int, overrides: dict | None, cache_dir: str | Path | None = None) -> Path:

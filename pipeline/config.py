@@ -95,6 +95,7 @@ class TrainArgs:
     on_nonfinite: Literal["stop", "skip"] = option(
         "stop", "a NaN/inf loss: stop (keep the last good adapter) or skip the step"
     )
+    allow_fp16_t5: bool = option(False, "train T5 under an fp16 DeepSpeed config anyway (it overflows: refused)")
     comm_timeout_s: float = option(1800.0, "a collective waiting longer fails (lost or hung rank)", minimum=1.0)
     cpu_threads: int | None = option(
         None,

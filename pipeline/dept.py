@@ -128,7 +128,11 @@ class DePTPrompt(nn.Module):
         return [self.lora_A, self.lora_B] if self.config.r > 0 else []
 
     def forward(
-        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        first_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Offset the token embeddings and insert the prompt right before each sequence's first real token.
 
@@ -137,14 +141,22 @@ class DePTPrompt(nn.Module):
         Returns (embeds [batch, m + L, d], mask [batch, m + L], labels [batch, m + L] or None); the prompt
         gets mask 1 and label -100. Padding may be on either side: the offset row follows each token's index
         within its own sequence, and with left padding the prompt goes after the pads, not before them.
+
+        first_position: [batch], for tokens that continue sequences already started (greedy decoding with a KV
+        cache): the first of the L tokens sits at that index of its own sequence. They get the offset rows of
+        their positions, exactly as in the training-time forward of the whole sequence, and no prompt (it is in
+        the cache already): returns (embeds [batch, L, d], attention_mask, labels).
         """
         cfg = self.config
         mask = attention_mask.to(torch.long)
         # Index of every token within its own sequence (pads get -1), whatever the padding side.
         positions = torch.cumsum(mask, dim=1) - 1
+        continuing = first_position is not None
+        if continuing:
+            positions = positions + first_position.to(positions.device).unsqueeze(1)
         if cfg.r > 0:
             too_long = positions >= cfg.max_length
-            if bool(too_long.any()):
+            if bool(too_long.any()) and not continuing:  # decoding past s is expected: those tokens get no offset
                 # The data pipeline truncates to s; this guard keeps a direct caller from crashing on A's rows.
                 if not self._warned_truncation:
                     log.warning(
@@ -158,7 +170,7 @@ class DePTPrompt(nn.Module):
             inputs_embeds = inputs_embeds + offset.to(inputs_embeds.dtype)[rows] * keep
 
         m = cfg.num_virtual_tokens
-        if m == 0:
+        if m == 0 or continuing:
             return inputs_embeds, attention_mask, labels
         batch, length, _ = inputs_embeds.shape
         prompt = self.prompt.to(inputs_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)

@@ -58,27 +58,35 @@ def barrier() -> None:
         dist.barrier()
 
 
-def mean_over_ranks(value: float) -> float:
+def _all_reduce(value: float, op: str = "sum") -> float:
+    """`value` reduced over the ranks (float64; on the GPU where the backend is NCCL, which reduces no CPU tensor)."""
     dist = _shared()
     if not dist:
         return value
     import torch
 
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return tensor.item() / dist.get_world_size()
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return tensor.item()
+
+
+def mean_over_ranks(value: float) -> float:
+    return _all_reduce(value) / world_size()
+
+
+def sum_over_ranks(value: float) -> float:
+    return _all_reduce(value)
 
 
 def any_rank(flag: bool) -> bool:
     """True when the flag is set on any rank (so every rank takes the same branch)."""
-    dist = _shared()
-    if not dist:
-        return flag
-    import torch
+    return _all_reduce(1.0 if flag else 0.0, "max") > 0
 
-    tensor = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(tensor)
-    return tensor.item() > 0
+
+def all_ranks(flag: bool) -> bool:
+    """True when the flag is set on every rank."""
+    return _all_reduce(1.0 if flag else 0.0, "min") > 0
 
 
 def gather_objects(items: list) -> list:

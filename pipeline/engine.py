@@ -362,7 +362,7 @@ class Engine:
 
     def forward(self, batch: dict) -> torch.Tensor:
         """The loss of one micro-batch (tensors moved to the engine's device)."""
-        return self._engine(**{k: v.to(self.device) for k, v in batch.items()}).loss
+        return self._engine(**{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}).loss
 
     def backward(self, loss: torch.Tensor) -> None:
         self._engine.backward(loss)

@@ -21,6 +21,7 @@ from pipeline.tasks.tables import file_digest
 
 NOT_RESULT_DEFINING = {
     ("output_dir",),
+    ("train", "allow_fp16_t5"),  # permission only: the DeepSpeed config decides the precision
     ("train", "log_every"),
     ("train", "save_every"),
     ("train", "keep_checkpoints"),
@@ -49,13 +50,10 @@ UNUSED_BY = {
 
 
 def code_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    """major.minor of the code that runs (not of the installed metadata, which an editable install freezes)."""
+    from pipeline._version import __version__
 
-    try:
-        full = version("dept-pipeline")
-    except PackageNotFoundError:
-        return "unknown"
-    return ".".join(full.split(".")[:2])
+    return ".".join(__version__.split(".")[:2])
 
 
 def _folder_identity(folder: Path, pattern: str = "*") -> dict[str, str]:

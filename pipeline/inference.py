@@ -19,10 +19,10 @@ import torch
 from pipeline import adapters, atomic, distributed, engine
 from pipeline.backbone import Backbone, load_backbone
 from pipeline.config import EvaluateArgs, PredictArgs
-from pipeline.data import collate, tokenize
+from pipeline.data import tokenize
 from pipeline.dept import DePTPrompt
 from pipeline.errors import PipelineError
-from pipeline.evaluation import Evaluator
+from pipeline.evaluation import Evaluator, generate_predictions
 from pipeline.interop import read_any_adapter
 from pipeline.model import DePTModel
 from pipeline.tasks import Task, get_task, load_task_splits
@@ -80,20 +80,12 @@ class DeptPredictor:
             ).logits
 
     def generate(self, texts: list[str], max_new_tokens: int = 20, batch_size: int = 32) -> list[str]:
-        """Greedy decoding of each text, as evaluation does it."""
+        """Greedy decoding of each text, by the loop evaluation and `dept predict` use."""
         rows = [{"source": text, "target": ""} for text in texts]
         tokenized = tokenize(rows, self.tokenizer, self.backbone.is_encoder_decoder, self.adapter_config.max_length)
-        out = []
-        for start in range(0, len(tokenized), batch_size):
-            batch = collate(
-                tokenized[start : start + batch_size],
-                self.tokenizer.pad_token_id,
-                self.backbone.is_encoder_decoder,
-                for_generation=True,
-            )
-            new = self.model.generate(**{k: v.to(self.device) for k, v in batch.items()}, max_new_tokens=max_new_tokens)
-            out += [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
-        return out
+        return generate_predictions(
+            self.model, tokenized, self.tokenizer, self.backbone.is_encoder_decoder, batch_size, max_new_tokens
+        )
 
 
 def load_dept(model: str, adapter: str, device: str | None = None, seed: int = 42) -> DeptPredictor:

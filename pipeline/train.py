@@ -103,7 +103,13 @@ def build_model(cfg: JobConfig, ds: dict) -> tuple[DePTModel, Backbone, DeptConf
     """The backbone (sharded at creation under ZeRO-3; frozen unless finetune) with its DePT module in front:
     (model, backbone, resolved shape or None for finetune, notes)."""
     backbone = load_backbone(
-        cfg.model, ds, engine.dtype_of(ds), cfg.model_overrides, trainable=cfg.method == "finetune", seed=cfg.train.seed
+        cfg.model,
+        ds,
+        engine.dtype_of(ds),
+        cfg.model_overrides,
+        trainable=cfg.method == "finetune",
+        seed=cfg.train.seed,
+        allow_fp16_t5=cfg.train.allow_fp16_t5,
     )
     if cfg.method == "finetune":
         return DePTModel(backbone.model, None, backbone.is_encoder_decoder), backbone, None, []
@@ -283,10 +289,23 @@ def rank_micro_batches(global_ids: list[int], rank: int, world: int, grad_accum:
 
 def _optimizer_step(trainer, batches: list[dict], step: int, opts, state: dict) -> float:
     """Forward and backward over this rank's micro-batches, then the optimizer step (DeepSpeed steps at the
-    accumulation boundary); returns the mean loss. A non-finite loss on any rank stops the job, or skips the step."""
+    accumulation boundary); returns this rank's share of the step's loss (`mean_over_ranks` of it is the step's
+    loss). A non-finite loss on any rank stops the job, or skips the step.
+
+    The loss of a step is the sum of the token losses over the whole global batch (every rank, every accumulation
+    micro-batch) divided by the number of target tokens in that global batch, N, counted before the first backward
+    (one all-reduce). DeepSpeed's `backward` divides each micro-batch's loss by grad_accum (G) and ZeRO averages the
+    gradients over the W data-parallel ranks, so each micro-batch's summed token loss is divided by N / (G * W):
+    after DeepSpeed's own scaling the gradient is exactly that of the whole-batch token mean, whatever the split
+    (1 x 8, 1 x 4 x 2, 2 x 4 give the same step up to float error; the transformers Trainer's `num_items_in_batch`).
+    The same rule for T5 and decoder-only, DePT, PT and finetune.
+    """
+    world = distributed.world_size()
+    targets = distributed.sum_over_ranks(sum(trainer.module.count_targets(b["labels"]) for b in batches))
+    denominator = max(targets, 1) / (len(batches) * world)
     total = 0.0
     for batch in batches:
-        loss = trainer.forward(batch)
+        loss = trainer.forward({**batch, "loss_denominator": denominator})
         if nan_at(step + 1):
             loss = loss * float("nan")
         if distributed.any_rank(not torch.isfinite(loss).item()):
@@ -300,7 +319,7 @@ def _optimizer_step(trainer, batches: list[dict], step: int, opts, state: dict) 
             return total
         trainer.backward(loss)
         trainer.step()
-        total += loss.item() / len(batches)
+        total += loss.item() / len(batches)  # summed over micro-batches and averaged over ranks: sum_all / N
     return total
 
 
