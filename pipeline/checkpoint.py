@@ -108,3 +108,21 @@ class Checkpoints:
                 distributed.world_size(),
             )
         return int(state["step"]), state["run_state"]
+
+
+def restore_history(path: Path, start: int, rank: int) -> list[dict]:
+    """The training records of `metrics.jsonl` up to the resumed step `start` (a crash may have logged past the last
+    checkpoint); rank 0 rewrites the file with only those, so the resumed job appends where the checkpoint left."""
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the crash
+        if record["step"] <= start:
+            kept.append(record)
+    if rank == 0:
+        atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept

@@ -29,7 +29,42 @@ METHODS = ("dept", "pt", "finetune")
 LENGTH_POLICIES = ("error", "truncate", "pad")
 PROMPT_INITS = ("TEXT", "VOCAB", "RANDOM")
 EVAL_MODES = ("generate", "score")
-DEFAULT_M, DEFAULT_R, DEFAULT_S = 60, 30, 256
+DEFAULT_M, DEFAULT_R, DEFAULT_S = 60, 30, 256  # the paper's shape: the one default of m, r and s
+
+# What each method reads, by field path: the fields listed here are read only by the methods that list them; every
+# other field is read by every method. A job's fingerprint leaves out what its method does not read
+# (fingerprint.py), its MLflow run shows only what it reads (mlflow_record.job_params), and a recipe's `dept:` section
+# reaches a stage only with keys the stage's method reads (recipe.py).
+_PROMPT = {
+    ("train", "lr_prompt"),
+    ("dept", "num_virtual_tokens"),
+    ("dept", "prompt_init"),
+    ("dept", "init_text"),
+    ("init_adapter",),
+    ("on_length_mismatch",),
+}
+METHOD_FIELDS = {
+    "dept": _PROMPT | {("train", "lr_lowrank"), ("dept", "r"), ("dept", "budget_tokens"), ("dept", "lora_alpha")},
+    "pt": _PROMPT,  # r = 0: no low-rank pair, so no r, budget, lora_alpha or its learning rate
+    "finetune": {("train", "lr"), ("save_model",)},  # every backbone weight at one rate; dept.max_length: the input
+}
+_SOME_METHODS = set().union(*METHOD_FIELDS.values())
+
+
+def unread_fields(method: str) -> set[tuple[str, ...]]:
+    """The field paths of a JobConfig that `method` never reads (changing them cannot change its result)."""
+    return _SOME_METHODS - METHOD_FIELDS[method]
+
+
+def micro_batch_size(batch_size: int, grad_accum: int, world: int) -> int:
+    """Rows per rank per forward pass: the global batch split over the ranks and the accumulation steps."""
+    per_step = world * grad_accum
+    if batch_size % per_step:
+        raise PipelineError(
+            f"batch_size {batch_size} is not divisible by world size {world} x grad_accum "
+            f"{grad_accum}: choose a multiple of {per_step} (or another number of ranks)"
+        )
+    return batch_size // per_step
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -39,15 +74,17 @@ DEFAULT_M, DEFAULT_R, DEFAULT_S = 60, 30, 256
 class DeptArgs:
     """The DePT shape and initialisation (recipe section `dept:`)."""
 
-    num_virtual_tokens: int | None = option(None, "m, prompt length (default 60, or the init adapter's)", minimum=0)
+    num_virtual_tokens: int | None = option(
+        None, f"m, prompt length (default {DEFAULT_M}, or the init adapter's)", minimum=0
+    )
     r: int | None = option(
         None,
-        "rank of A @ B (default 30, or from budget_tokens, or the init adapter's; pt: 0)",
+        f"rank of A @ B (default {DEFAULT_R}, or from budget_tokens, or the init adapter's; pt: 0)",
         minimum=0,
         cli="lora_rank",
     )
     max_length: int | None = option(
-        None, "s, longest input in tokens = rows of A (default 256, or the init adapter's)", minimum=1
+        None, f"s, longest input in tokens = rows of A (default {DEFAULT_S}, or the init adapter's)", minimum=1
     )
     budget_tokens: int | None = option(
         None,
@@ -67,6 +104,16 @@ class DeptArgs:
             )
         if self.prompt_init == "TEXT" and not self.init_text.strip():
             raise PipelineError("init_text is empty: give a text for TEXT init or set prompt_init to VOCAB/RANDOM")
+
+    def refuse_other_shape(self, adapter: str, m: int | None, r: int | None) -> None:
+        """An explicit m or r that contradicts the init adapter's (`m`, `r`; None: unknown) is refused: the
+        adapter's tensors could not be loaded."""
+        for flag, mine, theirs in (("num_virtual_tokens", self.num_virtual_tokens, m), ("lora_rank (r)", self.r, r)):
+            if mine is not None and theirs is not None and mine != theirs:
+                raise PipelineError(
+                    f"init adapter {adapter} has {flag}={theirs} but {mine} was given: "
+                    f"drop {flag} to take the adapter's shape"
+                )
 
 
 @dataclass
@@ -196,13 +243,10 @@ class JobConfig:
         if not self.data.tasks and not self.data.train_file:
             raise PipelineError("a job needs data: --task NAME, --custom_task FILE or --train_file FILE")
 
-    # The resolved DePT shape (defaults filled; an init adapter's shape is read by `resolve_shape`).
-    @property
-    def num_virtual_tokens(self) -> int:
-        return DEFAULT_M if self.dept.num_virtual_tokens is None else self.dept.num_virtual_tokens
-
     @property
     def max_length(self) -> int:
+        """The tokenized input length when no DePT shape says it (finetune; the shape of a prompt method may take
+        an init adapter's s: `train.resolve_shape`)."""
         return DEFAULT_S if self.dept.max_length is None else self.dept.max_length
 
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from pipeline.config import AUTHORS_INIT_TEXT, PROMPT_INITS
+from pipeline.config import AUTHORS_INIT_TEXT, DEFAULT_M, DEFAULT_R, DEFAULT_S, PROMPT_INITS
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,9 @@ DEFAULT_INIT_TEXT = AUTHORS_INIT_TEXT
 class DeptConfig:
     """Shape and initialisation of one DePT adapter."""
 
-    num_virtual_tokens: int = field(default=60, metadata={"help": "m: prompt length (0 allowed if r > 0)"})
-    r: int = field(default=30, metadata={"help": "rank of the offset A @ B; 0 = vanilla prompt tuning"})
-    max_length: int = field(default=256, metadata={"help": "s: rows of A, the longest input that gets an offset"})
+    num_virtual_tokens: int = field(default=DEFAULT_M, metadata={"help": "m: prompt length (0 allowed if r > 0)"})
+    r: int = field(default=DEFAULT_R, metadata={"help": "rank of the offset A @ B; 0 = vanilla prompt tuning"})
+    max_length: int = field(default=DEFAULT_S, metadata={"help": "s: rows of A, the longest input that gets an offset"})
     d_model: int = field(default=768, metadata={"help": "d: the backbone's embedding width"})
     lora_alpha: float = field(default=8.0, metadata={"help": "offset scale is lora_alpha / sqrt(r)"})
     prompt_init: str = field(default="TEXT", metadata={"help": "TEXT | VOCAB | RANDOM"})
@@ -126,6 +126,16 @@ class DePTPrompt(nn.Module):
 
     def lowrank_parameters(self) -> list[nn.Parameter]:
         return [self.lora_A, self.lora_B] if self.config.r > 0 else []
+
+    def param_groups(self, lr_prompt: float, lr_lowrank: float, prefix: str = "") -> list[dict]:
+        """The optimizer groups of DePT's two learning rates: `prompt` [m, d] and `lowrank` (A, B); a group whose
+        tensors do not exist (m = 0, r = 0) is left out. `prefix` goes before the names (several modules)."""
+        groups = []
+        if self.prompt_parameters():
+            groups.append({"name": f"{prefix}prompt", "params": self.prompt_parameters(), "lr": lr_prompt})
+        if self.lowrank_parameters():
+            groups.append({"name": f"{prefix}lowrank", "params": self.lowrank_parameters(), "lr": lr_lowrank})
+        return groups
 
     def forward(
         self,

@@ -194,17 +194,13 @@ def read_ds_config(value: str, base_dir: Path | None = None) -> dict:
 
 def training_ds_config(ds: dict, batch_size: int, grad_accum: int, grad_clip: float, world: int) -> dict:
     """The DeepSpeed config with the job's batch geometry and clipping (the job's values win over the file's)."""
-    per_step = world * grad_accum
-    if batch_size % per_step:
-        raise PipelineError(
-            f"batch_size {batch_size} is not divisible by world size {world} x grad_accum "
-            f"{grad_accum}: choose a multiple of {per_step} (or another number of ranks)"
-        )
+    from pipeline.config import micro_batch_size
+
     return {
         **ds,
         "train_batch_size": batch_size,
         "gradient_accumulation_steps": grad_accum,
-        "train_micro_batch_size_per_gpu": batch_size // per_step,
+        "train_micro_batch_size_per_gpu": micro_batch_size(batch_size, grad_accum, world),
         "gradient_clipping": grad_clip,
         "steps_per_print": 10**9,
     }  # progress is ours

@@ -124,7 +124,7 @@ class Evaluator:
             raise PipelineError(f"eval mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mode == "score" and not getattr(self.task, "labels", None):
             raise PipelineError(f"task {self.task.name!r} has no label set: eval mode 'score' needs one; use generate")
-        self._cache: dict[int, object] = {}
+        self._cache: dict[int, tuple[list, object]] = {}  # id(rows) -> (rows, their tokens)
 
     @property
     def _separator(self) -> dict:
@@ -132,10 +132,12 @@ class Evaluator:
         return {"separator": separator} if separator is not None else {}
 
     def _tokenized(self, rows: list[dict]):
+        """The tokens of `rows`, computed once per list. The cache holds the list itself: an id is unique only
+        while its object lives, so a list made later at a freed list's address cannot get the old tokens."""
         key = id(rows)
-        if key not in self._cache:
+        if key not in self._cache or self._cache[key][0] is not rows:
             if self.mode == "score":
-                self._cache[key] = {
+                tokens = {
                     label: tokenize(
                         [{**r, "target": label} for r in rows],
                         self.tokenizer,
@@ -146,10 +148,9 @@ class Evaluator:
                     for label in self.task.labels
                 }
             else:
-                self._cache[key] = tokenize(
-                    rows, self.tokenizer, self.is_encoder_decoder, self.max_length, **self._separator
-                )
-        return self._cache[key]
+                tokens = tokenize(rows, self.tokenizer, self.is_encoder_decoder, self.max_length, **self._separator)
+            self._cache[key] = (rows, tokens)
+        return self._cache[key][1]
 
     def predictions(self, module, rows: list[dict]) -> list[str]:
         tokenized = self._tokenized(rows)

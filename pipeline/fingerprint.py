@@ -15,7 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pipeline.config import JobConfig
+from pipeline.config import METHODS, JobConfig, unread_fields
 from pipeline.options import to_dict
 from pipeline.tasks.tables import file_digest
 
@@ -30,23 +30,11 @@ NOT_RESULT_DEFINING = {
     ("data", "eval_batch_size"),
     ("data", "data_dir"),
 }
-# Fields a method never reads: changing them does not change its result.
-UNUSED_BY = {
-    "finetune": {
-        ("dept", "num_virtual_tokens"),
-        ("dept", "r"),
-        ("dept", "budget_tokens"),
-        ("dept", "lora_alpha"),
-        ("dept", "prompt_init"),
-        ("dept", "init_text"),
-        ("train", "lr_prompt"),
-        ("train", "lr_lowrank"),
-        ("init_adapter",),
-        ("on_length_mismatch",),
-    },  # dept.max_length still sets the tokenized length
-    "pt": {("train", "lr"), ("train", "lr_lowrank"), ("save_model",)},
-    "dept": {("train", "lr"), ("save_model",)},
-}
+# Fields pt does not read (r is 0, budget_tokens is refused, the scale of a missing pair is 0) that its fingerprint has
+# always covered: kept, so that finished pt jobs are still reused; drop this at the next fingerprint version.
+STILL_FINGERPRINTED = {"pt": {("dept", "r"), ("dept", "budget_tokens"), ("dept", "lora_alpha")}}
+# Fields a method never reads (config.METHOD_FIELDS): changing them does not change its result.
+UNUSED_BY = {method: unread_fields(method) - STILL_FINGERPRINTED.get(method, set()) for method in METHODS}
 
 
 def code_version() -> str:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.config import METHOD_FIELDS
 from pipeline.options import to_dict
 
 if TYPE_CHECKING:
@@ -107,8 +108,8 @@ def run_names(jobs: list[Job]) -> dict[str, str]:
 
 
 def job_params(job: Job) -> dict:
-    """The MLflow params of a job as configured: what its method reads (no backbone lr on DePT/PT jobs, no prompt
-    shape or prompt learning rates on finetune jobs), only fields the job's fingerprint covers (a param cannot
+    """The MLflow params of a job as configured: what its method reads (config.METHOD_FIELDS: no backbone lr on
+    DePT/PT jobs, no prompt shape or prompt learning rates on finetune jobs), only fields the job's fingerprint covers (a param cannot
     change when a finished job is re-attached; logging and checkpoint cadence are tags), None left out. What is
     known only once the job ran (resolved shape, d, trainable parameters) is added by `outcome_params`."""
     cfg = to_dict(job.config)
@@ -142,9 +143,15 @@ def job_params(job: Job) -> dict:
     for flag in ("pad_to_max_length", "group_by_length"):
         if train[flag]:
             params[flag] = True
-    if method == "finetune":
-        params.update(lr=train["lr"], save_model=cfg["save_model"])
-        return {k: v for k, v in params.items() if v is not None}
+    params["max_length"] = dept["max_length"]  # every method's tokenized length (DePT: also the rows of A)
+    for path in sorted(METHOD_FIELDS[method]):  # what only some methods read: this one's
+        params[path[-1]] = cfg[path[0]] if len(path) == 1 else cfg[path[0]][path[1]]
+    if method != "finetune":
+        if dept["prompt_init"] != "TEXT" or cfg["init_adapter"]:
+            params.pop("init_text")  # the prompt comes from an adapter or from no text
+        if not cfg["init_adapter"]:
+            params.pop("on_length_mismatch")
+    return {k: v for k, v in params.items() if v is not None}
     params.update(
         lr_prompt=train["lr_prompt"],
         num_virtual_tokens=dept["num_virtual_tokens"],

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from pipeline import distributed
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, micro_batch_size
 from pipeline.errors import PipelineError
 from pipeline.resources import ds_config_path
 
@@ -39,15 +39,7 @@ def check_init_adapter(cfg: JobConfig) -> None:
         shape = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise PipelineError(f"adapter config {config_file} is not valid JSON ({err.msg}, line {err.lineno})") from None
-    for flag, mine, theirs in (
-        ("num_virtual_tokens", cfg.dept.num_virtual_tokens, shape.get("num_virtual_tokens")),
-        ("lora_rank (r)", cfg.dept.r, shape.get("r")),
-    ):
-        if mine is not None and theirs is not None and mine != theirs:
-            raise PipelineError(
-                f"init adapter {cfg.init_adapter} has {flag}={theirs} but {mine} was given: "
-                f"drop {flag} to take the adapter's shape"
-            )
+    cfg.dept.refuse_other_shape(cfg.init_adapter, shape.get("num_virtual_tokens"), shape.get("r"))
     theirs = shape.get("max_length")
     if (
         cfg.dept.max_length not in (None, theirs)
@@ -63,12 +55,7 @@ def check_init_adapter(cfg: JobConfig) -> None:
 
 
 def check_batch(cfg: JobConfig, world: int) -> None:
-    per_step = world * cfg.train.grad_accum
-    if cfg.train.batch_size % per_step:
-        raise PipelineError(
-            f"batch_size {cfg.train.batch_size} is not divisible by world size {world} x grad_accum "
-            f"{cfg.train.grad_accum}: choose a multiple of {per_step} (or another number of ranks)"
-        )
+    micro_batch_size(cfg.train.batch_size, cfg.train.grad_accum, world)
 
 
 def check_job(cfg: JobConfig, data: bool = True, model: bool = True, init_adapter: bool = True) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import distributed
-from pipeline.config import DataArgs, DeptArgs, JobConfig, RecipeSpec, StageSpec, TrainArgs, capped
+from pipeline.config import DataArgs, DeptArgs, JobConfig, RecipeSpec, StageSpec, TrainArgs, capped, unread_fields
 from pipeline.errors import PipelineError
 from pipeline.options import build, check_partial, did_you_mean, to_dict
 from pipeline.resources import recipe_path
@@ -66,11 +66,9 @@ class Job:
 
     @property
     def name(self) -> str:
-        """What the MLflow runs table shows: what differs between jobs first, the stage last."""
-        if self.meta["type"] == "train":
-            return f"{self.stage}: {'+'.join(self.meta['tasks'])}"
-        method = "" if self.config.method == "dept" else f" ({self.config.method})"
-        return f"{self.meta['target']} k={self.meta['k']} seed={self.meta['seed']} {self.meta['start']}{method}"
+        """A train job's MLflow run name, "<stage>: <tasks>" (transfer jobs are named by `mlflow_record.run_names`,
+        which compares them with the other jobs of their stage)."""
+        return f"{self.stage}: {'+'.join(self.meta['tasks'])}"
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -284,9 +282,8 @@ def _job_config(
     if seed is not None:
         train["seed"] = seed
     method = stage.method or spec.method
-    inherited = dict(spec.dept)
-    if method != "dept":  # a recipe's r (or budget) is for its DePT stages; a pt stage that sets r is refused
-        inherited = {k: v for k, v in inherited.items() if k not in ("r", "budget_tokens")}
+    unread = unread_fields(method)  # a recipe's r (or budget) is for its DePT stages; a pt stage that sets r is refused
+    inherited = {k: v for k, v in spec.dept.items() if ("dept", k) not in unread}
     raw = {
         "model": _stage_model(spec, stage),
         "output_dir": str(output_dir),
@@ -400,16 +397,11 @@ def describe_plan(recipe: Recipe, jobs: list[Job]) -> str:
         dept, train = first.dept, first.train
         rates = f"lr={train.lr}"
         if first.method == "dept":
-            shape = (
-                f"m={dept.num_virtual_tokens or 'default'} r={dept.r if dept.r is not None else 'default'} "
-                f"s={dept.max_length or 'default'}"
-            )
+            shape = f"m={_given(dept.num_virtual_tokens)} r={_given(dept.r)} s={_given(dept.max_length)}"
             rates = f"lr_prompt={train.lr_prompt} lr_lowrank={train.lr_lowrank}"
         elif first.method == "pt":
-            shape, rates = (
-                f"l={dept.num_virtual_tokens or 'default'} s={dept.max_length or 'default'}",
-                f"lr_prompt={train.lr_prompt}",
-            )
+            shape = f"l={_given(dept.num_virtual_tokens)} s={_given(dept.max_length)}"
+            rates = f"lr_prompt={train.lr_prompt}"
         else:
             shape = "all weights"
         lines.append(
@@ -417,6 +409,12 @@ def describe_plan(recipe: Recipe, jobs: list[Job]) -> str:
             f"{shape}; steps={train.steps} batch={train.batch_size} {rates}"
         )
     return "\n".join(lines)
+
+
+def _given(value: int | None) -> str:
+    """A shape value as the plan shows it: the number (0 included), or 'default' when the job takes the default
+    (or the init adapter's)."""
+    return "default" if value is None else str(value)
 
 
 def resolved_dict(recipe: Recipe) -> dict:

@@ -23,7 +23,7 @@ import torch
 
 from pipeline import adapters, atomic, distributed, engine
 from pipeline.backbone import Backbone, load_backbone, save_backbone
-from pipeline.checkpoint import Checkpoints, seed_step
+from pipeline.checkpoint import Checkpoints, restore_history, seed_step
 from pipeline.config import DEFAULT_M, DEFAULT_R, DEFAULT_S, JobConfig
 from pipeline.data import collate, global_batch, row_lengths, rows_at, training_rows
 from pipeline.dept import DeptConfig, rank_for_budget
@@ -65,18 +65,13 @@ class TrainResult:
 
 
 def resolve_shape(cfg: JobConfig, d_model: int, init: DeptConfig | None) -> tuple[DeptConfig, list[str]]:
-    """The DePT shape of the job: explicit values, else the init adapter's, else the defaults (m 60, r 30, s 256);
+    """The DePT shape of the job: explicit values, else the init adapter's, else the defaults (config.DEFAULT_M/R/S);
     `budget_tokens` computes r; method pt has r = 0. An explicit value that contradicts the init adapter is
     refused (the adapter's tensors could not be loaded). Returns the config and notes for the log."""
     args, notes = cfg.dept, []
     m, r, s = args.num_virtual_tokens, args.r, args.max_length
     if init is not None:
-        for flag, mine, theirs in (("num_virtual_tokens", m, init.num_virtual_tokens), ("lora_rank (r)", r, init.r)):
-            if mine is not None and mine != theirs:
-                raise PipelineError(
-                    f"init adapter {cfg.init_adapter} has {flag}={theirs} but {mine} was given: "
-                    f"drop {flag} to take the adapter's shape"
-                )
+        args.refuse_other_shape(cfg.init_adapter, init.num_virtual_tokens, init.r)
         if m is None or r is None:
             notes.append(f"shape from the init adapter: m={init.num_virtual_tokens}, r={init.r}, s={init.max_length}")
         m, r = init.num_virtual_tokens, init.r
@@ -131,12 +126,7 @@ def param_groups(model: DePTModel, cfg: JobConfig) -> list[dict]:
     """Two groups with two learning rates (prompt, low-rank pair); one group for finetune."""
     if model.prompt is None:
         return [{"name": "backbone", "params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.train.lr}]
-    groups = []
-    if model.prompt.prompt_parameters():
-        groups.append({"name": "prompt", "params": model.prompt.prompt_parameters(), "lr": cfg.train.lr_prompt})
-    if model.prompt.lowrank_parameters():
-        groups.append({"name": "lowrank", "params": model.prompt.lowrank_parameters(), "lr": cfg.train.lr_lowrank})
-    return groups
+    return model.prompt.param_groups(cfg.train.lr_prompt, cfg.train.lr_lowrank)
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -192,7 +182,7 @@ def train(
     checkpoints = Checkpoints(out / "checkpoints", opts.keep_checkpoints)
     start, state = checkpoints.load(trainer)
     state = state or {"best_score": None, "best_step": None, "evals": [], "skipped_steps": []}
-    history = _restore_history(out / "metrics.jsonl", start, rank)
+    history = restore_history(out / "metrics.jsonl", start, rank)
     if rank == 0 and start:
         log.info("resumed from step %d", start)
     if rank == 0 and start_record is not None and not start:
@@ -378,23 +368,6 @@ def _test(module, evaluator, best_step, callbacks) -> dict:
     for callback in callbacks:
         callback(best_step or 0, {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     return metrics
-
-
-def _restore_history(path: Path, start: int, rank: int) -> list[dict]:
-    """Metrics logged up to the resumed step (a crash may have logged past the last checkpoint)."""
-    if not path.exists():
-        return []
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the crash
-        if record["step"] <= start:
-            kept.append(record)
-    if rank == 0:
-        atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-    return kept
 
 
 def _append_jsonl(path: Path, record: dict) -> None:

@@ -72,3 +72,16 @@ def test_length_grouped_batches_keep_every_row_and_group_lengths():
         return sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches) / len(batches)
 
     assert spread(grouped) < spread(plain) / 4
+
+
+def test_param_groups_are_the_two_learning_rates_of_the_tensors_that_exist():
+    """Training and the bench take their optimizer groups from here: prompt and low-rank pair, each with its rate;
+    no group for a tensor that m = 0 or r = 0 leaves out."""
+    full = DePTPrompt(DeptConfig(num_virtual_tokens=4, r=2, max_length=8, d_model=16))
+    groups = full.param_groups(0.3, 1e-4, prefix="a.")
+    assert [(g["name"], g["lr"], len(g["params"])) for g in groups] == [("a.prompt", 0.3, 1), ("a.lowrank", 1e-4, 2)]
+    assert groups[0]["params"][0] is full.prompt and groups[1]["params"] == [full.lora_A, full.lora_B]
+    no_prompt = DePTPrompt(DeptConfig(num_virtual_tokens=0, r=2, max_length=8, d_model=16))
+    assert [g["name"] for g in no_prompt.param_groups(0.3, 1e-4)] == ["lowrank"]
+    prompt_only = DePTPrompt(DeptConfig(num_virtual_tokens=4, r=0, max_length=8, d_model=16))
+    assert [g["name"] for g in prompt_only.param_groups(0.3, 1e-4)] == ["prompt"]

@@ -4,6 +4,7 @@ one-line refusal, and a real re-run through `dept run` with MLflow (in process, 
 
 from __future__ import annotations
 
+import copy
 import json
 import textwrap
 from pathlib import Path
@@ -167,3 +168,36 @@ def test_dept_run_reuses_refuses_and_reruns_and_mlflow_follows(recipe_file, caps
     sources = [r for r in children if r.data.tags["dept.stage"] == "source"]
     assert sorted(float(r.data.params["lr_prompt"]) for r in sources) == [0.01, 0.3]
     print(textwrap.shorten(err, 300))
+
+
+def _changed(value):
+    """Another valid value of a field, for the fingerprint's what-counts checks."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    return {"TEXT": "VOCAB", "error": "pad", None: "elsewhere/adapter"}.get(value, f"{value} (changed)")
+
+
+@pytest.mark.parametrize("method", ["dept", "pt", "finetune"])
+def test_the_fingerprint_covers_what_the_method_reads(method, tmp_path):
+    """The one table of what each method reads (config.METHOD_FIELDS) decides the fingerprint: a field only other
+    methods read cannot change it; one this method reads does."""
+    from pipeline.config import METHOD_FIELDS, unread_fields
+    from pipeline.fingerprint import STILL_FINGERPRINTED
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"source": "a", "target": "b"}) + "\n")
+    base = config(tmp_path / "out", data)
+    base.method = method
+    digest = job_fingerprint(base)[0]
+    legacy = STILL_FINGERPRINTED.get(method, set())
+    for path, expect_same in [(p, True) for p in unread_fields(method) - legacy] + [
+        (p, False) for p in METHOD_FIELDS[method] | legacy
+    ]:
+        cfg = copy.deepcopy(base)
+        node = cfg
+        for part in path[:-1]:
+            node = getattr(node, part)
+        setattr(node, path[-1], _changed(getattr(node, path[-1])))
+        assert (job_fingerprint(cfg)[0] == digest) is expect_same, (method, path)

@@ -119,7 +119,9 @@ def test_transfer_jobs_all_start_from_their_stages_source_adapter():
         assert len(sources) == 1 and next(iter(sources)).endswith(("best_adapter", "/adapter")), stage
     assert all(j.config.init_adapter is None for j in transfer if j.meta["start"] == "scratch")
     assert len({j.config.output_dir for j in transfer}) == len(transfer)
-    names = [j.name for j in transfer]
+    from pipeline.mlflow_record import run_names
+
+    names = [run_names(plan(recipe))[j.key] for j in transfer]
     assert len(set(names)) == len(names) and all(not n.startswith("transfer/") for n in names)
 
 

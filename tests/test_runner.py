@@ -90,7 +90,6 @@ def test_params_are_those_the_method_reads(jobs):
     for shape in (
         "num_virtual_tokens",
         "r",
-        "max_length",
         "lr_prompt",
         "lr_lowrank",
         "lora_alpha",
@@ -107,6 +106,7 @@ def test_params_are_those_the_method_reads(jobs):
     assert source["prompt_init"] == "TEXT" and source["init_text"]  # a fresh TEXT init: its text
     assert "lr_lowrank" not in pt and "r" not in pt and "lora_alpha" not in pt and pt["num_virtual_tokens"] == 4
     assert finetune["tasks"] == "syn-warm-animal,syn-warm-food" and finetune["save_model"] is True
+    assert finetune["max_length"] == 32  # the tokenized input length: every method reads it
     assert "mixture_cap" in finetune and "mixture_cap" not in source
     for params in (dept, finetune, pt, source):
         flat = flatten_params(params)
@@ -311,3 +311,18 @@ def test_plots_import_matplotlib_only_when_drawing():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_params_and_inherited_dept_keys_follow_the_method_table(jobs):
+    """MLflow params and a recipe's dept section reach a job only with fields its method reads
+    (config.METHOD_FIELDS); a field no method singles out is every method's."""
+    from pipeline.config import METHOD_FIELDS, unread_fields
+
+    for job in jobs:
+        params = job_params(job)
+        for path in unread_fields(job.config.method):
+            assert path[-1] not in params, (job.key, path)
+        shown = {path[-1] for path in METHOD_FIELDS[job.config.method]} & set(params)
+        assert shown, job.key
+        if job.config.method != "dept":  # the recipe's r: 2 is for its DePT stages
+            assert job.config.dept.r in (None, 0), job.key

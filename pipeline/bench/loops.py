@@ -83,10 +83,7 @@ def prompt_groups(prompts: dict[str, nn.Module], args: BenchArgs) -> list[dict]:
     groups = []
     for name, module in prompts.items():
         if isinstance(module, DePTPrompt):
-            if module.prompt_parameters():
-                groups.append({"name": f"{name}.prompt", "params": module.prompt_parameters(), "lr": args.lr_prompt})
-            if module.lowrank_parameters():
-                groups.append({"name": f"{name}.lowrank", "params": module.lowrank_parameters(), "lr": args.lr_lowrank})
+            groups += module.param_groups(args.lr_prompt, args.lr_lowrank, prefix=f"{name}.")
         else:
             groups.append({"name": name, "params": list(module.parameters()), "lr": args.lr_lowrank})
     return groups
