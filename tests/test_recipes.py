@@ -14,7 +14,7 @@ from conftest import REPO, needs_task_data
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.recipe import load_recipe, plan, validate
+from pipeline.recipe import describe_plan, load_recipe, plan, validate
 from pipeline.resources import shipped_names
 
 RECIPES = shipped_names("recipe")
@@ -262,3 +262,15 @@ def test_a_run_from_the_repository_root_leaves_git_status_clean():
     ]
     proc = subprocess.run(["git", "-C", str(REPO), "check-ignore", *paths], capture_output=True, text=True)
     assert proc.stdout.split() == paths
+
+
+def test_the_plan_shows_a_prompt_of_zero_tokens_as_zero():
+    """m = 0 (DePT with the offset only) is a value, not the default; an unset m is the default."""
+    jobs = plan(load_recipe("quickstart", {"dept.num_virtual_tokens": "0"}))
+    shown = describe_plan(load_recipe("quickstart", {"dept.num_virtual_tokens": "0"}), jobs)
+    assert "m=0 " in shown and "m=default" not in shown
+    unset = load_recipe("quickstart")
+    unset.spec.dept.pop("num_virtual_tokens", None)
+    for stage in unset.spec.stages:
+        stage.dept.pop("num_virtual_tokens", None)
+    assert "m=default" in describe_plan(unset, plan(unset))
