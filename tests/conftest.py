@@ -75,6 +75,18 @@ def write_toy_task(path: Path, n: int = 64, seed: int = 0) -> Path:
     return path
 
 
+def write_varied_task(path, n: int = 48, seed: int = 3):
+    """Sources of 2-9 words, targets of 1-6 words: micro-batches hold very different numbers of target tokens."""
+    rng = random.Random(seed)
+    words = "cat dog bird fish house car tree book red blue green happy sad".split()
+    with open(path, "w") as handle:
+        for _ in range(n):
+            source = "sentence: " + " ".join(rng.choice(words) for _ in range(rng.randint(2, 9)))
+            target = " ".join(rng.choice(words) for _ in range(rng.randint(1, 6)))
+            handle.write(json.dumps({"source": source, "target": target}) + "\n")
+    return path
+
+
 @pytest.fixture(scope="session")
 def toy_task(tmp_path_factory) -> Path:
     return write_toy_task(tmp_path_factory.mktemp("data") / "toy.jsonl")

@@ -9,30 +9,15 @@ cannot be removed across world sizes. The cluster form (2 nodes x 1 rank x 4) is
 
 from __future__ import annotations
 
-import json
-import random
-
 import pytest
 import torch
-from conftest import read_results, run
+from conftest import read_results, run, write_varied_task
 
 from pipeline.adapters import read_adapter
 
 pytestmark = pytest.mark.slow
 STEPS = 5
 SPLITS = {"1x8": (1, 1), "1x4x2": (1, 2), "2x4": (2, 1)}  # ranks, grad_accum for a global batch of 8
-
-
-def write_varied_task(path, n: int = 48, seed: int = 3):
-    """Sources of 2-9 words, targets of 1-6 words: micro-batches hold very different numbers of target tokens."""
-    rng = random.Random(seed)
-    words = "cat dog bird fish house car tree book red blue green happy sad".split()
-    with open(path, "w") as handle:
-        for _ in range(n):
-            source = "sentence: " + " ".join(rng.choice(words) for _ in range(rng.randint(2, 9)))
-            target = " ".join(rng.choice(words) for _ in range(rng.randint(1, 6)))
-            handle.write(json.dumps({"source": source, "target": target}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
