@@ -119,3 +119,40 @@ def test_init_dept_prompt_is_the_same_for_the_same_seed(backbone):
     for name, tensor in a.named_parameters():
         assert torch.equal(tensor, dict(b.named_parameters())[name]), name
     assert not torch.equal(a.lora_A, init_dept_prompt(cfg, backbone, seed=4).lora_A)
+
+
+@pytest.mark.parametrize("method", ["dept", "pt", "finetune"])
+def test_micro_batch_losses_over_the_global_count_add_up_to_the_whole_batch_mean(backbone, method):
+    """#20: the loss of a micro-batch is its token-loss sum over a given denominator, so micro-batches scaled by the
+    whole batch's target count add up to the whole batch's token mean, and so do their gradients (targets of
+    different lengths: a mean of per-micro-batch means would not)."""
+    prompt = {"dept": lambda: dept(backbone), "pt": lambda: dept(backbone, r=0), "finetune": lambda: None}[method]()
+    net = DePTModel(backbone.model, prompt, backbone.is_encoder_decoder)
+    rows = [{"source": r["source"], "target": " ".join(["house"] * (i * 3 + 1))} for i, r in enumerate(ROWS)]
+    tokenized = tokenize(rows, backbone.tokenizer, backbone.is_encoder_decoder, max_length=32)
+    pad_id = backbone.tokenizer.pad_token_id
+    whole = collate(tokenized, pad_id, backbone.is_encoder_decoder)
+    parts = [
+        collate(tokenized[:1], pad_id, backbone.is_encoder_decoder),
+        collate(tokenized[1:], pad_id, backbone.is_encoder_decoder),
+    ]
+    counts = [net.count_targets(p["labels"]) for p in parts]
+    assert sum(counts) == net.count_targets(whole["labels"]) and counts[0] != counts[1] / 2
+    # finetune: the embedding stands for the backbone's weights (the fixture's backbone is frozen)
+    trainable = [backbone.model.get_input_embeddings().weight] if prompt is None else list(prompt.parameters())
+
+    def grads(loss):
+        return [g.clone() for g in torch.autograd.grad(loss, trainable)]
+
+    for param in trainable:
+        param.requires_grad_(True)
+
+    full = net(**whole).loss  # the default denominator: the batch's own target count (its token mean)
+    split = [net(**p, loss_denominator=sum(counts)).loss for p in parts]
+    assert sum(s.item() for s in split) == pytest.approx(full.item(), rel=1e-5)
+    mean_of_means = sum(net(**p).loss.item() for p in parts) / 2
+    assert mean_of_means != pytest.approx(full.item(), rel=1e-3)  # what the loss was before 0.3
+    for a, b in zip(grads(full), grads(sum(split))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    if prompt is None:
+        trainable[0].requires_grad_(False)
