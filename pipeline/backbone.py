@@ -22,7 +22,7 @@ from torch import nn
 
 from pipeline.engine import gathered, sharded_construction
 from pipeline.errors import PipelineError
-from pipeline.resources import model_location
+from pipeline.resources import MODEL_KINDS, model_location, shipped_model_hint
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def load_tokenizer(model: str, cache_dir: str | Path | None = None):
     except OSError as err:
         raise PipelineError(
             f"cannot load a tokenizer for model {model!r}: not a local directory with a tokenizer and not "
-            f"reachable on the hub ({str(err).splitlines()[0][:120]}); pass a model directory or random:<preset>"
+            f"reachable on the hub ({str(err).splitlines()[0][:120]}){shipped_model_hint(model)}; pass {MODEL_KINDS}"
         ) from None
     if tokenizer.pad_token_id is None:  # LLaMA ships without a pad token; padding is masked anyway
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -160,7 +160,7 @@ def load_backbone(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
-        raise PipelineError(f"model path {model!r} does not exist: pass an existing model directory")
+        raise PipelineError(f"model path {model!r} does not exist{shipped_model_hint(model)}: pass {MODEL_KINDS}")
     name = model
     model = model_location(model)  # a shipped model by name (stories260K)
     if is_random(model) and model[len(RANDOM_PREFIX) :] in MATERIALIZED_PRESETS:
@@ -180,7 +180,7 @@ def load_backbone(
             except (OSError, ValueError) as err:
                 raise PipelineError(
                     f"unknown model {model!r}: not a local model directory and not found on the hub "
-                    f"({str(err).splitlines()[0][:120]}); check the name/path or use random:<preset>"
+                    f"({str(err).splitlines()[0][:120]}){shipped_model_hint(model)}; pass {MODEL_KINDS}"
                 ) from None
             check_precision(config, dtype, allow_fp16_t5)
             auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM

@@ -41,12 +41,19 @@ from pipeline.config import (
 from pipeline.errors import PipelineError
 from pipeline.options import FALSE_WORDS, TRUE_WORDS, build, coerce, describe, did_you_mean, flat_fields, from_flags
 
+CUSTOM_TASK_HELP = (
+    "a custom task YAML file (or mapping): name, data_files, input_columns, label_column, metric [, template, "
+    "label_words]"
+)
 CLI_ONLY_TRAIN = {
     "overwrite": "replace a finished job in output_dir (otherwise refused)",
-    "custom_task": "a custom task YAML file (or mapping): name, data_files, input_columns, label_column, "
-    "metric [, template, label_words]",
+    "custom_task": CUSTOM_TASK_HELP,
+}
+CLI_ONLY_INFERENCE = {
+    "custom_task": "a custom task YAML file, as with --task FILE: its template renders the rows, its metric scores them"
 }
 GLOBAL_FLAGS = ("debug", "local_rank", "help")
+ALIAS_REASONS = {"lora_rank": " (the deepspeed launcher and torchrun own a flag named r)"}
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -85,7 +92,7 @@ def evaluate(**flags) -> None:
 
     from pipeline.inference import evaluate_adapter
 
-    metrics = evaluate_adapter(from_flags(EvaluateArgs, flags, ""))
+    metrics = evaluate_adapter(from_flags(EvaluateArgs, _custom_task_as_task(flags), ""))
     if distributed.rank() == 0:
         print(json.dumps(metrics, indent=2))
 
@@ -94,7 +101,7 @@ def predict(**flags) -> None:
     from pipeline.inference import metrics_path
     from pipeline.inference import predict as run_prediction
 
-    args = from_flags(PredictArgs, flags, "")
+    args = from_flags(PredictArgs, _custom_task_as_task(flags), "")
     metrics = run_prediction(args)
     if distributed.rank() == 0:
         extra = f"; {_main_metrics(metrics)} (in {metrics_path(args.output)})" if metrics else ""
@@ -125,6 +132,15 @@ def bench(**flags) -> None:
     from pipeline.bench import bench as run_bench
 
     run_bench(**flags)
+
+
+def _custom_task_as_task(flags: dict) -> dict:
+    """evaluate/predict: `--custom_task FILE` is `--task FILE` (a task file's template renders the rows)."""
+    if "custom_task" in flags:
+        if "task" in flags:
+            raise PipelineError("give --task or --custom_task, not both")
+        flags["task"] = flags.pop("custom_task")
+    return flags
 
 
 def _custom_task(value) -> dict:
@@ -186,8 +202,10 @@ COMMANDS = {
     "train": Command(
         train, JobConfig, "one training job on a task, a custom task or a source/target file", extra=CLI_ONLY_TRAIN
     ),
-    "evaluate": Command(evaluate, EvaluateArgs, "an adapter's metrics on a task's split"),
-    "predict": Command(predict, PredictArgs, "an adapter's predictions for the rows of a file"),
+    "evaluate": Command(evaluate, EvaluateArgs, "an adapter's metrics on a task's split", extra=CLI_ONLY_INFERENCE),
+    "predict": Command(
+        predict, PredictArgs, "an adapter's predictions for the rows of a file", extra=CLI_ONLY_INFERENCE
+    ),
     "bench": Command(bench, None, "time and memory of DePT vs prompt tuning; ZeRO-3 scale test"),
     "import-adapter": Command(import_adapter, ImportAdapterArgs, "the DePT authors' released adapters in"),
     "export-adapter": Command(export_adapter, ExportAdapterArgs, "prompt tuning adapters out, as PEFT"),
@@ -312,11 +330,13 @@ def help_text(name: str) -> str:
             "",
             f"shipped recipes: {', '.join(shipped_names('recipe'))}",
         ]
-    lines += [
-        "",
-        "aliases: --lora_rank is the recipe key r (the launchers would take --r for their own flags); "
-        "--task (and --custom_task) fill the data section's tasks; --mode is eval_mode.",
+    aliases = [
+        f"--{flag} is {spec.name}{ALIAS_REASONS.get(flag, '')}"
+        for flag, (_, spec, _) in flat_fields(command.args).items()
+        if flag != spec.name and not spec.metadata.get("positional")
     ]
+    if aliases:
+        lines += ["", "flags named otherwise in the configuration (pipeline/config.py): " + "; ".join(aliases) + "."]
     return "\n".join(lines)
 
 

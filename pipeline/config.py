@@ -316,7 +316,7 @@ class EvaluateArgs:
 
     model: str = option(MISSING, "the backbone the adapter was trained on (hub name, local dir or random:<preset>)")
     adapter: str = option(MISSING, "adapter directory (ours, or an authors' DePT adapter)")
-    task: str = option(MISSING, "a registered task")
+    task: str = option(MISSING, "a registered task, or a custom task YAML file (its data_files hold the split)")
     split: Literal["train", "validation", "test"] = option("test", "train | validation | test")
     data_dir: str | None = option(None, "local <task>/<split>.jsonl root (default $DEPT_DATA_DIR, else the hub)")
     eval_mode: Literal[EVAL_MODES] = option("generate", "generate (greedy) | score (rank the labels)", cli="mode")
@@ -337,7 +337,11 @@ class PredictArgs:
         MISSING, "JSONL/CSV/parquet rows: a `source` column (and optional `target`, `id`), or hub-schema rows of --task"
     )
     output: str = option(MISSING, "predictions JSONL {id, prediction[, label]}; metrics go to <output>.metrics.json")
-    task: str | None = option(None, "render hub-schema rows with this task's template and score with its metrics")
+    task: str | None = option(
+        None,
+        "a registered task (rows in its hub schema) or a custom task YAML file (rows in its columns): rendered by "
+        "the task's template and scored with its metrics",
+    )
     eval_mode: Literal[EVAL_MODES] = option("generate", "generate | score (needs --task with labels)", cli="mode")
     batch_size: int = option(32, "rows per batch per rank", minimum=1)
     max_new_tokens: int = option(20, "greedy decoding length", minimum=1)

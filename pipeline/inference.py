@@ -25,8 +25,9 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation import Evaluator, generate_predictions
 from pipeline.interop import read_any_adapter
 from pipeline.model import DePTModel
-from pipeline.tasks import Task, get_task, load_task_splits
+from pipeline.tasks import Task, load_task_splits
 from pipeline.tasks.readers import read_rows
+from pipeline.tasks.specs import task_from_spec
 
 
 def several_ranks() -> bool:
@@ -103,11 +104,12 @@ def load_dept(model: str, adapter: str, device: str | None = None, seed: int = 4
 
 
 def rows_for(data: str, task_name: str | None) -> tuple[list[dict], Task | None]:
-    """Rendered rows from a JSONL/CSV/parquet file: hub-schema rows of `task_name`, or `source`[/`target`/`id`]."""
+    """Rendered rows from a JSONL/CSV/parquet file: rows in the columns of `task` (a registered task's hub schema,
+    or a custom task YAML file's columns) rendered by its template, or `source`[/`target`/`id`] rows."""
     raw = read_rows(data)
     if not raw:
         raise PipelineError(f"{data} holds no rows")
-    task = get_task(task_name) if task_name else None
+    task = task_from_spec(task_name) if task_name else None
     if task is None:
         if "source" not in raw[0]:
             raise PipelineError(
@@ -185,7 +187,7 @@ def metrics_path(output: str | Path) -> Path:
 
 def evaluate_adapter(args: EvaluateArgs) -> dict:
     """The task's metrics on one of its rule-made splits (train/validation/test)."""
-    task = get_task(args.task)
+    task = task_from_spec(args.task)
     rows = load_task_splits(task, args.data_dir, splits=(args.split,))[args.split]
     rows = rows[: args.max_rows] if args.max_rows else rows
     model, backbone, adapter_cfg = load_model(args.model, args.adapter, args.ds_config, args.seed)

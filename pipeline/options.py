@@ -14,14 +14,13 @@ already typed (a YAML file's) are only checked. Nothing here imports torch.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import types
 import typing
 from dataclasses import MISSING, field
 from typing import Any, Literal, Union
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, did_you_mean
 
 
 def option(
@@ -160,11 +159,6 @@ def _number(text: str, path: str, what: str):
         return float(text)
     except ValueError:
         raise PipelineError(f"{path}: expected {what}, got {text!r}") from None
-
-
-def did_you_mean(word: str, known) -> str:
-    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def field_types(cls) -> dict[str, Any]:

@@ -14,14 +14,12 @@ from pathlib import Path
 from pipeline import distributed
 from pipeline.config import JobConfig, micro_batch_size
 from pipeline.errors import PipelineError
-from pipeline.resources import ds_config_path
+from pipeline.resources import MODEL_KINDS, ds_config_path, shipped_model_hint
 
 
 def check_model(model: str) -> None:
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
-        raise PipelineError(
-            f"model path {model!r} does not exist: pass an existing model directory, a hub name or random:<preset>"
-        )
+        raise PipelineError(f"model path {model!r} does not exist{shipped_model_hint(model)}: pass {MODEL_KINDS}")
 
 
 def check_init_adapter(cfg: JobConfig) -> None:

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, did_you_mean
 
 PACKAGE = Path(__file__).resolve().parent
 GPU_CONFIG, CPU_CONFIG = "zero3_gpu", "zero3_cpu"
@@ -48,9 +48,10 @@ def _resolve(value: str, kind: str, base_dir: Path | None) -> Path:
         return path.resolve()
     if path.parent.name == folder and (_shipped_dir(folder) / path.name).is_file():
         return _shipped_dir(folder) / path.name
-    names = ", ".join(shipped_names(kind))
+    names = shipped_names(kind)
+    hint = did_you_mean(Path(value).stem if value.endswith(suffix) else value, names)
     raise PipelineError(
-        f"{label} {value!r} is neither a shipped {label} ({names}) nor an existing file"
+        f"{label} {value!r}{hint} is neither a shipped {label} ({', '.join(names)}) nor an existing file"
         + (f" (looked for {path})" if not looks_like_name else "")
     )
 
@@ -85,6 +86,12 @@ def default_ds_config() -> str:
 
 
 SHIPPED_MODELS = ("stories260K",)  # pipeline/models/<name>: a real pretrained model small enough to ship (quickstart)
+MODEL_KINDS = "a hub name, a local model directory, a shipped model (stories260K) or random:<preset>"
+
+
+def shipped_model_hint(model: str) -> str:
+    """What a model string that did not load may have meant: a shipped model's name, spelt differently."""
+    return did_you_mean(Path(model).name, SHIPPED_MODELS)
 
 
 def model_location(model: str) -> str:

@@ -83,7 +83,9 @@ def task_train(ctx, *extra):
 
 
 # -- models, DePT shapes, configs --------------------------------------------------------------------------
-case("unknown model path", "does not exist")(lambda c: [*train(c)[:2], "./no/such/model", *train(c)[3:]])
+case("unknown model path", "does not exist: pass a hub name, a local model directory, a shipped model (stories260K)")(
+    lambda c: [*train(c)[:2], "./no/such/model", *train(c)[3:]]
+)
 case("unknown hub model name", "not reachable on the hub")(
     lambda c: [*train(c)[:2], "no-such-org/no-such-model", *train(c)[3:]]
 )
@@ -113,6 +115,9 @@ case("batch not divisible by accumulation", "batch_size 4 is not divisible by gr
 case("unknown shipped DeepSpeed config", "neither a shipped DeepSpeed config")(
     lambda c: train(c, "--ds_config", "zero9")
 )
+case("misspelt shipped DeepSpeed config", "'zero3_cpuu' (did you mean 'zero3_cpu'?)")(
+    lambda c: train(c, "--ds_config", "zero3_cpuu")
+)
 case("DeepSpeed config not ZeRO-3", "ZeRO stage 2")(lambda c: train(c, "--ds_config", str(c["zero2"])))
 
 # -- data ----------------------------------------------------------------------------------------------
@@ -124,7 +129,8 @@ case("missing train file", "does not exist")(lambda c: train(c)[:6] + [str(c["tm
 case("corrupt JSONL line", "line 3")(lambda c: train(c)[:6] + [str(c["corrupt"])] + train(c)[7:])
 case("missing split file", "validation")(lambda c: task_train(c, "--task", "qqp"))  # shipped QQP has no validation
 case("empty data", "no rows")(lambda c: task_train(c, "--custom_task", str(c["custom_empty"])))
-case("unknown task", "unknown task")(lambda c: task_train(c, "--task", "rtee"))
+case("unknown task", "unknown task 'rtee' (did you mean 'rte'?)")(lambda c: task_train(c, "--task", "rtee"))
+case("misspelt shipped model", "(did you mean 'stories260K'?)")(lambda c: [*train(c)[:2], "Stories260k", *train(c)[3:]])
 case("k larger than a class allows", "but the data has only", data=("cb",))(
     lambda c: task_train(c, "--task", "cb", "--k", "999")
 )
@@ -200,6 +206,9 @@ case("import a non-DePT adapter", "PROMPT_TUNING_LORA", makes="imported")(
 
 # -- recipes and tracking --------------------------------------------------------------------------------
 case("recipe file missing", "nor an existing file", makes=None)(lambda c: ["run", str(c["tmp"] / "nope.yaml")])
+case("misspelt shipped recipe", "recipe 'quickstrat' (did you mean 'quickstart'?)", makes=None)(
+    lambda c: ["run", "quickstrat"]
+)
 case("recipe not YAML", "is not valid YAML", makes=None)(lambda c: ["run", str(c["bad_yaml"])])
 case("recipe unknown key", "recipe.stages[0].tasx: unknown key (did you mean 'tasks'?)")(
     lambda c: ["run", str(c["recipe_unknown_key"])]

@@ -37,7 +37,17 @@ def test_every_alias_is_documented_in_help(capsys):
     shown = capsys.readouterr().out
     for spec in dataclasses.fields(DeptArgs):
         assert f"--{flag_name(spec)}" in shown
-    assert "--lora_rank" in shown and "recipe key r" in shown and "--custom_task" in shown
+    assert "--lora_rank is r" in shown and "--custom_task" in shown
+
+
+@pytest.mark.parametrize("command", sorted(name for name, c in COMMANDS.items() if c.args is not None))
+def test_help_names_only_flags_the_command_takes(command, capsys):
+    """#22: `dept predict --help` listed --custom_task as an alias, and predict refused it."""
+    assert main([command, "--help"]) == 0
+    shown = capsys.readouterr().out
+    flags, _ = known_flags(COMMANDS[command])
+    named = set(re.findall(r"(?<![\w.-])--([a-z][a-z_]*)(?![\w.=-])", shown)) - {"flag"}
+    assert named and named <= set(flags), named - set(flags)
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

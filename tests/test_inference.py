@@ -95,6 +95,34 @@ def test_generate_matches_dept_predict(trained, toy_task, tmp_path, capsys):
     assert "deepspeed" not in sys.modules or True  # one process needs no engine (the module may be loaded by others)
 
 
+PETS_TASK = """name: pets
+data_files: {train: pets.csv, validation: pets.csv}
+input_columns: [story]
+template: "story: {story}"
+label_column: pet
+metric: accuracy
+"""
+
+
+@pytest.mark.parametrize("flag", ["--custom_task", "--task"])
+def test_predict_renders_rows_with_a_custom_tasks_template(flag, trained, tmp_path):
+    """#22: `dept predict --custom_task task.yaml` (or `--task task.yaml`) renders rows in the task's columns by its
+    template, as training did, instead of asking for a `source` column."""
+    out, _ = trained
+    (tmp_path / "task.yaml").write_text(PETS_TASK)
+    stories = ["Tom had a little cat.", "Sue had a big dog."]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"story": s, "pet": p}) + "\n" for s, p in zip(stories, ["cat", "dog"])))
+    args = ["--model", "random:tiny-t5", "--adapter", str(out / "adapter"), "--data", str(data)]
+    args += ["--output", str(tmp_path / "preds.jsonl"), flag, str(tmp_path / "task.yaml"), "--max_new_tokens", "3"]
+    assert main(["predict", *args]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    expected = load_dept("random:tiny-t5", str(out / "adapter")).generate([f"story: {s}" for s in stories], 3)
+    assert [line["prediction"] for line in lines] == expected
+    assert [line["label"] for line in lines] == ["cat", "dog"]
+    assert (tmp_path / "preds.metrics.json").is_file()
+
+
 def test_prediction_input_rows(tmp_path):
     plain = tmp_path / "plain.jsonl"
     plain.write_text('{"source": "a b", "target": 1}\n{"source": "c"}\n')

@@ -30,7 +30,7 @@ unpinned (`Task.revision_pinned` is False). Sources of the pins:
 
 from __future__ import annotations
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, did_you_mean
 from pipeline.tasks.row_transforms import mark_wsc_spans, strip_multirc_markup
 from pipeline.tasks.stories import STORY_TASKS, story_task
 from pipeline.tasks.synthetic import SYNTHETIC_TASKS, synthetic_task
@@ -210,5 +210,8 @@ def list_tasks(paper_only: bool = False) -> list[str]:
 def get_task(name: str) -> Task:
     """The built-in task called `name`."""
     if name not in TASKS:
-        raise PipelineError(f"unknown task {name!r}: choose one of {', '.join(TASKS)} or define a custom task")
+        raise PipelineError(
+            f"unknown task {name!r}{did_you_mean(name, TASKS)}: choose one of {', '.join(TASKS)} or define a "
+            "custom task"
+        )
     return TASKS[name]
