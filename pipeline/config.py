@@ -146,7 +146,8 @@ class TrainArgs:
     comm_timeout_s: float = option(1800.0, "a collective waiting longer fails (lost or hung rank)", minimum=1.0)
     cpu_threads: int | None = option(
         None,
-        "CPU threads per rank (default: OMP_NUM_THREADS, else torch's choice); 1 is fastest for tiny models",
+        "CPU threads per rank (default: 1 for a backbone under 100M parameters, else the rank's share of the "
+        "cores or OMP_NUM_THREADS)",
         minimum=1,
     )
 

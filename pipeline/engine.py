@@ -88,6 +88,27 @@ def init_distributed(timeout_s: float = 1800) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+# Below this many backbone parameters one CPU thread per rank is the default: each op is too small to split, and
+# on a busy machine threads that wait for each other cost up to 16x (numbers: README, "Threads"). #22
+ONE_THREAD_BELOW_PARAMS = 100_000_000
+
+
+def cpu_threads(requested: int | None, backbone_params: int) -> int:
+    """Threads for torch's CPU ops on this rank: `requested` (--cpu_threads) when given; else 1 for a backbone
+    under ONE_THREAD_BELOW_PARAMS; else this rank's share of the cores (OMP_NUM_THREADS when set, as launch.sh
+    sets it: cores / local ranks), at most the cores the last minute's load average left idle (at least 1)."""
+    if requested:
+        return requested
+    if backbone_params < ONE_THREAD_BELOW_PARAMS:
+        return 1
+    cores = len(os.sched_getaffinity(0))
+    share = cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        share = int(os.environ["OMP_NUM_THREADS"])
+    idle = round(cores - os.getloadavg()[0])
+    return max(1, min(share, idle))
+
+
 def _extension_lock_is_stale(lock: Path) -> bool:
     """torch's build baton (a plain file created with O_EXCL and held open while building) is stale when no live
     process has it open: it was left by a build that was interrupted (Ctrl-C, a timeout, a killed job)."""

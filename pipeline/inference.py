@@ -46,6 +46,7 @@ def load_model(
         backbone = load_backbone(model, ds, engine.dtype_of(ds), seed=seed)
     else:
         backbone = load_backbone(model, seed=seed)
+    torch.set_num_threads(engine.cpu_threads(None, engine.count_params(backbone.model)[1]))
     adapters.check_fits(adapter_cfg, backbone.d_model, adapter_cfg.max_length, adapter)
     prompt = DePTPrompt(adapter_cfg)
     adapters.load_into(prompt, tensors)

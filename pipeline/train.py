@@ -153,8 +153,6 @@ def train(
     """
     opts = cfg.train
     rank, world = engine.init_distributed(opts.comm_timeout_s)
-    if opts.cpu_threads:
-        torch.set_num_threads(opts.cpu_threads)
     out = Path(cfg.output_dir)
     ds = engine.training_ds_config(
         engine.read_ds_config(cfg.ds_config), opts.batch_size, opts.grad_accum, opts.grad_clip, world
@@ -164,8 +162,15 @@ def train(
         if rank == 0:
             log.info(note)
     trainable, total = engine.count_params(model)
+    torch.set_num_threads(engine.cpu_threads(opts.cpu_threads, total - trainable))
     if rank == 0:
-        log.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / max(total, 1))
+        log.info(
+            "trainable parameters: %d of %d (%.4f%%); %d CPU thread(s) per rank",
+            trainable,
+            total,
+            100 * trainable / max(total, 1),
+            torch.get_num_threads(),
+        )
     max_length = shape.max_length if shape else cfg.max_length
     evaluator = make_evaluator(backbone, max_length) if make_evaluator else None
     tokenized = training_rows(

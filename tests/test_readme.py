@@ -40,8 +40,19 @@ PROMISES = {
     "load_dept(": ["prediction:"],
     "train.lr_prompt=0.2": ["ran before with other settings", "--rerun_changed", "refused, as it should be"],
 }
+# pip: the package line is skipped (the wheel this test built is installed in .venv); the torch line is resolved
+# for real, not installed: --dry-run --report records which torch it picks. Here PyTorch's wheel index is out of
+# reach: pip retries it (5 times per package, over a minute; --retries 0 here) and then takes this machine's local
+# CPU wheel (PIP_FIND_LINKS); elsewhere it takes the index's. Either way the build must be +cpu.
 PRELUDE = """set -eo pipefail
-pip() { echo "(readme test: pip $* skipped; the wheel is installed in .venv)"; }
+pip() {
+  if [[ " $* " == *" torch=="* ]]; then
+    command pip install --dry-run --ignore-installed --no-deps --retries 0 --quiet \\
+      --report "$PIP_REPORTS/$(date +%s%N).json" "${@:2}" || return
+    echo "(readme test: pip $* resolved, not installed; the wheel is installed in .venv)"; return 0
+  fi
+  echo "(readme test: pip $* skipped; the wheel is installed in .venv)"
+}
 python3() { if [[ "$1 $2" == "-m venv" ]]; then return 0; fi; command python3 "$@"; }
 """
 
@@ -83,7 +94,9 @@ def checkout(tmp_path_factory):
 @needs_task_data("mnli", "qnli", "rte", "cb", "authors_adapters")
 def test_every_readme_block_runs_as_written(checkout):
     copy, venv = checkout
-    env = {**environment(venv), **DOCUMENTED_ENV, "PYTHONUNBUFFERED": "1"}
+    reports = copy.parent / "pip-reports"
+    reports.mkdir(exist_ok=True)
+    env = {**environment(venv), **DOCUMENTED_ENV, "PYTHONUNBUFFERED": "1", "PIP_REPORTS": str(reports)}
     ran, skipped, outputs = [], [], {}
     for block in blocks():
         if block.language not in ("bash", "python") or block.not_run is not None:
@@ -106,7 +119,14 @@ def test_every_readme_block_runs_as_written(checkout):
         shown = "".join(outputs[line][1] for line in where)
         for item in promised:
             assert (copy / item).exists() or item in shown, f"{needle}: promised {item} is missing"
-    print(f"README: {len(ran)} blocks ran (lines {ran}); {len(skipped)} not run: {skipped}")
+    torches = [
+        item["metadata"]["version"]
+        for report in sorted(reports.glob("*.json"))
+        for item in json.loads(report.read_text())["install"]
+        if item["metadata"]["name"] == "torch"
+    ]
+    assert len(torches) >= 2 and all(v.endswith("+cpu") for v in torches), torches  # quickstart and Install lines
+    print(f"README: {len(ran)} blocks ran (lines {ran}); {len(skipped)} not run: {skipped}; torch lines: {torches}")
     assert len(ran) >= 10
 
 

@@ -12,7 +12,7 @@ import torch
 from pipeline.config import JobConfig
 from pipeline.data import global_batch, read_source_target
 from pipeline.dept import DeptConfig
-from pipeline.engine import warmup_then_linear_decay
+from pipeline.engine import ONE_THREAD_BELOW_PARAMS, cpu_threads, warmup_then_linear_decay
 from pipeline.errors import PipelineError
 from pipeline.options import build
 from pipeline.train import resolve_shape, train
@@ -98,6 +98,20 @@ def test_one_rank_trains_two_rates_on_their_schedule(tmp_path, toy_task):
     assert sorted(result.trainable_names) == ["prompt.lora_A", "prompt.lora_B", "prompt.prompt"]
     assert result.dept_shape["num_virtual_tokens"] == 4 and result.world_size == 1
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
+    assert torch.get_num_threads() == 1  # a tiny backbone trains on one thread unless asked otherwise (#22)
+
+
+def test_the_thread_default_follows_the_model_size_and_the_cores_per_rank(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr("os.getloadavg", lambda: (0.3, 0.2, 0.1))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    big = ONE_THREAD_BELOW_PARAMS
+    assert cpu_threads(None, 260_000) == 1 and cpu_threads(None, big) == 4 and cpu_threads(3, 260_000) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # launch.sh's share, or the user's
+    assert cpu_threads(None, big) == 2 and cpu_threads(None, 260_000) == 1
+    monkeypatch.setattr("os.getloadavg", lambda: (15.2, 9.0, 4.0))  # a busy machine: one core left idle
+    assert cpu_threads(None, big) == 1 and cpu_threads(6, big) == 6
 
 
 def test_a_job_resumes_from_its_checkpoint_to_the_uninterrupted_result(tmp_path, toy_task):
