@@ -11,20 +11,23 @@ once, by the options machinery (pipeline/options.py), into the command's datacla
 Unknown flags, stray words and bad values are refused before anything runs: one line on stderr (`error: ...`, with
 a "did you mean" for near misses), exit status 2; `--debug` shows the traceback.
 
-Why no python-fire: it was only the dispatcher after `parse` had checked every flag, and it parsed every value a
-second time with Python-literal rules that differ from the YAML rules recipes use (`--init_text True` became a
-bool and was refused, `--model 123` a number, `--stages.source-pt...` a stage that does not exist). `COMMANDS`
-already holds what fire would (names, functions, help), so a command is called with the words `parse` returns.
+python-fire dispatches the command table (`COMMANDS`): our strict `parse` runs first and accounts for every
+word, and fire is handed the command with its values already bound, so it parses nothing itself (fire's own
+value rules are Python literals, which differ from the YAML rules recipes use: `--init_text True` would become a
+bool, `--model 123` a number), and each value is parsed exactly once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
+
+import fire
 
 from pipeline import distributed
 from pipeline._version import __version__
@@ -369,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging()
         # Raw strings: the command's dataclass parses each (options.py); recipe overrides are parsed by the recipe
         # loader (yaml.safe_load), which names their path.
-        COMMANDS[name].function(*positionals, **values)
+        bound = functools.partial(COMMANDS[name].function, *positionals, **values)
+        fire.Fire({name: bound}, command=[name], name="dept")
     except SystemExit as stop:
         return int(stop.code or 0)
     except BrokenPipeError:  # `dept train --help | head`: the reader left; say nothing more

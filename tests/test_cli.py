@@ -170,3 +170,26 @@ def test_tracking_errors_name_flags_dept_run_has(tmp_path, monkeypatch):
         assert flags, message
         for flag in flags:
             parse(["run", "quickstart", f"{flag}=x"])  # raises on an unknown flag
+
+
+def test_fire_dispatches_the_command_with_values_parsed_once(monkeypatch, capsys):
+    """fire runs the command table; it is handed values already parsed by our rules (`True` stays text for a
+    string flag, as in a recipe's YAML), never re-parsing them by its Python-literal rules."""
+    import fire
+
+    from pipeline import cli
+
+    seen, dispatched = {}, []
+    real_fire = fire.Fire
+
+    def spy(component, command=None, name=None):
+        dispatched.append((sorted(component), command, name))
+        return real_fire(component, command=command, name=name)
+
+    monkeypatch.setattr(cli.fire, "Fire", spy)
+    monkeypatch.setitem(
+        cli.COMMANDS, "run", dataclasses.replace(cli.COMMANDS["run"], function=lambda *a, **k: seen.update(k))
+    )
+    assert cli.main(["run", "quickstart", "--dept.init_text", "True", "train.steps=7"]) == 0
+    assert dispatched == [(["run"], ["run"], "dept")]
+    assert seen == {"dept.init_text": "True", "train.steps": "7"}
