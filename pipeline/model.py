@@ -117,6 +117,8 @@ class DePTModel(nn.Module):
         excluded), as in the right-padded training forward. Under ZeRO-3 with several ranks (`synced`) every rank
         runs the same number of forward calls: a rank whose rows are done keeps stepping until every rank is.
         """
+        if max_new_tokens < 1:
+            return input_ids.new_zeros((len(input_ids), 0))
         eos, pad = _stop_ids(self.base_model, input_ids.device)
         embeds, mask, _ = self._inputs(input_ids, attention_mask)
         next_index = attention_mask.to(torch.long).sum(dim=1)  # index of the next token within its own sequence
