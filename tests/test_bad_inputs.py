@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import missing_task_data, run, write_toy_task
+from support import train_argv
 
 from pipeline.cli import main
 
@@ -34,52 +35,20 @@ def case(name: str, expected: str, makes: str | None = "out", data: tuple[str, .
     return register
 
 
-def train(ctx, *extra):
-    return [
-        "train",
-        "--model",
+def train(ctx, *extra, data=None):
+    return train_argv(
         str(ctx["model"]),
-        "--output_dir",
         str(ctx["tmp"] / "out"),
-        "--train_file",
-        str(ctx["data"]),
-        "--num_virtual_tokens",
-        "4",
-        "--lora_rank",
-        "2",
-        "--max_length",
-        "16",
-        "--batch_size",
-        "4",
-        "--steps",
-        "2",
-        "--warmup_steps",
-        "1",
         *extra,
-    ]
+        train_file=str(data or ctx["data"]),
+        batch_size="4",
+        steps="2",
+        warmup_steps="1",
+    )
 
 
 def task_train(ctx, *extra):
-    return [
-        "train",
-        "--model",
-        str(ctx["model"]),
-        "--output_dir",
-        str(ctx["tmp"] / "out"),
-        "--num_virtual_tokens",
-        "4",
-        "--lora_rank",
-        "2",
-        "--max_length",
-        "16",
-        "--batch_size",
-        "4",
-        "--steps",
-        "2",
-        "--warmup_steps",
-        "1",
-        *extra,
-    ]
+    return train_argv(str(ctx["model"]), str(ctx["tmp"] / "out"), *extra, batch_size="4", steps="2", warmup_steps="1")
 
 
 # -- models, DePT shapes, configs --------------------------------------------------------------------------
@@ -125,8 +94,8 @@ case("no data source", "a job needs data: --task NAME")(lambda c: task_train(c))
 case("two data sources", "give tasks (--task / --custom_task) or train_file, not both")(
     lambda c: task_train(c, "--task", "rte", "--train_file", str(c["data"]))
 )
-case("missing train file", "does not exist")(lambda c: train(c)[:6] + [str(c["tmp"] / "nope.jsonl")] + train(c)[7:])
-case("corrupt JSONL line", "line 3")(lambda c: train(c)[:6] + [str(c["corrupt"])] + train(c)[7:])
+case("missing train file", "does not exist")(lambda c: train(c, data=str(c["tmp"] / "nope.jsonl")))
+case("corrupt JSONL line", "line 3")(lambda c: train(c, data=str(c["corrupt"])))
 case("missing split file", "validation")(lambda c: task_train(c, "--task", "qqp"))  # shipped QQP has no validation
 case("empty data", "no rows")(lambda c: task_train(c, "--custom_task", str(c["custom_empty"])))
 case("unknown task", "unknown task 'rtee' (did you mean 'rte'?)")(lambda c: task_train(c, "--task", "rtee"))
@@ -229,27 +198,9 @@ def shared(tiny_models, tmp_path_factory):
     finished = root / "finished"
     assert (
         main(
-            [
-                "train",
-                "--model",
-                str(tiny_models["t5"]),
-                "--output_dir",
-                str(finished),
-                "--train_file",
-                str(data),
-                "--num_virtual_tokens",
-                "4",
-                "--lora_rank",
-                "2",
-                "--max_length",
-                "16",
-                "--batch_size",
-                "4",
-                "--steps",
-                "2",
-                "--warmup_steps",
-                "1",
-            ]
+            train_argv(
+                str(tiny_models["t5"]), str(finished), train_file=str(data), batch_size="4", steps="2", warmup_steps="1"
+            )
         )
         == 0
     )

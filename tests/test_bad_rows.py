@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from support import raises_one_line
 
 from pipeline.errors import PipelineError
 from pipeline.tasks import get_task, load_raw_split, load_task_splits
@@ -63,14 +64,6 @@ NOT_AT_INDEX = {
     "idx": 4,
     "label": 1,
 }
-
-
-def raises_one_line(fragment: str, call, *args, **kwargs) -> str:
-    with pytest.raises(PipelineError) as caught:
-        call(*args, **kwargs)
-    message = str(caught.value)
-    assert "\n" not in message and fragment in message, message
-    return message
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

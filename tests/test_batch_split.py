@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import read_results, run, write_varied_task
+from support import train_argv
 
 from pipeline.adapters import read_adapter
 
@@ -26,12 +27,20 @@ def varied_task(tmp_path_factory):
 
 
 def train_args(model, data, out, grad_accum: int) -> list[str]:
-    return [
-        *("train", "--model", str(model), "--train_file", str(data), "--output_dir", str(out)),
-        *("--num_virtual_tokens", "4", "--lora_rank", "2", "--max_length", "40", "--ds_config", "zero3_cpu"),
-        *("--batch_size", "8", "--grad_accum", str(grad_accum), "--steps", str(STEPS), "--warmup_steps", "1"),
-        *("--log_every", "1", "--lr_prompt", "0.3", "--lr_lowrank", "0.01"),
-    ]
+    return train_argv(
+        model,
+        out,
+        train_file=data,
+        max_length=40,
+        ds_config="zero3_cpu",
+        batch_size=8,
+        grad_accum=grad_accum,
+        steps=STEPS,
+        warmup_steps=1,
+        log_every=1,
+        lr_prompt=0.3,
+        lr_lowrank=0.01,
+    )
 
 
 def assert_same_steps(runs: dict, reference: str = "1x8") -> None:

@@ -15,22 +15,11 @@ import pytest
 from conftest import REPO, needs_task_data, run
 
 from pipeline.bench import bench_flags
+from pipeline.bench.output import MEASURED
 from pipeline.bench.settings import PRESETS, REFS, BenchArgs, bench_args, with_model_overrides
 from pipeline.bench.variants import plan_variants
 from pipeline.dept import count_trainable, rank_for_budget
 from pipeline.errors import PipelineError
-
-MEASURED = (
-    "step_s",
-    "step_min_s",
-    "step_max_s",
-    "tokens_per_s",
-    "step_tensor_peak_mb",
-    "rss_peak_mb",
-    "infer_s",
-    "epoch_s",
-    "enc_tokens",
-)
 
 
 def test_bench_help_is_derived_from_bench_args():

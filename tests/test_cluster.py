@@ -1,4 +1,4 @@
-"""Multi-node the way a cluster runs it, on a simulated cluster (tests/cluster_sim.py): `HOSTFILE=hosts
+"""Multi-node the way a cluster runs it, on a simulated cluster (tests/support/cluster_sim.py): `HOSTFILE=hosts
 ./launch.sh run recipe.yaml` started on node 0 reaches every node over ssh/pdsh, ranks talk across real network
 interfaces between network namespaces, remote ranks get their environment from the launcher; a node is lost
 (killed, or its link cut) and the survivors say which; the rerun resumes; bad cluster input is refused in one line.
@@ -19,10 +19,10 @@ import threading
 import time
 from pathlib import Path
 
-import cluster_sim
 import pytest
-from cluster_sim import SimCluster, WriteWatch
 from conftest import LAUNCHER_VARIABLES, REPO, free_port, write_varied_task
+from support import cluster_sim
+from support.cluster_sim import SimCluster, WriteWatch
 
 pytestmark = pytest.mark.slow
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import read_results, run
+from support import train_argv
 
 from pipeline import adapters
 from pipeline.backbone import load_backbone
@@ -14,45 +15,29 @@ from pipeline.dept import DePTPrompt
 from pipeline.engine import warmup_then_linear_decay
 from pipeline.model import DePTModel
 
-pytestmark = pytest.mark.slow
 STEPS = 12
 
 
 def train_args(model_dir, data, out, *extra):
-    return [
-        "train",
-        "--model",
+    return train_argv(
         str(model_dir),
-        "--train_file",
-        str(data),
-        "--output_dir",
         str(out),
-        "--num_virtual_tokens",
-        "4",
-        "--lora_rank",
-        "2",
-        "--max_length",
-        "16",
-        "--batch_size",
-        "8",
-        "--steps",
-        str(STEPS),
-        "--warmup_steps",
-        "3",
-        "--log_every",
-        "1",
-        "--lr_prompt",
-        "0.3",
-        "--lr_lowrank",
-        "0.01",
         *extra,
-    ]
+        train_file=str(data),
+        batch_size="8",
+        steps=str(STEPS),
+        warmup_steps="3",
+        log_every="1",
+        lr_prompt="0.3",
+        lr_lowrank="0.01",
+    )
 
 
 def losses(run_dir):
     return [h["loss"] for h in read_results(run_dir)["history"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["t5", "llama"])
 def test_zero3_two_ranks_shard_the_frozen_backbone_and_match_one_rank(arch, tiny_models, toy_task, tmp_path):
     model = tiny_models[arch]
@@ -93,6 +78,7 @@ def test_zero3_two_ranks_shard_the_frozen_backbone_and_match_one_rank(arch, tiny
     assert out.logits.norm().item() == pytest.approx(probe["logits_norm"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_two_learning_rates_follow_warmup_and_decay_per_group(tiny_models, toy_task, tmp_path):
     run(train_args(tiny_models["t5"], toy_task, tmp_path / "run"), nproc=2, launcher="deepspeed")
     factor = warmup_then_linear_decay(3, STEPS)
@@ -104,6 +90,7 @@ def test_two_learning_rates_follow_warmup_and_decay_per_group(tiny_models, toy_t
         assert record["lr_lowrank"] == pytest.approx(0.01 * applied)
 
 
+@pytest.mark.slow
 def test_two_nodes_simulated_on_localhost_match_two_ranks(tiny_models, toy_task, tmp_path):
     """Two deepspeed launchers, one per 'node', started the way launch.sh documents for clusters (--no_ssh)."""
     import os
@@ -143,6 +130,7 @@ def test_two_nodes_simulated_on_localhost_match_two_ranks(tiny_models, toy_task,
     assert losses(tmp_path / "nodes") == pytest.approx(losses(tmp_path / "local"), rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_adapter_and_loss_curve(tiny_models, toy_task, tmp_path):
     extra = ["--save_every", "4", "--model_overrides", '{"dropout_rate": 0.1}']  # dropout: RNG state matters
     args = train_args(tiny_models["t5"], toy_task, tmp_path / "resumed", *extra)
@@ -227,6 +215,7 @@ def test_a_lock_held_by_a_live_build_is_waited_for_with_a_message(tmp_path):
     assert "a build outside dept holds" in proc.stderr and "stale" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_job_checkpointed_on_two_ranks_resumes_on_one(tiny_models, toy_task, tmp_path):
     """The checkpoint holds whole tensors (prompt, A, B and their AdamW moments), not per-rank partitions: a job
     killed on 2 ranks continues on 1 and ends with the adapter and losses of an uninterrupted 1-rank job."""

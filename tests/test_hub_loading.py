@@ -18,20 +18,12 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, SHIPPED_DATA, needs_task_data
+from support import raises_one_line
 
-from pipeline.errors import PipelineError
 from pipeline.tasks import get_task, list_tasks, load_raw_split, load_task_splits
 from pipeline.tasks.hub import check_hub_id, explain, resolve_commit
 
 UNPINNED = {"nq", "hotpotqa", "searchqa", "newsqa", "yelp", "scitail"}
-
-
-def raises_one_line(fragment: str, call, *args, **kwargs) -> str:
-    with pytest.raises(PipelineError) as caught:
-        call(*args, **kwargs)
-    message = str(caught.value)
-    assert "\n" not in message and fragment in message, message
-    return message
 
 
 def write_hub_repo(mirror: Path, hub_path: str, configs: dict[str, dict[str, list]]) -> Path:

@@ -1,4 +1,4 @@
-"""The import graph is a DAG from the CLI down to `dept.py`, following the layers of tests/import_graph.py, and
+"""The import graph is a DAG from the CLI down to `dept.py`, following the layers of tests/support/import_graph.py, and
 the light entry points stay light."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from import_graph import LAYERS, REPO_ROOT, cycles, graph, layer, upward
+from support.import_graph import LAYERS, REPO_ROOT, cycles, graph, layer, upward
 
 
 def test_imports_form_no_cycle():

@@ -8,7 +8,7 @@ import subprocess
 import zipfile
 
 import pytest
-from installed import build_wheel, environment, fresh_venv
+from support.installed import build_wheel, environment, fresh_venv
 
 pytestmark = pytest.mark.slow
 

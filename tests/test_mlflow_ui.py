@@ -226,7 +226,7 @@ def test_ui_hint_points_at_the_runs(tracked):
 
 
 def test_runs_page_in_a_browser(tracked):
-    from browser_check import check_page, find_browser
+    from support.browser_check import check_page, find_browser
 
     chromium, driver = find_browser()
     if not chromium or not driver:

@@ -5,7 +5,7 @@ repository (what a clone gives) against the installed wheel, and the outputs it 
 Only the environment variables the README documents near its top shrink the long runs: DEPT_MAX_STEPS caps every
 job's steps. The install line runs with `pip` and `python3 -m venv` standing in for the wheel this test installed
 (nothing is downloaded), and `.venv` is that environment. Also: the README's numbers are copies of the files the
-project writes (tests/readme.py), so they cannot drift silently.
+project writes (tests/support/readme.py), so they cannot drift silently.
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_task_data
-from installed import build_wheel, environment, fresh_venv
-from readme import REPO, blocks, generated_sections
-
-pytestmark = pytest.mark.slow
+from support.installed import build_wheel, environment, fresh_venv
+from support.readme import REPO, blocks, generated_sections
 
 # The README documents these: DEPT_MAX_STEPS for trying its commands quickly (it keeps this test in minutes; the
 # README's DEPT_MAX_EVAL_ROWS is left unset so evaluation runs as written), DEPT_DATA_DIR for local task data,
@@ -61,7 +59,9 @@ def test_the_readme_numbers_are_copies_of_the_files_the_project_writes():
     sections = generated_sections()
     assert sections, "the README quotes numbers: they must come from generated sections"
     for name, body in sections:
-        assert body == (REPO / name).read_text().strip("\n"), "README.md is out of date: python tests/readme.py --write"
+        assert body == (REPO / name).read_text().strip("\n"), (
+            "README.md is out of date: python tests/support/readme.py --write"
+        )
 
 
 def test_every_readme_block_marked_not_run_says_why():
@@ -91,6 +91,7 @@ def checkout(tmp_path_factory):
     return copy, venv
 
 
+@pytest.mark.slow
 @needs_task_data("mnli", "qnli", "rte", "cb", "authors_adapters")
 def test_every_readme_block_runs_as_written(checkout):
     copy, venv = checkout
@@ -138,6 +139,7 @@ LEARNING_EXAMPLES = {
 }
 
 
+@pytest.mark.slow
 def test_the_readme_training_examples_learn_at_full_length(checkout, tmp_path):
     _, venv = checkout
     env = {**environment(venv), "PYTHONUNBUFFERED": "1"}  # no DEPT_MAX_STEPS: the commands as a user runs them

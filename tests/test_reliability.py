@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from conftest import needs_task_data, read_results, run
+from support import train_argv
 
 from pipeline import adapters
 
@@ -18,34 +19,18 @@ pytestmark = pytest.mark.slow
 
 
 def args(model, data, out, *extra, steps=12):
-    return [
-        "train",
-        "--model",
+    return train_argv(
         str(model),
-        "--train_file",
-        str(data),
-        "--output_dir",
         str(out),
-        "--num_virtual_tokens",
-        "4",
-        "--lora_rank",
-        "2",
-        "--max_length",
-        "16",
-        "--batch_size",
-        "8",
-        "--steps",
-        str(steps),
-        "--warmup_steps",
-        "2",
-        "--log_every",
-        "1",
-        "--lr_lowrank",
-        "0.01",
-        "--model_overrides",
-        '{"dropout_rate": 0.1}',
         *extra,
-    ]
+        train_file=str(data),
+        batch_size="8",
+        steps=str(steps),
+        warmup_steps="2",
+        log_every="1",
+        lr_lowrank="0.01",
+        model_overrides='{"dropout_rate": 0.1}',
+    )
 
 
 def test_repeated_kills_including_during_a_checkpoint_write(tiny_models, toy_task, tmp_path):
@@ -112,35 +97,19 @@ def test_a_failed_or_hung_rank_ends_the_job_in_bounded_time(fault, tiny_models, 
 def test_nan_loss_stops_or_skips_and_never_writes_a_nan_adapter(policy, tiny_models, tmp_path):
     out = tmp_path / "run"
     proc = run(
-        [
-            "train",
-            "--model",
+        train_argv(
             str(tiny_models["t5"]),
-            "--task",
-            "rte",
-            "--output_dir",
             str(out),
-            "--num_virtual_tokens",
-            "4",
-            "--lora_rank",
-            "2",
-            "--max_length",
-            "32",
-            "--batch_size",
-            "8",
-            "--steps",
-            "6",
-            "--warmup_steps",
-            "0",
-            "--eval_every",
-            "2",
-            "--eval_mode",
-            "score",
-            "--max_eval_rows",
-            "8",
-            "--on_nonfinite",
-            policy,
-        ],
+            task="rte",
+            max_length="32",
+            batch_size="8",
+            steps="6",
+            warmup_steps="0",
+            eval_every="2",
+            eval_mode="score",
+            max_eval_rows="8",
+            on_nonfinite=policy,
+        ),
         check=False,
         env={"DEPT_FAULT_NAN_AT_STEP": "3"},
     )
@@ -161,35 +130,19 @@ def test_nan_loss_stops_or_skips_and_never_writes_a_nan_adapter(policy, tiny_mod
 def test_same_seeds_give_the_same_results_on_re_run(tiny_models, tmp_path):
     def train_rte(name, nproc):
         run(
-            [
-                "train",
-                "--model",
+            train_argv(
                 str(tiny_models["llama"]),
-                "--task",
-                "rte",
-                "--output_dir",
                 str(tmp_path / name),
-                "--num_virtual_tokens",
-                "4",
-                "--lora_rank",
-                "2",
-                "--max_length",
-                "64",
-                "--batch_size",
-                "8",
-                "--steps",
-                "8",
-                "--warmup_steps",
-                "2",
-                "--eval_every",
-                "4",
-                "--eval_mode",
-                "generate",
-                "--max_eval_rows",
-                "16",
-                "--log_every",
-                "1",
-            ],
+                task="rte",
+                max_length="64",
+                batch_size="8",
+                steps="8",
+                warmup_steps="2",
+                eval_every="4",
+                eval_mode="generate",
+                max_eval_rows="16",
+                log_every="1",
+            ),
             nproc=nproc,
             launcher="deepspeed" if nproc > 1 else "python",
         )

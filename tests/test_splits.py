@@ -10,17 +10,9 @@ import pytest
 import torch
 from conftest import SHIPPED_DATA as DATA_DIR
 from conftest import missing_task_data, needs_task_data
+from support import raises_one_line
 
-from pipeline.errors import PipelineError
 from pipeline.tasks import get_task, kshot_sample, load_task_splits, mixture
-
-
-def raises_one_line(fragment: str, call, *args, **kwargs) -> str:
-    with pytest.raises(PipelineError) as caught:
-        call(*args, **kwargs)
-    message = str(caught.value)
-    assert "\n" not in message and fragment in message, message
-    return message
 
 
 # Small rule: train = train; the original validation set (n rows) -> validation floor(n/2), test the rest.

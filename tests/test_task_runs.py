@@ -8,41 +8,26 @@ import json
 
 import pytest
 from conftest import needs_task_data, read_results, run
+from support import train_argv
 
 pytestmark = pytest.mark.slow
 
 
 def rte_args(model_dir, out, mode, *extra):
-    return [
-        "train",
-        "--model",
+    return train_argv(
         str(model_dir),
-        "--task",
-        "rte",
-        "--output_dir",
         str(out),
-        "--num_virtual_tokens",
-        "4",
-        "--lora_rank",
-        "2",
-        "--max_length",
-        "96",
-        "--batch_size",
-        "8",
-        "--steps",
-        "24",
-        "--warmup_steps",
-        "4",
-        "--eval_every",
-        "8",
-        "--eval_mode",
-        mode,
-        "--max_eval_rows",
-        "24",
-        "--lr_lowrank",
-        "0.01",
         *extra,
-    ]
+        task="rte",
+        max_length="96",
+        batch_size="8",
+        steps="24",
+        warmup_steps="4",
+        eval_every="8",
+        eval_mode=mode,
+        max_eval_rows="24",
+        lr_lowrank="0.01",
+    )
 
 
 @needs_task_data("rte")

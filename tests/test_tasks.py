@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import SHIPPED_DATA as DATA_DIR
 from conftest import needs_task_data
+from support import raises_one_line
 
 from pipeline.errors import PipelineError
 from pipeline.tasks import (
@@ -22,16 +23,6 @@ from pipeline.tasks import (
     load_task_splits,
     resolve_data_dir,
 )
-
-
-def raises_one_line(fragment: str, call, *args, **kwargs) -> str:
-    """Assert `call` raises PipelineError with a single-line message containing `fragment`."""
-    with pytest.raises(PipelineError) as caught:
-        call(*args, **kwargs)
-    message = str(caught.value)
-    assert "\n" not in message
-    assert fragment in message, message
-    return message
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

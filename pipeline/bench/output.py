@@ -14,6 +14,19 @@ from pipeline.options import to_dict
 
 log = logging.getLogger("pipeline.bench")
 
+# What each row of the comparison measures, as numbers (bench.json's rows; MLflow metrics `<row>.<column>`).
+MEASURED = (
+    "step_s",
+    "step_min_s",
+    "step_max_s",
+    "tokens_per_s",
+    "step_tensor_peak_mb",
+    "rss_peak_mb",
+    "infer_s",
+    "epoch_s",
+    "enc_tokens",
+)
+
 
 def settings_record(args: BenchArgs) -> dict:
     """The settings as JSON values (bench.json's `settings`, MLflow params)."""
@@ -70,17 +83,7 @@ def _metrics(result: dict) -> dict[str, float]:
 
     if result["mode"] == "compare":
         for row in result["rows"]:
-            for col in (
-                "step_s",
-                "step_min_s",
-                "step_max_s",
-                "tokens_per_s",
-                "step_tensor_peak_mb",
-                "rss_peak_mb",
-                "infer_s",
-                "epoch_s",
-                "enc_tokens",
-            ):
+            for col in MEASURED:
                 put(f"{row['key']}.{col}", row[col])
             for col in ("x_pt", "x_bare_same_len"):
                 if row[col]:

@@ -1,7 +1,7 @@
 """The import graph of the `pipeline` package, from its source (module-level and function-level imports alike).
 
-    python tests/import_graph.py            # edges, one module per line, and any cycle
-    python tests/import_graph.py ROOT       # another checkout's pipeline/ (e.g. an older commit in a worktree)
+    python tests/support/import_graph.py            # edges, one module per line, and any cycle
+    python tests/support/import_graph.py ROOT       # another checkout's pipeline/ (e.g. an older commit in a worktree)
 
 tests/test_imports.py asserts that the graph is acyclic and that imports only go down the layers below.
 """
@@ -53,7 +53,7 @@ LAYERS = [
 ]
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -1,9 +1,9 @@
 """README.md as data: its code blocks in order (with the markers that say which ones CI does not run) and its
 generated sections (numbers copied from files the project writes).
 
-    python tests/readme.py --check        # the generated sections equal their files (what the README test checks)
-    python tests/readme.py --write        # copy docs/results/*.md into README.md's generated sections
-    python tests/readme.py --regenerate   # re-run what produces those files on this machine, then --write
+    python tests/support/readme.py --check        # the generated sections equal their files (what the README test checks)
+    python tests/support/readme.py --write        # copy docs/results/*.md into README.md's generated sections
+    python tests/support/readme.py --regenerate   # re-run what produces those files on this machine, then --write
 
 Markers, each on the line before what it marks:
     <!-- readme: not run (why) -->            the next code block is not run by the README test (needs GPUs, ...)
@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 NOT_RUN = re.compile(r"<!-- readme: not run \((.+)\) -->")
 GENERATED = re.compile(r"<!-- readme: generated from (\S+) -->")
@@ -106,7 +106,7 @@ def main(argv: list[str]) -> int:
         write()
     stale = [f for f, body in generated_sections() if body != (REPO / f).read_text().strip("\n")]
     for name in stale:
-        print(f"README.md is out of date with {name}: run python tests/readme.py --write")
+        print(f"README.md is out of date with {name}: run python tests/support/readme.py --write")
     return 1 if stale else 0
 
 

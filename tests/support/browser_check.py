@@ -1,7 +1,7 @@
 """Look at a page of the MLflow UI the way a user does: headless Chromium driven by chromedriver over the W3C
 WebDriver protocol (plain HTTP, no selenium package), with Debian's `chromium` and `chromium-driver`.
 
-    python tests/browser_check.py URL --expect "uitest" --expect "syn-target-food k=4 seed=1 source" \
+    python tests/support/browser_check.py URL --expect "uitest" --expect "syn-target-food k=4 seed=1 source" \
         --click "css:button[data-component-id*=runnamecellrenderer]" --screenshot runs.png
 
 Opens URL, waits until the page shows the first expected text, clicks each `--click` target (a button's visible
