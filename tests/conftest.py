@@ -1,4 +1,31 @@
-"""Shared fixtures: tiny saved backbones, a small learnable task, and helpers that launch real ranks."""
+"""Shared fixtures: tiny saved backbones, a small learnable task, a small planned recipe, and helpers that launch
+real ranks. Helpers that are not fixtures (raises_one_line, train_argv, ...) and the scripts the tests drive are
+in tests/support/.
+
+Where the tests of each module are: `pipeline/X.py` -> `tests/test_X.py` (fast unless marked slow), and these
+behavioural suites beside them:
+    cli.py, options.py     test_cli.py, test_options.py; every bad input in one line: test_bad_inputs.py
+    config.py              test_config.py; fingerprint.py: test_fingerprint.py (also reuse / refuse by `dept run`)
+    recipe.py              test_recipe.py; recipes run end to end: test_recipe_runs.py, the README's: test_readme.py
+    runner.py              test_runner.py; mlflow_record.py: test_mlflow_record.py; tracking.py: test_tracking.py;
+                           the MLflow UI in a browser: test_mlflow_ui.py; summary.py, plots.py: test_summary.py,
+                           test_plots.py
+    job.py, train.py       test_job.py, test_train.py; one loss for every batch split: test_batch_split.py; real
+                           tasks on two ranks: test_task_runs.py; the stories260K backbone: test_real_backbone.py
+    engine.py              test_engine.py (ZeRO-3 ranks, resume); distributed.py: test_distributed.py; clusters and
+                           lost nodes: test_cluster.py; kills, hangs, NaN: test_reliability.py
+    dept.py, model.py      test_dept.py, test_model.py; generation: test_generation.py; precision: test_precision.py
+    evaluation.py          test_evaluation.py; metrics.py: test_metrics.py; inference.py: test_inference.py
+    adapters.py, interop   test_adapters.py, test_interop.py; safetensors and weights_only loading: test_safety.py
+    checkpoint.py, atomic  test_checkpoint.py, test_atomic.py; preflight.py: test_preflight.py
+    data.py                test_data.py, test_data_scale.py (memory-mapped rows at scale)
+    tasks/                 test_tasks.py, test_splits.py, test_sampling.py, test_bad_rows.py, test_hub_loading.py
+    backbone.py            test_backbone.py; bench/: test_bench.py; the import layers: test_imports.py;
+                           the installed wheel: test_install.py
+Not tested on their own: errors.py, _version.py, cache.py (a folder name), faults.py (fault injection, exercised by
+test_reliability.py), resources.py (shipped files, exercised by test_recipe.py and test_install.py), tokenizer.py
+(exercised by test_bench.py and every random:<preset> run).
+"""
 
 from __future__ import annotations
 
@@ -143,3 +170,47 @@ def one_process_group():
     from pipeline.engine import init_distributed
 
     init_distributed()
+
+
+# A small recipe of every kind of job (finetune with a saved backbone, DePT and PT train stages, transfer stages of
+# one and of two targets), planned but never run: what `dept run` would show for it is checked without training
+# (tests/test_mlflow_record.py, test_summary.py, test_plots.py).
+SMALL_RECIPE = """
+name: small
+description: a small recipe for the runner's tests
+model: random:tiny-t5
+ds_config: zero3_cpu
+output_dir: {out}
+dept: {{num_virtual_tokens: 4, r: 2, max_length: 32}}
+train: {{batch_size: 8, steps: 12, warmup_steps: 3, log_every: 2, eval_every: 6}}
+data: {{eval_mode: score, max_eval_rows: 16}}
+stages:
+  - {{name: warmup, method: finetune, save_model: true, tasks: [syn-warm-animal, syn-warm-food], train: {{lr: 0.003}}}}
+  - {{name: source, model: "stage:warmup", tasks: [syn-source-animal]}}
+  - {{name: prompt, method: pt, model: "stage:warmup", tasks: [syn-source-animal], dept: {{r: 0}}}}
+  - name: transfer
+    type: transfer
+    model: "stage:warmup"
+    source: source
+    targets: [syn-target-food]
+    k: [4, 8]
+    seeds: [1, 2]
+    control: true
+  - name: wide
+    type: transfer
+    source: source
+    model: "stage:warmup"
+    targets: [syn-target-food, syn-target-vehicle]
+    k: [4]
+    seeds: [1]
+"""
+
+
+@pytest.fixture
+def jobs(tmp_path):
+    """The jobs of SMALL_RECIPE, planned into tmp_path/out."""
+    from pipeline.recipe import load_recipe, plan
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(SMALL_RECIPE.format(out=tmp_path / "out"))
+    return plan(load_recipe(str(path)))

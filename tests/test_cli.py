@@ -123,18 +123,6 @@ def test_a_batch_the_ranks_cannot_split_is_refused_at_planning(monkeypatch, caps
     assert "not divisible by world size 3" in capsys.readouterr().err
 
 
-def test_each_value_is_parsed_once_by_the_flags_own_type(tmp_path):
-    """No second parser between the command line and the dataclass: text that reads as a bool, a number or a list
-    elsewhere stays text in a text flag; a list flag splits on commas or reads YAML."""
-    from pipeline.cli import parse
-    from pipeline.options import from_flags
-
-    _, _, values = parse(["train", "--model", "123", "--task", "rte,cb", "--output_dir", str(tmp_path)])
-    cfg = from_flags(JobConfig, {**values, "init_text": "True", "steps": "1e3", "warmup_steps": "10"}, "")
-    assert cfg.model == "123" and cfg.data.tasks == ["rte", "cb"] and cfg.dept.init_text == "True"
-    assert cfg.train.steps == 1000 and isinstance(cfg.train.steps, int)
-
-
 def test_a_missing_positional_is_one_line(capsys):
     assert main(["import-adapter", "only-the-source"]) == 2
     err = capsys.readouterr().err.strip()

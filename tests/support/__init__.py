@@ -37,3 +37,33 @@ def train_argv(model, output_dir, *extra: str, **flags) -> list[str]:
         if value is not None:
             words += [f"--{flag}", str(value)]
     return words + list(extra)
+
+
+def by_key(jobs, key):
+    return next(j for j in jobs if j.key == key)
+
+
+def job_results(jobs) -> dict:
+    """Made-up results of SMALL_RECIPE's jobs (conftest.py), as a summary reads them."""
+    scores = {1: 55.00000000000001, 2: 60.0}
+    results = {}
+    for job in jobs:
+        if job.meta["type"] == "train":
+            results[job.key] = {
+                "test": {
+                    "syn-warm-animal.accuracy": 62.50000000000001,
+                    "syn-warm-animal.n": 16,
+                    "syn-warm-animal.invalid": 0,
+                    "syn-warm-animal.score": 62.5,
+                    "score": 62.5,
+                },
+                "best_step": 6,
+                "final_loss": 1.2,
+                "config": {"method": job.config.method},
+                "history": [{"step": s, "loss": 2.0 / s} for s in (2, 4, 6)],
+                "evals": [{"step": 6, "score": 50.0}, {"step": 12, "score": 62.5}],
+            }
+        else:
+            bonus = 10.0 if job.meta["start"] == "source" else 0.0
+            results[job.key] = {"test_score": scores[job.meta["seed"]] + bonus + job.meta["k"]}
+    return results

@@ -243,27 +243,6 @@ def test_unreachable_tracking_uri_fails_before_training(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_a_run_from_the_repository_root_leaves_git_status_clean():
-    """Everything `dept run` writes by default lies under the recipe's output_dir (runs/...: results, the MLflow
-    store and its artifacts), which git ignores."""
-    import shutil
-
-    if shutil.which("git") is None or not (REPO / ".git").exists():
-        pytest.skip("not a git checkout")
-    from pipeline.runner import tracking_uri
-
-    recipe = load_recipe("quickstart")
-    store = tracking_uri(recipe).removeprefix("sqlite:///")
-    assert Path(store).is_relative_to((REPO / "runs").resolve()) or Path(store).is_relative_to(Path.cwd() / "runs")
-    paths = [
-        "runs/quickstart/mlflow.db",
-        "runs/quickstart/mlartifacts/1/x/artifacts/adapter/adapter_model.safetensors",
-        "runs/quickstart/source/results.json",
-    ]
-    proc = subprocess.run(["git", "-C", str(REPO), "check-ignore", *paths], capture_output=True, text=True)
-    assert proc.stdout.split() == paths
-
-
 def test_the_plan_shows_a_prompt_of_zero_tokens_as_zero():
     """m = 0 (DePT with the offset only) is a value, not the default; an unset m is the default."""
     jobs = plan(load_recipe("quickstart", {"dept.num_virtual_tokens": "0"}))
