@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from readme import REPO, blocks
+from support.readme import REPO, blocks
 
 CPU_INDEX = "--index-url https://download.pytorch.org/whl/cpu"
 TORCH = re.compile(r"pip install (?:-q )?torch==(\S+)(.*?)(?:&&|$)", re.M)
