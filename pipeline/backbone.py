@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline import logs
 from pipeline.engine import gathered, sharded_construction
 from pipeline.errors import PipelineError
 from pipeline.resources import MODEL_KINDS, model_location, shipped_model_hint
@@ -166,6 +167,7 @@ def load_backbone(
     if is_random(model) and model[len(RANDOM_PREFIX) :] in MATERIALIZED_PRESETS:
         model, overrides = str(materialized_random(model, seed, overrides, cache_dir)), None
     tokenizer = load_tokenizer(model, cache_dir)
+    logs.quiet_transformers()  # its "Loading weights" bar is not ours to show
     with sharded_construction(ds_config):
         if is_random(model):
             special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}

@@ -9,7 +9,9 @@ once, by the options machinery (pipeline/options.py), into the command's datacla
     dept COMMAND --help ; dept --version
 
 Unknown flags, stray words and bad values are refused before anything runs: one line on stderr (`error: ...`, with
-a "did you mean" for near misses), exit status 2; `--debug` shows the traceback.
+a "did you mean" for near misses), exit status 2; `--debug` shows the traceback. The console shows this
+pipeline's messages and other libraries' warnings; `--verbose` adds the libraries' messages and progress bars,
+which a job's `job.log` always keeps (pipeline/logs.py).
 
 python-fire dispatches the command table (`COMMANDS`): our strict `parse` runs first and accounts for every
 word, and fire is handed the command with its values already bound, so it parses nothing itself (fire's own
@@ -21,15 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import fire
 
-from pipeline import distributed
+from pipeline import distributed, logs
 from pipeline._version import __version__
 from pipeline.config import (
     EvaluateArgs,
@@ -55,7 +55,7 @@ CLI_ONLY_TRAIN = {
 CLI_ONLY_INFERENCE = {
     "custom_task": "a custom task YAML file, as with --task FILE: its template renders the rows, its metric scores them"
 }
-GLOBAL_FLAGS = ("debug", "local_rank", "help")
+GLOBAL_FLAGS = ("debug", "verbose", "local_rank", "help")
 ALIAS_REASONS = {"lora_rank": " (the deepspeed launcher and torchrun own a flag named r)"}
 
 
@@ -346,30 +346,18 @@ def help_text(name: str) -> str:
 # ----------------------------------------------------------------------------------------------- main
 
 
-def _setup_logging() -> None:
-    rank = distributed.rank()
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     argv = [a for a in argv if not a.startswith("--local_rank")]
     debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
+    verbose = "--verbose" in argv  # library messages and progress bars on the console too (always in the logs)
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
     world = distributed.world_size()
     who = f" (rank {distributed.rank()})" if world > 1 else ""
     try:
         name, positionals, values = parse(argv)
-        _setup_logging()
+        logs.setup(distributed.rank(), verbose)
         # Raw strings: the command's dataclass parses each (options.py); recipe overrides are parsed by the recipe
         # loader (yaml.safe_load), which names their path.
         bound = functools.partial(COMMANDS[name].function, *positionals, **values)

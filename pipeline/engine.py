@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import distributed
+from pipeline import distributed, logs
 from pipeline.errors import PipelineError
 from pipeline.resources import ds_config_path
 
@@ -79,9 +79,10 @@ def init_distributed(timeout_s: float = 1800) -> tuple[int, int]:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    logs.adopt("DeepSpeed")  # its logger prints to stdout on its own: through ours (console rules, job.log)
     if get_accelerator().device_name() == "cpu":
         prepare_cpu_comm_op()
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints op loading; stdout is for results
+    with logs.prints_logged("DeepSpeed"):  # "op ... built successfully" even from cache: the log, not stdout
         deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
     _unlink_shm_buffer()
     distributed.record_peers()  # rank -> host, address: so a lost rank can be named later
@@ -160,7 +161,7 @@ def prepare_cpu_comm_op() -> None:
                 file=sys.stderr,
             )
         started = time.time()
-        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints progress; stdout is for results
+        with logs.prints_logged("DeepSpeed"):  # DeepSpeed prints progress; stdout is for results
             builder.load(verbose=False)
         if not built:
             print(f"dept: built in {time.time() - started:.0f} s", file=sys.stderr)

@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import atomic, distributed, engine
+from pipeline import atomic, distributed, engine, logs
 from pipeline.config import DataArgs, JobConfig
 from pipeline.data import local_rank_first, source_target_table
 from pipeline.errors import PipelineError
@@ -34,6 +34,7 @@ from pipeline.train import train
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
+JOB_LOG = "job.log"  # every message of the job, library messages the console leaves out included
 
 
 @dataclass
@@ -126,8 +127,14 @@ def run_job(cfg: JobConfig, callbacks=(), on_data=None, title: str | None = None
     """Train `cfg` on its data and write `<output_dir>/results.json` and `curves.png` (rank 0); returns the results.
 
     `on_data(name, context, rows)` is told which rows train and evaluate (the tracker logs them as datasets);
-    `title` heads curves.png (default: the output directory's name).
+    `title` heads curves.png (default: the output directory's name). Everything logged meanwhile, library messages
+    the console leaves out included, is appended to `<output_dir>/job.log` (`job.rank<N>.log` on other ranks).
     """
+    with logs.to_file(Path(cfg.output_dir) / JOB_LOG):
+        return _run_job(cfg, callbacks, on_data, title)
+
+
+def _run_job(cfg: JobConfig, callbacks, on_data, title: str | None) -> dict:
     engine.init_distributed(cfg.train.comm_timeout_s)  # the ranks prepare the data together (once per node)
     job_data = load_job_data(cfg.data, cfg.train.seed)
     if on_data:

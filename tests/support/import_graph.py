@@ -44,6 +44,7 @@ LAYERS = [
     "metrics",
     "config",
     "options",
+    "logs",
     "resources",
     "distributed",
     "atomic",

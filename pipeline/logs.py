@@ -1,0 +1,147 @@
+"""What reaches the console and what only the log files keep.
+
+The console shows this pipeline's own messages (INFO and up) and other libraries' warnings that matter; library
+chatter (DeepSpeed's op loading, third-party INFO, `datasets`' progress bars, transformers' weight-loading bar) goes
+only to the job's log file (`<output_dir>/job.log`; a recipe's own lines to `<output_dir>/run.log`), unless
+`--verbose` (DEPT_VERBOSE=1) puts everything on the console too. Nothing here imports torch or DeepSpeed.
+
+    logs.setup(rank=0)                       # once per process, by the CLI
+    with logs.to_file(out / "job.log"):      # everything logged meanwhile is also written there
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+VERBOSE_ENV = "DEPT_VERBOSE"
+OURS = ("pipeline", "dept")
+# Libraries whose INFO records are chatter even in a log file (migrations, HTTP, locks).
+QUIET = ("alembic", "httpx", "urllib3", "filelock", "torch.distributed", "datasets", "compilers")
+FORMAT = "[rank{rank}] %(levelname)s %(name)s: %(message)s"
+FILE_FORMAT = "%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def is_ours(record: logging.LogRecord) -> bool:
+    return record.name.split(".")[0] in OURS
+
+
+class ConsoleFilter(logging.Filter):
+    """Our INFO and up; others' WARNING and up; everything when verbose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return verbose() or is_ours(record) or record.levelno >= logging.WARNING
+
+
+def setup(rank: int, verbose_flag: bool = False) -> None:
+    """Console handler on stderr (rank 0: INFO; other ranks: WARNING), python warnings through logging, library
+    progress bars off unless verbose. Without a visible GPU, DeepSpeed is told its accelerator (DS_ACCELERATOR=cpu,
+    the choice it would make) instead of warning on every start that it "was unable to detect" one; where a GPU is
+    visible it still detects, and warns if it fails."""
+    if verbose_flag:
+        os.environ[VERBOSE_ENV] = "1"
+    from pipeline.resources import gpu_visible
+
+    if "DS_ACCELERATOR" not in os.environ and not gpu_visible():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(FORMAT.format(rank=rank)))
+    console.addFilter(ConsoleFilter())
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console.set_name("dept-console")
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose() else logging.WARNING)
+    logging.captureWarnings(True)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    if not verbose():
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def adopt(name: str) -> None:
+    """Route a library logger that writes to its own handler (DeepSpeed's: stdout, propagation off) through ours:
+    its messages then follow the console rules above and reach the log files."""
+    logger = logging.getLogger(name)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.propagate = True
+    logger.setLevel(logging.DEBUG if verbose() else logging.INFO)
+
+
+def quiet_transformers() -> None:
+    """transformers' own progress bars (loading weights) off unless verbose; hub download bars stay."""
+    if verbose():
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+class _LineLogger(io.TextIOBase):
+    """A text stream that logs each complete line (for libraries that print)."""
+
+    def __init__(self, logger: logging.Logger, level: int):
+        self.logger, self.level, self.pending = logger, level, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.strip():
+                self.logger.log(self.level, line.strip())
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending.strip():
+            self.logger.log(self.level, self.pending.strip())
+        self.pending = ""
+
+
+@contextlib.contextmanager
+def prints_logged(name: str, level: int = logging.INFO):
+    """What a library prints to stdout meanwhile is logged by `name` instead (stdout stays for results)."""
+    stream = _LineLogger(logging.getLogger(name), level)
+    with contextlib.redirect_stdout(stream):
+        try:
+            yield
+        finally:
+            stream.flush()
+
+
+@contextlib.contextmanager
+def to_file(path: str | Path, rank: int | None = None):
+    """Everything logged meanwhile (every library, INFO and up) is appended to `path` (other ranks than 0:
+    `<stem>.rank<N><suffix>`)."""
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    path = Path(path)
+    if rank:
+        path = path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(FILE_FORMAT.format(rank=rank)))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        handler.close()

@@ -1,0 +1,40 @@
+"""What reaches the console (#22): this pipeline's messages and the warnings that matter; DeepSpeed's accelerator
+and op messages, third-party INFO and progress bars only in the job's log file, unless --verbose."""
+
+from __future__ import annotations
+
+import logging
+
+from conftest import run
+
+from pipeline import logs
+
+
+def test_a_job_console_holds_our_lines_and_its_log_file_the_library_messages(tmp_path, monkeypatch):
+    out = tmp_path / "job"
+    args = ["train", "--model", "stories260K", "--task", "stories-who", "--output_dir", str(out), "--steps", "2"]
+    args += ["--warmup_steps", "1", "--batch_size", "4", "--num_virtual_tokens", "4", "--lora_rank", "1"]
+    args += ["--max_length", "64", "--max_eval_rows", "4", "--max_new_tokens", "2"]
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # as a user has it: DeepSpeed's detection warned here
+    monkeypatch.delenv(logs.VERBOSE_ENV, raising=False)
+    proc = run(args)
+    console = proc.stdout + proc.stderr
+    for noise in ("Setting accelerator", "built successfully", "tokenize", "Loading weights", "DeepSpeed info"):
+        assert noise not in console, noise
+    assert "trainable parameters: " in proc.stderr and "done: final loss" in proc.stdout
+    kept = (out / "job.log").read_text()
+    assert "built successfully" in kept and "trainable parameters: " in kept and "DeepSpeed info" in kept
+
+
+def record(name: str, level: int) -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 1, "message", None, None)
+
+
+def test_the_console_keeps_our_info_and_others_warnings_and_verbose_keeps_all(monkeypatch):
+    monkeypatch.delenv(logs.VERBOSE_ENV, raising=False)
+    console = logs.ConsoleFilter()
+    assert console.filter(record("pipeline.train", logging.INFO))
+    assert console.filter(record("transformers.modeling_utils", logging.WARNING))
+    assert not console.filter(record("DeepSpeed", logging.INFO))
+    monkeypatch.setenv(logs.VERBOSE_ENV, "1")
+    assert console.filter(record("DeepSpeed", logging.INFO))
