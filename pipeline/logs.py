@@ -126,18 +126,48 @@ def prints_logged(name: str, level: int = logging.INFO):
             stream.flush()
 
 
+class _FileOnceTheFolderExists(logging.Handler):
+    """Appends to `path` once its folder exists (the job made it: nothing is left behind by a job refused before
+    it wrote anything); records from before are kept in memory and written first."""
+
+    def __init__(self, path: Path):
+        super().__init__(logging.INFO)
+        self.path, self.pending, self.stream = path, [], None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+            if self.stream is None and self.path.parent.is_dir():
+                self.stream = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+                self.stream.writelines(self.pending)
+                self.pending = []
+            if self.stream is None:
+                self.pending.append(line)
+            else:
+                self.stream.write(line)
+                self.stream.flush()
+        except Exception:  # noqa: BLE001 -- logging must never break the job
+            self.handleError(record)
+
+    def close(self) -> None:
+        if self.stream is None and self.pending and self.path.parent.is_dir():
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.writelines(self.pending)
+        if self.stream is not None:
+            self.stream.close()
+        super().close()
+
+
 @contextlib.contextmanager
 def to_file(path: str | Path, rank: int | None = None):
     """Everything logged meanwhile (every library, INFO and up) is appended to `path` (other ranks than 0:
-    `<stem>.rank<N><suffix>`)."""
+    `<stem>.rank<N><suffix>`) once its folder exists."""
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     path = Path(path)
     if rank:
         path = path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _FileOnceTheFolderExists(path)
     handler.setFormatter(logging.Formatter(FILE_FORMAT.format(rank=rank)))
-    handler.setLevel(logging.INFO)
     root = logging.getLogger()
     root.addHandler(handler)
     try:
