@@ -21,7 +21,8 @@ behavioural suites beside them:
     data.py                test_data.py, test_data_scale.py (memory-mapped rows at scale)
     tasks/                 test_tasks.py, test_splits.py, test_sampling.py, test_bad_rows.py, test_hub_loading.py
     backbone.py            test_backbone.py; bench/: test_bench.py; the import layers: test_imports.py;
-                           the installed wheel: test_install.py
+                           the installed wheel: test_install.py; the README's install lines: test_install_lines.py
+    logs.py                test_logs.py (what the console shows, what job.log keeps)
 Not tested on their own: errors.py, _version.py, cache.py (a folder name), faults.py (fault injection, exercised by
 test_reliability.py), resources.py (shipped files, exercised by test_recipe.py and test_install.py), tokenizer.py
 (exercised by test_bench.py and every random:<preset> run).
