@@ -56,7 +56,21 @@ CLI_ONLY_INFERENCE = {
     "custom_task": "a custom task YAML file, as with --task FILE: its template renders the rows, its metric scores them"
 }
 GLOBAL_FLAGS = ("debug", "verbose", "local_rank", "help")
-ALIAS_REASONS = {"lora_rank": " (the deepspeed launcher and torchrun own a flag named r)"}
+ALIAS_REASONS = {
+    "lora_rank": " (the deepspeed launcher and torchrun own a flag named r)",
+    # method lora's section behind a lora_ prefix (DePT's section has r and budget_tokens already); LoRA's alpha is
+    # --alpha, DePT's offset scale --lora_alpha
+    **{
+        f"lora_{name}": f" of the lora section (recipe lora.{field})"
+        for name, field in (
+            ("r", "r"),
+            ("dropout", "dropout"),
+            ("targets", "target_modules"),
+            ("budget_tokens", "budget_tokens"),
+            ("budget_params", "budget_params"),
+        )
+    },
+}
 
 
 # ----------------------------------------------------------------------------------------------- commands

@@ -25,7 +25,7 @@ from pipeline.options import coerce, option
 # The DePT authors' TEXT init, typo included (their released configs), tokenized with the tokenizer's special
 # tokens as PEFT does (T5 appends </s>) and tiled to m rows.
 AUTHORS_INIT_TEXT = "Classify this text is postive or not:"
-METHODS = ("dept", "pt", "finetune")
+METHODS = ("dept", "pt", "lora", "finetune")
 LENGTH_POLICIES = ("error", "truncate", "pad")
 PROMPT_INITS = ("TEXT", "VOCAB", "RANDOM")
 EVAL_MODES = ("generate", "score")
@@ -46,6 +46,8 @@ _PROMPT = {
 METHOD_FIELDS = {
     "dept": _PROMPT | {("train", "lr_lowrank"), ("dept", "r"), ("dept", "budget_tokens"), ("dept", "lora_alpha")},
     "pt": _PROMPT,  # r = 0: no low-rank pair, so no r, budget, lora_alpha or its learning rate
+    # PEFT's LoRA pairs in the backbone: its own section and rate; a LoRA adapter to start from; dept.max_length: the input
+    "lora": {("lora",), ("train", "lr_lora"), ("init_adapter",)},
     "finetune": {("train", "lr"), ("save_model",)},  # every backbone weight at one rate; dept.max_length: the input
 }
 _SOME_METHODS = set().union(*METHOD_FIELDS.values())
@@ -117,6 +119,52 @@ class DeptArgs:
 
 
 @dataclass
+class LoraArgs:
+    """LoRA through HF PEFT (method lora; recipe section `lora:`): PEFT's LoraConfig fields under their own flags."""
+
+    r: int | None = option(None, "rank of each LoRA pair (default 8, or from a budget)", minimum=1, cli="lora_r")
+    alpha: float | None = option(
+        None,
+        "PEFT's lora_alpha: updates are scaled by alpha / r (default: r, i.e. scale 1); DePT's --lora_alpha is not it",
+        minimum=1e-12,
+    )
+    dropout: float = option(
+        0.0, "dropout on the input of each LoRA pair (PEFT's lora_dropout)", minimum=0.0, cli="lora_dropout"
+    )
+    target_modules: list[str] | None = option(
+        None,
+        "names of the Linear layers that get a LoRA pair (default PEFT's for the architecture: T5 q, v; "
+        "LLaMA q_proj, v_proj)",
+        cli="lora_targets",
+    )
+    budget_tokens: int | None = option(
+        None,
+        "choose r so that LoRA spends about the parameters of prompt tuning with this many tokens (l x d), the "
+        "budget DePT's budget_tokens spends",
+        minimum=1,
+        cli="lora_budget_tokens",
+    )
+    budget_params: int | None = option(
+        None,
+        "choose r so that LoRA spends about this many parameters (e.g. a DePT shape's m d + s r + r d)",
+        minimum=1,
+        cli="lora_budget_params",
+    )
+
+    def __post_init__(self):
+        given = [n for n in ("r", "budget_tokens", "budget_params") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise PipelineError(
+                f"LoRA: give one of lora_r, lora_budget_tokens, lora_budget_params (got {', '.join(given)}): "
+                "a budget computes r"
+            )
+        if self.dropout >= 1:
+            raise PipelineError(f"LoRA dropout must be below 1, got {self.dropout}")
+        if self.target_modules is not None and not [t for t in self.target_modules if str(t).strip()]:
+            raise PipelineError("LoRA target_modules is empty: name Linear layers (e.g. [q, v]) or leave it unset")
+
+
+@dataclass
 class TrainArgs:
     """Optimisation and the training loop (recipe section `train:`). Defaults follow the paper's runs."""
 
@@ -127,6 +175,7 @@ class TrainArgs:
     lr_prompt: float = option(0.3, "learning rate of the prompt", minimum=0.0)
     lr_lowrank: float = option(1e-4, "learning rate of A and B", minimum=0.0)
     lr: float = option(1e-4, "learning rate of the backbone (method finetune only)", minimum=0.0)
+    lr_lora: float = option(5e-4, "learning rate of LoRA's A and B (method lora only)", minimum=0.0)
     weight_decay: float = option(0.0, "AdamW weight decay (the authors' runs: effectively 0)", minimum=0.0)
     grad_clip: float = option(1.0, "gradient-norm clip (0: none)", minimum=0.0)
     seed: int = option(42, "seed of the init, the data order and dropout", minimum=0)
@@ -217,7 +266,9 @@ class JobConfig:
         "a JSON path, or auto (GPU config with a GPU, CPU config without)",
     )
     method: Literal[METHODS] = option(
-        "dept", "dept | pt (vanilla prompt tuning, r = 0) | finetune (every backbone weight trains)"
+        "dept",
+        "dept | pt (vanilla prompt tuning, r = 0) | lora (PEFT's LoRA on the frozen backbone) | finetune (every "
+        "backbone weight trains)",
     )
     init_adapter: str | None = option(None, "start from this adapter (ours or the authors'); its shape is the default")
     on_length_mismatch: Literal[LENGTH_POLICIES] = option(
@@ -226,10 +277,13 @@ class JobConfig:
     save_model: bool = option(False, "finetune: save the trained backbone to <output_dir>/model")
     model_overrides: dict | None = option(None, "config fields of a random:<preset> model, e.g. {num_layers: 4}")
     dept: DeptArgs = option(default_factory=DeptArgs)
+    lora: LoraArgs = option(default_factory=LoraArgs)
     train: TrainArgs = option(default_factory=TrainArgs)
     data: DataArgs = option(default_factory=DataArgs)
 
     def __post_init__(self):
+        if self.method == "lora":
+            _check_lora_job(self)
         if self.save_model and self.method != "finetune":
             raise PipelineError(
                 "save_model applies to method finetune only (DePT and PT leave the backbone "
@@ -249,6 +303,22 @@ class JobConfig:
         """The tokenized input length when no DePT shape says it (finetune; the shape of a prompt method may take
         an init adapter's s: `train.resolve_shape`)."""
         return DEFAULT_S if self.dept.max_length is None else self.dept.max_length
+
+
+def _check_lora_job(cfg: JobConfig) -> None:
+    """DePT's flags that read like LoRA's (--lora_rank, --lora_alpha) are refused on a LoRA job rather than ignored."""
+    dept = cfg.dept
+    if dept.r is not None or dept.budget_tokens is not None:
+        raise PipelineError(
+            "method lora: --lora_rank / budget_tokens are DePT's (recipe dept.r); LoRA's rank is --lora_r "
+            "(recipe lora.r) or --lora_budget_tokens"
+        )
+    if dept.lora_alpha != DeptArgs.lora_alpha:
+        raise PipelineError(
+            "method lora: --lora_alpha is DePT's offset scale (recipe dept.lora_alpha); LoRA's is --alpha (recipe lora.alpha)"
+        )
+    if dept.num_virtual_tokens:
+        raise PipelineError(f"method lora trains no prompt: drop num_virtual_tokens={dept.num_virtual_tokens}")
 
 
 # ---------------------------------------------------------------------------------------------- recipes
@@ -285,6 +355,7 @@ class StageSpec:
         None, "the source adapter's s differs: error | truncate | pad (default: the recipe's)"
     )
     dept: dict = option(default_factory=dict, help="DeptArgs fields for this stage")
+    lora: dict = option(default_factory=dict, help="LoraArgs fields for this stage (method lora)")
     train: dict = option(default_factory=dict, help="TrainArgs fields for this stage")
     data: dict = option(default_factory=dict, help="DataArgs fields for this stage")
 
@@ -302,7 +373,11 @@ class RecipeSpec:
     method: Literal[METHODS] = option("dept", "default method of the stages")
     on_length_mismatch: Literal[LENGTH_POLICIES] = option("error", "default for the stages")
     model_overrides: dict | None = option(None, "config fields of a random:<preset> model")
+    compare_methods: bool = option(
+        False, "also summarise the stages side by side: score against trainable parameters and step time (methods.md)"
+    )
     dept: dict = option(default_factory=dict, help="DeptArgs defaults")
+    lora: dict = option(default_factory=dict, help="LoraArgs defaults (method lora stages)")
     train: dict = option(default_factory=dict, help="TrainArgs defaults")
     data: dict = option(default_factory=dict, help="DataArgs defaults")
     tracking: TrackingArgs = option(default_factory=TrackingArgs)

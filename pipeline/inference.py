@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import adapters, atomic, distributed, engine
+from pipeline import adapters, atomic, distributed, engine, lora
 from pipeline.backbone import Backbone, load_backbone
 from pipeline.config import EvaluateArgs, PredictArgs
 from pipeline.data import tokenize
@@ -38,8 +38,13 @@ def load_model(
     model: str, adapter: str, ds_config: str = "auto", seed: int = 42, device: str | None = None
 ) -> tuple[DePTModel, Backbone, object]:
     """(model in eval mode, backbone, adapter config). One process: no DeepSpeed, on `device` (default: cuda if
-    available, else cpu). Several ranks: sharded under ZeRO-3 (collective)."""
-    adapter_cfg, tensors, _ = read_any_adapter(adapter)
+    available, else cpu). Several ranks: sharded under ZeRO-3 (collective). A LoRA adapter (PEFT's format) is
+    put on the backbone by `PeftModel.from_pretrained`; its config's `max_length` is the input length it trained on."""
+    is_lora = lora.is_lora_adapter(adapter)
+    if is_lora:
+        adapter_cfg = lora.read_adapter(adapter)
+    else:
+        adapter_cfg, tensors, _ = read_any_adapter(adapter)
     if several_ranks():
         _, world = engine.init_distributed()
         ds = engine.inference_ds_config(engine.read_ds_config(ds_config), world)
@@ -47,10 +52,13 @@ def load_model(
     else:
         backbone = load_backbone(model, seed=seed)
     torch.set_num_threads(engine.cpu_threads(None, engine.count_params(backbone.model)[1]))
-    adapters.check_fits(adapter_cfg, backbone.d_model, adapter_cfg.max_length, adapter)
-    prompt = DePTPrompt(adapter_cfg)
-    adapters.load_into(prompt, tensors)
-    net = DePTModel(backbone.model, prompt, backbone.is_encoder_decoder)
+    if is_lora:
+        net = DePTModel(lora.load_peft_model(backbone.model, adapter), None, backbone.is_encoder_decoder)
+    else:
+        adapters.check_fits(adapter_cfg, backbone.d_model, adapter_cfg.max_length, adapter)
+        prompt = DePTPrompt(adapter_cfg)
+        adapters.load_into(prompt, tensors)
+        net = DePTModel(backbone.model, prompt, backbone.is_encoder_decoder)
     if several_ranks():
         return engine.inference_module(net, ds), backbone, adapter_cfg
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -91,7 +99,7 @@ class DeptPredictor:
 
 
 def load_dept(model: str, adapter: str, device: str | None = None, seed: int = 42) -> DeptPredictor:
-    """A trained adapter on its backbone in one process, without DeepSpeed (CPU or GPU).
+    """A trained adapter (DePT, prompt tuning or LoRA) on its backbone in one process, without DeepSpeed (CPU or GPU).
 
         from pipeline import load_dept
         model = load_dept("t5-base", "runs/x/adapter")

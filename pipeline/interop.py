@@ -72,8 +72,12 @@ def is_peft_style_dir(path: str | Path) -> bool:
 def read_any_adapter(path: str | Path) -> tuple[DeptConfig, dict[str, Tensor], dict]:
     """An adapter in this pipeline's format, or one of the DePT authors' released adapters imported on the fly
     (one lacking A/B is refused): (config, tensors, meta) as `adapters.read_adapter` returns them."""
-    from pipeline import adapters
+    from pipeline import adapters, lora
 
+    if lora.is_lora_adapter(path):
+        raise PipelineError(
+            f"{path} is a LoRA adapter (PEFT): it starts or serves method lora only, not a DePT or prompt tuning job"
+        )
     if is_peft_style_dir(path):
         return import_authors_adapter(path)
     return adapters.read_adapter(path)

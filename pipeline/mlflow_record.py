@@ -145,8 +145,12 @@ def job_params(job: Job) -> dict:
             params[flag] = True
     params["max_length"] = dept["max_length"]  # every method's tokenized length (DePT: also the rows of A)
     for path in sorted(METHOD_FIELDS[method]):  # what only some methods read: this one's
-        params[path[-1]] = cfg[path[0]] if len(path) == 1 else cfg[path[0]][path[1]]
-    if method != "finetune":
+        value = cfg[path[0]] if len(path) == 1 else cfg[path[0]][path[1]]
+        if isinstance(value, dict):  # a whole section (lora): one param per field, `lora.r`, ...
+            params.update({f"{path[0]}.{k}": ",".join(v) if isinstance(v, list) else v for k, v in value.items()})
+        else:
+            params[path[-1]] = value
+    if method in ("dept", "pt"):
         if dept["prompt_init"] != "TEXT" or cfg["init_adapter"]:
             params.pop("init_text")  # the prompt comes from an adapter or from no text
         if not cfg["init_adapter"]:
@@ -187,6 +191,17 @@ def outcome_params(result: dict) -> dict:
         )
         if result.get("config", {}).get("method") == "dept":
             params["r"] = shape.get("r")
+    lora = result.get("lora_shape") or {}
+    if lora:  # the resolved LoRA: r (also when a budget chose it), alpha, targets, input length
+        params.update(
+            {
+                "lora.r": lora.get("r"),
+                "lora.alpha": lora.get("alpha"),
+                "lora.target_modules": ",".join(lora.get("target_modules") or []),
+                "max_length": lora.get("max_length"),
+                "d_model": lora.get("d_model"),
+            }
+        )
     for task, revision in sorted((result.get("data_revisions") or {}).items()):
         params[f"data_revision.{task}"] = revision  # the hub commit read ("main": unpinned)
     return {k: v for k, v in params.items() if v is not None}
@@ -219,12 +234,21 @@ def adapter_artifact(adapter_dir: str | Path) -> str:
 
 
 def _same_weights(a: Path, b: Path) -> bool:
-    try:
-        first = json.loads((a / "adapter_config.json").read_text()).get("weights_sha256")
-        second = json.loads((b / "adapter_config.json").read_text()).get("weights_sha256")
-    except (OSError, json.JSONDecodeError):
-        return False
-    return bool(first) and first == second
+    first = _weights_sha256(a)
+    return bool(first) and first == _weights_sha256(b)
+
+
+def _weights_sha256(adapter_dir: Path) -> str | None:
+    """The weights checksum an adapter records: in adapter_config.json (DePT, PT), or beside PEFT's files in
+    dept_adapter.json (LoRA)."""
+    for name in ("adapter_config.json", "dept_adapter.json"):
+        try:
+            sha = json.loads((Path(adapter_dir) / name).read_text()).get("weights_sha256")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if sha:
+            return sha
+    return None
 
 
 def lineage_tags(job: Job, jobs: list[Job], run_ids: dict[str, str | None]) -> dict[str, str]:
@@ -241,10 +265,7 @@ def lineage_tags(job: Job, jobs: list[Job], run_ids: dict[str, str | None]) -> d
             tags["dept.source_adapter"] = f"runs:/{run_id}/{adapter_artifact(init)}"
     if init:
         tags["dept.init_adapter_path"] = str(Path(init).resolve())
-        try:
-            sha = json.loads((Path(init) / "adapter_config.json").read_text()).get("weights_sha256")
-        except (OSError, json.JSONDecodeError):
-            sha = None
+        sha = _weights_sha256(Path(init))
         if sha:
             tags["dept.init_adapter_sha256"] = sha
     model = Path(job.config.model).expanduser()

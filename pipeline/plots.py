@@ -2,6 +2,7 @@
 
     summary.png  train stages: training loss and validation score against step; each transfer stage: test score
                  against k, from the source adapter and from scratch, mean with error bars (std over seeds)
+    methods.png  recipes with `compare_methods`: test score against trainable parameters and against step time
     curves.png   one job: loss, learning rate of each parameter group (relative to its peak, so warm-up then decay
                  reads the same for a 0.3 prompt rate and a 1e-4 low-rank one), validation score (best step marked)
 
@@ -149,5 +150,40 @@ def plot_summary(summary: dict, train_results: dict[str, dict], path: str | Path
     fig.suptitle(summary["recipe"], fontsize=10)
     try:
         return _finish(fig, used, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_methods(summary: dict, path: str | Path) -> Path:
+    """A recipe's `methods.png` (recipes with `compare_methods`): test score against trainable parameters (log
+    scale) and against step time, one point per stage (mean with error bars: std over seeds), one colour per
+    method."""
+    plt = _pyplot()
+    rows = [r for r in summary.get("methods") or [] if r["mean"] is not None]
+    if not rows:
+        raise ValueError("nothing to plot: no scored rows in the methods table")
+    fig, (ax_params, ax_time) = plt.subplots(1, 2, figsize=(10.4, 4.0))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for row in rows:
+        color = colors[methods.index(row["method"]) % len(colors)]
+        label = f"{row['stage']} ({row['method']})"
+        if len({r["target"] for r in rows}) > 1:
+            label += f", {row['target']}"
+        for ax, x in ((ax_params, row["trainable_params"]), (ax_time, row["step_ms"])):
+            if x is None:
+                continue
+            ax.errorbar([x], [row["mean"]], yerr=[row["std"]], fmt="o", capsize=3, color=color, label=label)
+            ax.annotate(row["stage"], (x, row["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    n = sorted({r["n"] for r in rows})
+    seeds = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
+    ax_params.set_xscale("log")
+    ax_params.set(
+        xlabel="trainable parameters", ylabel=f"test score, mean +- std over {seeds} seed(s)", title="score vs size"
+    )
+    ax_time.set(xlabel="median step time (ms)", ylabel="test score", title="score vs step time")
+    fig.suptitle(summary["recipe"], fontsize=10)
+    try:
+        return _finish(fig, (ax_params, ax_time), path)
     finally:
         plt.close(fig)

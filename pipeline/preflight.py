@@ -37,6 +37,13 @@ def check_init_adapter(cfg: JobConfig) -> None:
         shape = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise PipelineError(f"adapter config {config_file} is not valid JSON ({err.msg}, line {err.lineno})") from None
+    if (str(shape.get("peft_type", "")).upper() == "LORA") != (cfg.method == "lora"):
+        kind = "a LoRA adapter" if cfg.method != "lora" else "not a LoRA adapter"
+        raise PipelineError(
+            f"init adapter {cfg.init_adapter} is {kind}: a {cfg.method} job starts from an adapter of its own method"
+        )
+    if cfg.method == "lora":
+        return  # its r and target modules are checked against the job when the backbone is there (lora.resolve_shape)
     cfg.dept.refuse_other_shape(cfg.init_adapter, shape.get("num_virtual_tokens"), shape.get("r"))
     theirs = shape.get("max_length")
     if (

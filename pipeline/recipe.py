@@ -30,12 +30,22 @@ from pathlib import Path
 import yaml
 
 from pipeline import distributed
-from pipeline.config import DataArgs, DeptArgs, JobConfig, RecipeSpec, StageSpec, TrainArgs, capped, unread_fields
+from pipeline.config import (
+    DataArgs,
+    DeptArgs,
+    JobConfig,
+    LoraArgs,
+    RecipeSpec,
+    StageSpec,
+    TrainArgs,
+    capped,
+    unread_fields,
+)
 from pipeline.errors import PipelineError
 from pipeline.options import build, check_partial, did_you_mean, to_dict
 from pipeline.resources import recipe_path
 
-SECTIONS = {"dept": DeptArgs, "train": TrainArgs, "data": DataArgs}
+SECTIONS = {"dept": DeptArgs, "lora": LoraArgs, "train": TrainArgs, "data": DataArgs}
 STAGE_DATA_KEYS = ("tasks", "k")  # set by a stage itself, not by a data section
 
 
@@ -284,6 +294,10 @@ def _job_config(
     method = stage.method or spec.method
     unread = unread_fields(method)  # a recipe's r (or budget) is for its DePT stages; a pt stage that sets r is refused
     inherited = {k: v for k, v in spec.dept.items() if ("dept", k) not in unread}
+    own = dict(stage.dept)
+    if method == "lora":  # a paper recipe run with --method=lora keeps each task's s; its m and r are DePT's budget,
+        # spent by lora.budget_tokens instead
+        own = {k: v for k, v in own.items() if ("dept", k) not in unread}
     raw = {
         "model": _stage_model(spec, stage),
         "output_dir": str(output_dir),
@@ -293,7 +307,8 @@ def _job_config(
         "save_model": stage.save_model,
         "on_length_mismatch": stage.on_length_mismatch or spec.on_length_mismatch,
         "model_overrides": spec.model_overrides,
-        "dept": {**inherited, **stage.dept},
+        "dept": {**inherited, **own},
+        "lora": {**spec.lora, **stage.lora},
         "train": train,
         "data": {**spec.data, **stage.data, **data},
     }
@@ -399,6 +414,16 @@ def describe_plan(recipe: Recipe, jobs: list[Job]) -> str:
         if first.method == "dept":
             shape = f"m={_given(dept.num_virtual_tokens)} r={_given(dept.r)} s={_given(dept.max_length)}"
             rates = f"lr_prompt={train.lr_prompt} lr_lowrank={train.lr_lowrank}"
+        elif first.method == "lora":
+            lora = first.lora
+            budget = f" budget l={lora.budget_tokens}" if lora.budget_tokens else ""
+            budget += f" budget {lora.budget_params:,} params" if lora.budget_params else ""
+            shape = (
+                f"LoRA r={lora.r or ('from budget' if budget else 'default')}{budget} "
+                f"on {','.join(lora.target_modules) if lora.target_modules else 'default targets'} "
+                f"s={dept.max_length or 'default'}"
+            )
+            rates = f"lr_lora={train.lr_lora}"
         elif first.method == "pt":
             shape = f"l={_given(dept.num_virtual_tokens)} s={_given(dept.max_length)}"
             rates = f"lr_prompt={train.lr_prompt}"

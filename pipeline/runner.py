@@ -138,7 +138,7 @@ def run_recipe(
             "seconds": round(time.time() - started, 1),
             "version": __version__,
         }
-        summary = summarize(recipe.name, jobs, results, run)
+        summary = summarize(recipe.name, jobs, results, run, recipe.spec.compare_methods)
         if rank == 0:
             atomic.write_json(out / "summary.json", summary)
             atomic.write_text(out / "summary.md", summary["markdown"])
@@ -147,9 +147,22 @@ def run_recipe(
 
             train_results = {j.stage: results[j.key] for j in jobs if j.meta["type"] == "train"}
             draw(plot_summary, summary, train_results, out / "summary.png")
+            if summary["methods"]:
+                from pipeline.plots import plot_methods
+                from pipeline.summary import methods_file
+
+                atomic.write_text(out / "methods.md", methods_file(summary))
+                draw(plot_methods, summary, out / "methods.png")
             tracker.log_metrics(aggregates(summary), step=0, run_id=parent)
             tracker.set_tags({"mlflow.note.content": shown.parent_note(recipe, jobs, summary)}, run_id=parent)
-            for name in ("recipe.resolved.yaml", "summary.json", "summary.md", "summary.png"):
+            for name in (
+                "recipe.resolved.yaml",
+                "summary.json",
+                "summary.md",
+                "summary.png",
+                "methods.md",
+                "methods.png",
+            ):
                 if (out / name).exists():
                     tracker.log_artifact(out / name, run_id=parent)
         tracker.finish(parent)

@@ -11,8 +11,11 @@ def main_score(result: dict) -> float | None:
     return result.get("test_score")
 
 
-def summarize(name: str, jobs: list, results: dict[str, dict], run: dict | None = None) -> dict:
-    """`{"recipe", "sources": [...], "transfer": [...], "markdown"}` from `results[job.key]`."""
+def summarize(
+    name: str, jobs: list, results: dict[str, dict], run: dict | None = None, compare_methods: bool = False
+) -> dict:
+    """`{"recipe", "sources": [...], "transfer": [...], "methods": [...], "markdown"}` from `results[job.key]`;
+    "methods" (`methods_table`) only when the recipe asks for it (`compare_methods`)."""
     sources, cells = [], {}
     for job in jobs:
         result = results[job.key]
@@ -50,11 +53,81 @@ def summarize(name: str, jobs: list, results: dict[str, dict], run: dict | None 
                 "std": round(statistics.stdev(valid), 2) if len(valid) > 1 else 0.0,
             }
         )
-    summary = {"recipe": name, "sources": sources, "transfer": table}
+    summary = {
+        "recipe": name,
+        "sources": sources,
+        "transfer": table,
+        "methods": methods_table(jobs, results) if compare_methods else [],
+    }
     if run:
         summary["run"] = run  # jobs, reused, seconds, world_size, version: the footer line
     summary["markdown"] = markdown(summary)
     return summary
+
+
+def _median_step_s(result: dict) -> float | None:
+    times = [h["step_s"] for h in result.get("history", []) if isinstance(h.get("step_s"), (int, float))]
+    return statistics.median(times) if times else None
+
+
+def methods_table(jobs: list, results: dict[str, dict]) -> list[dict]:
+    """Methods side by side: one row per (stage, target, k, start) with the method, its trainable parameters, its
+    median step time (median over the jobs of each job's median logged step time) and the test score's mean +- std
+    over the jobs (seeds)."""
+    groups: dict[tuple, list] = {}
+    for job in jobs:
+        target = ",".join(job.meta["tasks"]) if job.meta["type"] == "train" else job.meta["target"]
+        groups.setdefault((job.stage, target, job.meta.get("k"), job.meta.get("start")), []).append(job)
+    rows = []
+    for (stage, target, k, start), members in groups.items():
+        found = [results[j.key] for j in members]
+        scores = [s for s in (main_score(r) for r in found) if s is not None]
+        times = [t for t in (_median_step_s(r) for r in found) if t is not None]
+        params = sorted({r.get("trainable_params") for r in found if r.get("trainable_params") is not None})
+        rows.append(
+            {
+                "stage": stage,
+                "method": members[0].config.method,
+                "target": target,
+                "k": k,
+                "start": start,
+                "trainable_params": params[0] if len(params) == 1 else None,
+                "step_ms": round(1000 * statistics.median(times), 1) if times else None,
+                "n": len(scores),
+                "mean": round(statistics.fmean(scores), 2) if scores else None,
+                "std": round(statistics.stdev(scores), 2) if len(scores) > 1 else 0.0,
+            }
+        )
+    return sorted(rows, key=lambda r: (r["target"], r["trainable_params"] or 0, r["stage"]))
+
+
+def methods_markdown(rows: list[dict]) -> str:
+    """The methods table (what `methods_table` returns) in Markdown."""
+    lines = [
+        "| stage | method | target | k | start | trainable | step time (ms) | test score, mean +- std (n) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        score = "-" if r["mean"] is None else f"{r['mean']:.1f} +- {r['std']:.1f} (n={r['n']})"
+        step = "-" if r["step_ms"] is None else f"{r['step_ms']:.0f}"
+        k = "all" if r["k"] is None else r["k"]
+        lines.append(
+            f"| {r['stage']} | {r['method']} | {r['target']} | {k} | {r['start'] or '-'} | "
+            f"{_count(r['trainable_params'])} | {step} | {score} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def methods_file(summary: dict) -> str:
+    """`methods.md`: the methods table and the run's footer line (what the README shows of methods_small)."""
+    return methods_markdown(summary["methods"]) + ("\n" + _footer(summary["run"]) + "\n" if summary.get("run") else "")
+
+
+def _footer(run: dict) -> str:
+    return (
+        f"{run['jobs']} jobs ({run['reused']} reused) in {run['seconds']:.0f} s on {run['world_size']} "
+        f"rank(s), dept-pipeline {run['version']}."
+    )
 
 
 def _rounded(metrics: dict) -> dict:
@@ -113,12 +186,12 @@ def markdown(summary: dict) -> str:
             label = "source adapter" if start == "source" else "from scratch"
             lines.append(f"| {target} | {label} | " + " | ".join(cells) + " |")
         lines.append("")
+    if summary.get("methods"):
+        lines += ["## methods: test score against trainable parameters and step time", ""]
+        lines += [methods_markdown(summary["methods"])]
     run = summary.get("run")
     if run:
-        lines.append(
-            f"{run['jobs']} jobs ({run['reused']} reused) in {run['seconds']:.0f} s on {run['world_size']} "
-            f"rank(s), dept-pipeline {run['version']}."
-        )
+        lines.append(_footer(run))
         lines.append("")
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""The training loop: DePT (or PT, or full fine-tuning) on a ZeRO-3-sharded backbone.
+"""The training loop: DePT (or PT, LoRA, full fine-tuning) on a ZeRO-3-sharded backbone.
 
     dept train --model random:tiny-t5 --train_file data.jsonl --output_dir out --steps 50 --warmup_steps 5
     ./launch.sh train ...            # the same, on every local rank (2 CPU ranks without GPUs)
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import adapters, atomic, distributed, engine
+from pipeline import adapters, atomic, distributed, engine, lora
 from pipeline.backbone import Backbone, load_backbone, save_backbone
 from pipeline.checkpoint import Checkpoints, restore_history, seed_step
 from pipeline.config import DEFAULT_M, DEFAULT_R, DEFAULT_S, JobConfig
@@ -51,11 +51,12 @@ class TrainResult:
     trainable_params: int
     total_params: int
     trainable_names: list[str]
-    dept_shape: dict | None  # the resolved DeptConfig (None for finetune)
+    dept_shape: dict | None  # the resolved DeptConfig (None for finetune and lora)
     sharding: list[dict]
     probe: dict  # eval-mode loss on the first training rows: a fingerprint a reloaded adapter reproduces
     world_size: int
     notes: list[str] = field(default_factory=list)
+    lora_shape: dict | None = None  # the resolved LoRA (method lora): r, alpha, targets, counts
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,9 +95,9 @@ def resolve_shape(cfg: JobConfig, d_model: int, init: DeptConfig | None) -> tupl
     return shape, notes
 
 
-def build_model(cfg: JobConfig, ds: dict) -> tuple[DePTModel, Backbone, DeptConfig | None, list[str]]:
-    """The backbone (sharded at creation under ZeRO-3; frozen unless finetune) with its DePT module in front:
-    (model, backbone, resolved shape or None for finetune, notes)."""
+def build_model(cfg: JobConfig, ds: dict) -> tuple[DePTModel, Backbone, DeptConfig | lora.LoraShape | None, list[str]]:
+    """The backbone (sharded at creation under ZeRO-3; frozen unless finetune) with its DePT module in front, or
+    with PEFT's LoRA pairs inside (method lora): (model, backbone, resolved shape or None for finetune, notes)."""
     backbone = load_backbone(
         cfg.model,
         ds,
@@ -108,6 +109,15 @@ def build_model(cfg: JobConfig, ds: dict) -> tuple[DePTModel, Backbone, DeptConf
     )
     if cfg.method == "finetune":
         return DePTModel(backbone.model, None, backbone.is_encoder_decoder), backbone, None, []
+    if cfg.method == "lora":
+        init = lora.read_adapter(cfg.init_adapter) if cfg.init_adapter else None
+        shape = lora.resolve_shape(
+            cfg.lora, backbone.model, backbone.d_model, cfg.max_length, init.config if init else None
+        )
+        peft_model = lora.attach(backbone.model, shape, backbone.is_encoder_decoder, cfg.train.seed)
+        if init is not None:
+            lora.load_into(peft_model, init)  # before the engine exists, or its fp32 copy would win
+        return DePTModel(peft_model, None, backbone.is_encoder_decoder), backbone, shape, shape.notes
     init_cfg = init_tensors = None
     if cfg.init_adapter:
         init_cfg, init_tensors, _ = read_any_adapter(cfg.init_adapter)
@@ -123,9 +133,10 @@ def build_model(cfg: JobConfig, ds: dict) -> tuple[DePTModel, Backbone, DeptConf
 
 
 def param_groups(model: DePTModel, cfg: JobConfig) -> list[dict]:
-    """Two groups with two learning rates (prompt, low-rank pair); one group for finetune."""
+    """Two groups with two learning rates (prompt, low-rank pair); one group for lora and for finetune."""
     if model.prompt is None:
-        return [{"name": "backbone", "params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.train.lr}]
+        name, lr = ("lora", cfg.train.lr_lora) if cfg.method == "lora" else ("backbone", cfg.train.lr)
+        return [{"name": name, "params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
     return model.prompt.param_groups(cfg.train.lr_prompt, cfg.train.lr_lowrank)
 
 
@@ -196,7 +207,8 @@ def train(
     lengths = row_lengths(tokenized) if opts.group_by_length else None
     pad_to = shape.max_length if (shape and opts.pad_to_max_length) else None
     pad_id = backbone.tokenizer.pad_token_id
-    prompt_tokens = shape.num_virtual_tokens if shape else 0
+    prompt_tokens = shape.num_virtual_tokens if isinstance(shape, DeptConfig) else 0
+    save_adapter = _adapter_writer(shape, backbone.name)
     trainer.train()
     window = _Window()
     with _progress(rank, start, opts.steps) as progress:  # closed (newline) even on an error
@@ -233,7 +245,7 @@ def train(
                 for callback in callbacks:
                     callback(done, record)
             if evaluator and opts.eval_every and (done % opts.eval_every == 0 or done == opts.steps):
-                _validate(trainer.module, evaluator, done, state, out, backbone.name, callbacks)
+                _validate(trainer.module, evaluator, done, state, out, save_adapter, callbacks)
             if opts.save_every and done % opts.save_every == 0 and done < opts.steps:
                 checkpoints.save(trainer, done, state)
                 fault("DEPT_FAULT_KILL_AT_STEP", done, rank)  # a kill right after a complete checkpoint
@@ -241,18 +253,15 @@ def train(
             fault("DEPT_FAULT_HANG_AT_STEP", done, rank)
 
     if evaluator and not opts.eval_every:
-        _validate(trainer.module, evaluator, opts.steps, state, out, backbone.name, callbacks)
-    prompt = trainer.module.prompt
-    if prompt is not None:
-        adapters.save_adapter(prompt, out / "adapter", backbone.name, rank)
+        _validate(trainer.module, evaluator, opts.steps, state, out, save_adapter, callbacks)
+    save_adapter(trainer.module, out / "adapter")
     if cfg.save_model:
         save_backbone(backbone, out / "model", rank)
     probe = probe_loss(trainer.module, tokenized, backbone, pad_to)
     test = {}
     if evaluator:
-        if prompt is not None and state["best_step"] != opts.steps:
-            _, best, _ = adapters.read_adapter(out / "best_adapter")
-            trainer.overwrite(best, prefix="prompt.")
+        if shape is not None and state["best_step"] != opts.steps:
+            _load_best(trainer, shape, out / "best_adapter")
         test = _test(trainer.module, evaluator, state["best_step"], callbacks)
     distributed.barrier()
     return TrainResult(
@@ -267,7 +276,8 @@ def train(
         trainable_params=trainable,
         total_params=total,
         trainable_names=[name for name, _ in trainer.trainable],
-        dept_shape=shape.to_dict() if shape else None,
+        dept_shape=shape.to_dict() if isinstance(shape, DeptConfig) else None,
+        lora_shape=shape.to_dict() if isinstance(shape, lora.LoraShape) else None,
         sharding=sharding,
         probe=probe,
         world_size=world,
@@ -333,7 +343,11 @@ class _Window:
         )
 
     def flush(self) -> dict:
-        record = {"loss": self.loss / max(self.steps, 1), "tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
+        record = {
+            "loss": self.loss / max(self.steps, 1),
+            "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+            "step_s": self.seconds / max(self.steps, 1),
+        }
         self.__init__()
         return record
 
@@ -351,7 +365,31 @@ def probe_loss(module, rows, backbone, pad_to) -> dict:
     return {"loss": out.loss.item(), "logits_norm": out.logits.float().norm().item()}
 
 
-def _validate(module, evaluator, step, state, out, backbone_name, callbacks) -> None:
+def _adapter_writer(shape, backbone_name: str):
+    """`save(module, path, extra=None)` writing the job's adapter (DePT's format, or PEFT's for LoRA; collective),
+    or nothing for finetune (its product is the backbone)."""
+    if isinstance(shape, DeptConfig):
+        return lambda module, path, extra=None: adapters.save_adapter(
+            module.prompt, path, backbone_name, distributed.rank(), extra
+        )
+    if isinstance(shape, lora.LoraShape):
+        return lambda module, path, extra=None: lora.save_adapter(
+            module.base_model, path, shape, backbone_name, distributed.rank(), extra
+        )
+    return lambda module, path, extra=None: None
+
+
+def _load_best(trainer, shape, path: Path) -> None:
+    """Put the best adapter's tensors back into the live (partitioned) parameters, for the test evaluation."""
+    if isinstance(shape, lora.LoraShape):
+        best = lora.read_adapter(path).tensors
+        trainer.overwrite(lora.as_param_names(best, trainer.module.base_model, "base_model."), prefix="")
+    else:
+        _, best, _ = adapters.read_adapter(path)
+        trainer.overwrite(best, prefix="prompt.")
+
+
+def _validate(module, evaluator, step, state, out, save_adapter, callbacks) -> None:
     module.eval()
     metrics = evaluator.validate(module, step)
     module.train()
@@ -360,10 +398,7 @@ def _validate(module, evaluator, step, state, out, backbone_name, callbacks) -> 
         callback(step, {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     if state["best_score"] is None or metrics["score"] > state["best_score"]:
         state["best_score"], state["best_step"] = metrics["score"], step
-        if module.prompt is not None:
-            adapters.save_adapter(
-                module.prompt, out / "best_adapter", backbone_name, distributed.rank(), {"step": step}
-            )
+        save_adapter(module, out / "best_adapter", {"step": step})
 
 
 def _test(module, evaluator, best_step, callbacks) -> dict:

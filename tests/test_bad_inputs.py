@@ -64,7 +64,7 @@ case("r beyond min(s, d)", "exceeds min(s=16")(lambda c: train(c, "--lora_rank",
 case("m = 0 and r = 0", "nothing to train")(lambda c: train(c, "--num_virtual_tokens", "0", "--lora_rank", "0"))
 case("budget cannot be met", "budget cannot be met")(lambda c: train(c, "--lora_rank", "none", "--budget_tokens", "2"))
 case("s out of range", "--max_length: must be at least 1")(lambda c: train(c, "--max_length", "0"))
-case("unknown method", "'lora' is not one of dept, pt, finetune")(lambda c: train(c, "--method", "lora"))
+case("unknown method", "'adapter' is not one of dept, pt, lora, finetune")(lambda c: train(c, "--method", "adapter"))
 case("unknown prompt init", "'WORDS' is not one of TEXT, VOCAB, RANDOM")(lambda c: train(c, "--prompt_init", "WORDS"))
 case("missing DeepSpeed config", "DeepSpeed config")(lambda c: train(c, "--ds_config", str(c["tmp"] / "nope.json")))
 case("DeepSpeed config not JSON", "is not valid JSON")(lambda c: train(c, "--ds_config", str(c["bad_json"])))

@@ -186,7 +186,7 @@ def test_bench_compare_tiny_writes_table_json_plot_and_mlflow_run(tmp_path):
     result = json.loads((out / "bench.json").read_text())
     rows = {row["key"]: row for row in result["rows"]}
     # two configurations at the budget of l = 100, plus the reference rows (bare at both lengths, padded PT,
-    # PT and bare without engine, PEFT)
+    # PT and bare without engine, PEFT, LoRA)
     r = rank_for_budget(100, 40, 48, 64)  # 34 for tiny-t5 (d = 64) at s = 48
     assert {
         f"dept_m40_r{r}",
@@ -197,7 +197,10 @@ def test_bench_compare_tiny_writes_table_json_plot_and_mlflow_run(tmp_path):
         "eager_bare_p100",
         "eager_pt_l100",
         "peft_pt_l100",
+        "lora_r4",  # PEFT's LoRA at PT's budget: 6,400 / (12 q, v layers x (64 + 64)) = 4.2 -> r = 4
     } == set(rows)
+    assert rows["lora_r4"]["trainable"] == 4 * 12 * 128 and rows["lora_r4"]["harness"] == "DeepSpeed ZeRO-3"
+    assert rows["lora_r4"]["x_pt"]["n"] == 2 and rows["lora_r4"]["enc_tokens"] < rows["pt_l100"]["enc_tokens"]
     assert rows[f"dept_m40_r{r}"]["trainable"] == count_trainable(40, r, 48, 64) <= rows["pt_l100"]["trainable"] == 6400
     for key, row in rows.items():
         assert row["loss_finite"], key

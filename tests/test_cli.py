@@ -10,10 +10,15 @@ import re
 import pytest
 
 from pipeline.cli import CLI_ONLY_TRAIN, COMMANDS, known_flags, main
-from pipeline.config import DataArgs, DeptArgs, JobConfig, RecipeSpec, StageSpec, TrainArgs
+from pipeline.config import DataArgs, DeptArgs, JobConfig, LoraArgs, RecipeSpec, StageSpec, TrainArgs
 from pipeline.options import flag_name
 
 ALIASES = {"lora_rank": "r", "task": "tasks", "custom_task": "tasks", "mode": "eval_mode"}  # documented in --help
+# method lora's flags: its section's fields behind a lora_ prefix (DePT's r, budget_tokens, lora_alpha are taken)
+ALIASES.update(
+    lora_r="r", lora_dropout="dropout", lora_targets="target_modules", lora_budget_tokens="budget_tokens",
+    lora_budget_params="budget_params",
+)  # fmt: skip
 
 
 def names(cls) -> set[str]:
@@ -22,14 +27,15 @@ def names(cls) -> set[str]:
 
 def test_train_flags_recipe_keys_and_config_fields_are_one_set():
     flags, _ = known_flags(COMMANDS["train"])
-    fields = names(DeptArgs) | names(TrainArgs) | names(DataArgs) | (names(JobConfig) - {"dept", "train", "data"})
+    sections = {"dept", "lora", "train", "data"}
+    fields = names(DeptArgs) | names(LoraArgs) | names(TrainArgs) | names(DataArgs) | (names(JobConfig) - sections)
     as_fields = {ALIASES.get(f, f) for f in flags} - set(CLI_ONLY_TRAIN)
     assert as_fields == fields
     # a recipe spells the same fields: run-level keys at the top or in a stage, the rest in its sections
-    run_level = names(JobConfig) - {"dept", "train", "data"}
+    run_level = names(JobConfig) - sections
     recipe_run_keys = (names(RecipeSpec) | names(StageSpec)) & run_level
     assert recipe_run_keys == run_level - {"output_dir"} | {"output_dir"}
-    assert {"dept", "train", "data"} <= names(RecipeSpec) & names(StageSpec)
+    assert sections <= names(RecipeSpec) & names(StageSpec)
 
 
 def test_every_alias_is_documented_in_help(capsys):

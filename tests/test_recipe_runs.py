@@ -105,3 +105,26 @@ def test_recipe_killed_mid_transfer_resumes_with_same_summary_and_runs(tmp_path)
     for mine, theirs in zip(resumed["sources"], straight["sources"]):
         assert mine["final_loss"] == pytest.approx(theirs["final_loss"], rel=1e-6)  # float precision (MKL)
         assert mine["test"] == theirs["test"]
+
+
+def test_methods_small_compares_the_four_methods_at_their_budgets(tmp_path):
+    """The comparison recipe at CI size (steps and evaluation rows capped, one seed): one row per method in
+    methods.md with its trainable parameters, and the picture of score against size and step time."""
+    out = tmp_path / "methods"
+    proc = run(
+        ["run", "methods_small", f"--output_dir={out}", "--stages.dept.seeds=[1]", "--stages.pt.seeds=[1]",
+         "--stages.lora.seeds=[1]", "--stages.finetune.seeds=[1]", "--tracking.enabled=false"],
+        env={"DEPT_MAX_STEPS": "6", "DEPT_MAX_EVAL_ROWS": "8"},
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["method"]: r for r in summary["methods"]}
+    assert set(rows) == {"dept", "pt", "lora", "finetune"}
+    assert (rows["dept"]["trainable_params"], rows["pt"]["trainable_params"]) == (928, 1024)
+    assert rows["lora"]["trainable_params"] == 1120  # r = 1 on q_proj (64 -> 64), v_proj (64 -> 32), 5 layers
+    assert rows["finetune"]["trainable_params"] > 200_000
+    assert all(r["step_ms"] > 0 and r["n"] == 1 for r in rows.values())
+    lora_job = json.loads((out / "lora" / "stories-had" / "k128" / "seed1" / "scratch" / "results.json").read_text())
+    assert lora_job["lora_shape"]["budget"] == 16 * 64 and lora_job["lora_shape"]["r"] == 1
+    assert "| lora | lora | stories-had | 128 | scratch | 1,120 |" in (out / "methods.md").read_text()
+    assert "methods: test score against trainable parameters" in proc.stdout
+    assert (out / "methods.png").stat().st_size > 0

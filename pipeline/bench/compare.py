@@ -22,6 +22,7 @@ from pipeline.bench.loops import (
     EngineLoop,
     PlainLoop,
     PromptSwitch,
+    attach_lora,
     bench_engine,
     engine_prompts,
     exact_generation_length,
@@ -92,6 +93,8 @@ def set_up(args: BenchArgs, ds: dict, rank: int, world: int) -> Bench:
     backbone, plain = load_backbones(args, ds)
     load_s = time.perf_counter() - tick
     variants = plan_variants(args, backbone.d_model)
+    if "lora" in args.refs:
+        variants.append(attach_lora(args, backbone))
     rows, length_info = tokenized_rows(args, backbone, world)
     prompts = engine_prompts(args, variants, backbone)
     model = PromptSwitch(backbone.model, prompts, backbone.is_encoder_decoder)

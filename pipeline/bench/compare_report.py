@@ -333,6 +333,9 @@ def compare_notes(args: BenchArgs, info: dict, world: int, cpu: bool, is_encoder
         "the input: the floor for any prompt method. Engine bare rows give the pipeline overhead (same engine); "
         "the no-engine rows (bare, our PT module, PEFT) run a plain PyTorch loop (AdamW) on a copy of the same "
         "weights and the same batches: our PT vs PEFT is compared there, like for like.",
+        f"LoRA = PEFT's LoRA (method lora) on the same engine and backbone, at the rank that spends the budget of "
+        f"l={l} prompt tokens (PEFT's target modules for the architecture); its input is L tokens (no prompt), and "
+        "its pairs are switched off while the other rows run.",
         f"PEFT PromptTuning uses num_transformer_submodules=1: prompts on the encoder only, {l} x d parameters. PEFT's "
         "seq2seq default (2) also prompts the decoder, i.e. twice the parameters and not the same budget."
         if is_encoder_decoder
@@ -425,7 +428,11 @@ def plot_compare(result: dict, path: Path) -> None:
         peaks = [r["step_tensor_peak_mb"] for r in series]
         if all(p is not None for p in peaks):
             ax_m.plot(xs, peaks, style, label=f"{label}: step tensor peak")
-    refs = [r for r in rows if r["harness"].startswith("plain") or (r["kind"] == "dept" and r not in main)]
+    refs = [
+        r
+        for r in rows
+        if r["harness"].startswith("plain") or r["kind"] == "lora" or (r["kind"] == "dept" and r not in main)
+    ]
     for i, r in enumerate(refs):  # rows without an m axis: horizontal lines, labels staggered so they don't overlap
         ax_t.axhline(r["step_s"], linestyle=":", linewidth=1, color="grey")
         ax_t.text(

@@ -33,8 +33,35 @@ def training_ds_config(args: BenchArgs, world: int) -> dict:
 
 
 def bench_engine(model: nn.Module, prompts: dict[str, nn.Module], args: BenchArgs, ds: dict) -> engine.Engine:
-    """The training engine over `model`, optimising the prompt modules with `dept train`'s two learning rates."""
-    return engine.Engine(model, prompt_groups(prompts, args), ds, weight_decay=0.0, warmup=0, total_steps=NO_SCHEDULE)
+    """The training engine over `model`, optimising the prompt modules with `dept train`'s two learning rates (and
+    the LoRA row's pairs, when there is one, with the low-rank rate)."""
+    groups = prompt_groups(prompts, args)
+    lora_params = [p for name, p in model.base_model.named_parameters() if "lora_" in name]
+    if lora_params:
+        groups.append({"name": "lora", "params": lora_params, "lr": args.lr_lowrank})
+    return engine.Engine(model, groups, ds, weight_decay=0.0, warmup=0, total_steps=NO_SCHEDULE)
+
+
+class LoraInput(nn.Module):
+    """The LoRA row's "prompt": none (the input passes unchanged); its trainable pairs live in the backbone."""
+
+    def forward(self, inputs_embeds, attention_mask, labels=None):
+        return inputs_embeds, attention_mask, labels
+
+
+def attach_lora(args: BenchArgs, backbone: Backbone) -> Variant:
+    """PEFT's LoRA on the (sharded) backbone at the rank that spends PT l's budget, and its row of the table."""
+    from pipeline import lora
+    from pipeline.config import LoraArgs
+
+    shape = lora.resolve_shape(
+        LoraArgs(budget_tokens=args.pt_tokens), backbone.model, backbone.d_model, args.max_length, None
+    )
+    lora.inject(backbone.model, shape, args.seed)  # on until the engine is built (ZeRO-3 hooks what trains then);
+    # `PromptSwitch.use` switches the pairs on for the LoRA row and off for every other one
+    pad_main = args.max_length if args.lengths == "padded" else None
+    label = f"LoRA r={shape.r} ({','.join(shape.target_modules)}, budget l={args.pt_tokens})"
+    return Variant(f"lora_r{shape.r}", label, "lora", "engine", 0, shape.r, shape.trainable, pad_main, "lora")
 
 
 class BareInput(nn.Module):
@@ -60,6 +87,10 @@ class PromptSwitch(DePTModel):
 
     def use(self, name: str) -> PromptSwitch:
         self.prompt = self.prompts[name]
+        if "lora" in self.prompts:  # the LoRA row's pairs compute only while it runs
+            from pipeline import lora
+
+            lora.set_enabled(self.base_model, name == "lora")
         return self
 
 
@@ -72,6 +103,8 @@ def engine_prompts(args: BenchArgs, variants: list[Variant], backbone: Backbone)
             continue
         if v.kind == "bare":
             prompts[v.module] = BareInput(backbone.d_model)
+        elif v.kind == "lora":
+            prompts[v.module] = LoraInput()
         else:
             shape = DeptConfig(num_virtual_tokens=v.m, r=v.r, max_length=args.max_length, d_model=backbone.d_model)
             prompts[v.module] = init_dept_prompt(shape, backbone, args.seed)
@@ -84,6 +117,8 @@ def prompt_groups(prompts: dict[str, nn.Module], args: BenchArgs) -> list[dict]:
     for name, module in prompts.items():
         if isinstance(module, DePTPrompt):
             groups += module.param_groups(args.lr_prompt, args.lr_lowrank, prefix=f"{name}.")
+        elif isinstance(module, LoraInput):
+            continue  # its pairs are in the backbone (bench_engine's lora group)
         else:
             groups.append({"name": name, "params": list(module.parameters()), "lr": args.lr_lowrank})
     return groups
@@ -182,7 +217,8 @@ def plain_loops(args: BenchArgs, plain: Backbone, sharded: Backbone, device: tor
 
 def copy_weights(sharded: nn.Module, plain: nn.Module) -> None:
     """Copy the ZeRO-3 backbone's weights into the plain copy (gathered one parameter at a time)."""
-    source = dict(sharded.named_parameters())
+    # a LoRA row's pairs are not in the plain copy; PEFT puts the base weight of a wrapped layer under `base_layer`
+    source = {n.replace(".base_layer.", "."): p for n, p in sharded.named_parameters() if "lora_" not in n}
     with torch.no_grad():
         for name, param in plain.named_parameters():
             if name not in source:

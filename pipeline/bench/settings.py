@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODES = ("compare", "scale")
 LENGTHS = ("padded", "rte", "boolq")
 TASK_OF_LENGTHS = {"padded": "rte", "rte": "rte", "boolq": "boolq"}  # `padded` takes RTE rows to s (or synthetic)
-REFS = ("bare", "eager", "peft", "padded")
+REFS = ("bare", "eager", "peft", "padded", "lora")
 REF_WORDS = REFS + ("all", "none")
 DATA_TOKENIZER = "data-32k"  # a 32k SentencePiece trained on the task data (T5's own is not reachable offline)
 RANDOM_PREFIX = "random:"  # pipeline.backbone's; repeated here so that --help needs no torch
@@ -122,7 +122,7 @@ class BenchArgs:
         "(an epoch-time estimate is reported)",
     )
     refs: list[Literal[REF_WORDS]] = option(
-        help="reference rows, comma-separated from bare, eager, peft, padded, or all / none (default all; scale: none)",
+        help="reference rows, comma-separated from bare, eager, peft, padded, lora, or all / none (default all; scale: none)",
         default_factory=lambda: list(REFS),
     )
     infer_tokens: int = option(

@@ -29,6 +29,7 @@ LAYERS = [
     "faults",
     "interop",
     "adapters",
+    "lora",
     "model",
     "backbone",
     "tokenizer",

@@ -29,6 +29,10 @@ PRODUCERS = {
         ["dept", "run", "quickstart", "--output_dir=runs/quickstart"],
         "runs/quickstart/summary.md",
     ),
+    "docs/results/methods_small.md": (
+        ["dept", "run", "methods_small", "--output_dir=runs/methods_small"],
+        "runs/methods_small/methods.md",
+    ),
 }
 
 
