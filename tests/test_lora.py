@@ -171,36 +171,13 @@ def test_a_lora_adapter_is_refused_where_a_dept_adapter_is_needed(tmp_path, toy_
 
 
 def cli_args(model, data, out, *extra, steps=10):
-    return [
-        "train",
-        "--method",
-        "lora",
-        "--model",
-        str(model),
-        "--train_file",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--lora_r",
-        "2",
-        "--lora_dropout",
-        "0.1",
-        "--max_length",
-        "16",
-        "--batch_size",
-        "8",
-        "--steps",
-        str(steps),
-        "--warmup_steps",
-        "2",
-        "--log_every",
-        "1",
-        "--lr_lora",
-        "0.01",
-        "--model_overrides",
-        '{"dropout_rate": 0.1}',
-        *extra,
-    ]
+    """`dept train --method lora` on a tiny backbone with dropout in the model and in the LoRA pairs."""
+    flags = {
+        "method": "lora", "model": model, "train_file": data, "output_dir": out, "lora_r": 2, "lora_dropout": 0.1,
+        "max_length": 16, "batch_size": 8, "steps": steps, "warmup_steps": 2, "log_every": 1, "lr_lora": 0.01,
+        "model_overrides": '{"dropout_rate": 0.1}',
+    }  # fmt: skip
+    return ["train", *[word for flag, value in flags.items() for word in (f"--{flag}", str(value))], *extra]
 
 
 @pytest.mark.slow
