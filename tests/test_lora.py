@@ -16,10 +16,11 @@ import torch
 from conftest import read_results, run
 
 from pipeline import lora
-from pipeline.config import JobConfig, LoraArgs, build
+from pipeline.config import JobConfig, LoraArgs
 from pipeline.data import read_source_target
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import job_fingerprint
+from pipeline.options import build
 
 
 def lora_job(tmp_path, data, name="out", model="random:tiny-t5", lora_args=None, **train_args) -> JobConfig:
