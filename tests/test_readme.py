@@ -36,6 +36,7 @@ PROMISES = {
     "dept predict": ["preds.jsonl", "preds.metrics.json"],
     "dept import-adapter": ["adapters/cola/adapter_config.json"],
     "load_dept(": ["prediction:"],
+    "PEFT and load_dept logits differ": ["differ by at most 0.0"],  # LoRA: PEFT loads our adapter, same logits
     "train.lr_prompt=0.2": ["ran before with other settings", "--rerun_changed", "refused, as it should be"],
 }
 # pip: the package line is skipped (the wheel this test built is installed in .venv); the torch line is resolved
@@ -136,6 +137,7 @@ def test_every_readme_block_runs_as_written(checkout):
 LEARNING_EXAMPLES = {
     "--task stories-who": "runs/who/results.json",
     "--custom_task ../pets/task.yaml": "elsewhere/runs/pets/results.json",
+    "--method lora --model stories260K": "runs/lora/results.json",
 }
 
 
