@@ -5,6 +5,7 @@ one-line refusal, and a real re-run through `dept run` with MLflow (in process, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import textwrap
 from pathlib import Path
@@ -176,10 +177,12 @@ def _changed(value):
         return not value
     if isinstance(value, (int, float)):
         return value + 1
+    if dataclasses.is_dataclass(value):  # a whole section a method reads (lora): one of its fields changed
+        return dataclasses.replace(value, dropout=value.dropout + 0.1)
     return {"TEXT": "VOCAB", "error": "pad", None: "elsewhere/adapter"}.get(value, f"{value} (changed)")
 
 
-@pytest.mark.parametrize("method", ["dept", "pt", "finetune"])
+@pytest.mark.parametrize("method", ["dept", "pt", "lora", "finetune"])
 def test_the_fingerprint_covers_what_the_method_reads(method, tmp_path):
     """The one table of what each method reads (config.METHOD_FIELDS) decides the fingerprint: a field only other
     methods read cannot change it; one this method reads does."""
