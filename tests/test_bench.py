@@ -162,7 +162,8 @@ def test_bench_compare_tiny_writes_table_json_plot_and_mlflow_run(tmp_path):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # The Markdown table (also printed) has every column, one line per configuration, and the target rows.
+    # The Markdown table (also printed) has every column, one line per configuration, and the paired ratios:
+    # measurements only, no verdicts (the thresholds are quoted in docs/bench.md, #23).
     table = (out / "bench.md").read_text()
     assert table in proc.stdout
     header = next(line for line in table.splitlines() if line.startswith("| configuration"))
@@ -180,7 +181,8 @@ def test_bench_compare_tiny_writes_table_json_plot_and_mlflow_run(tmp_path):
         "r",
     ):
         assert f"| {column} |" in header, column
-    assert "## Targets" in table and "pipeline overhead" in table and "PEFT" in table
+    assert "## Paired ratios" in table and "pipeline overhead" in table and "PEFT" in table
+    assert "verdict" not in table and "meets" not in table and "misses" not in table
     assert "batches of similar lengths" in table
 
     result = json.loads((out / "bench.json").read_text())
@@ -212,9 +214,10 @@ def test_bench_compare_tiny_writes_table_json_plot_and_mlflow_run(tmp_path):
     assert rows[f"dept_m40_r{r}"]["x_pt"]["median"] > 0 and rows[f"dept_m40_r{r}"]["x_bare_same_len"]["n"] == 2
     assert rows["pt_l100"]["enc_tokens"] == rows["bare_p100"]["enc_tokens"]
     assert rows["pt_l100_pad48"]["enc_tokens"] == 100 + 48
-    targets = {t["key"]: t for t in result["targets"]}
-    assert {"time.dept_m40_over_pt", "overhead.pt_l100_pct", "peft.our_pt_vs_peft_pct"} <= set(targets)
-    assert all(t["verdict"] in ("meets", "misses", "n/a") for t in targets.values())
+    ratios = {t["key"]: t for t in result["ratios"]}
+    assert {"time.dept_m40_over_pt", "overhead.pt_l100_pct", "peft.our_pt_vs_peft_pct"} <= set(ratios)
+    assert all(set(t) == {"key", "name", "value", "note"} for t in ratios.values())
+    assert ratios["time.dept_m40_over_pt"]["value"]["n"] == 2 and ratios["time.dept_m40_over_pt"]["value"]["median"] > 0
     assert result["lengths"]["source"].startswith("rte train")
 
     # One MLflow run with the numbers as metrics and the three files as artifacts.
@@ -225,6 +228,9 @@ def test_bench_compare_tiny_writes_table_json_plot_and_mlflow_run(tmp_path):
     (ml_run,) = client.search_runs([experiment.experiment_id])
     assert ml_run.info.status == "FINISHED"
     assert ml_run.data.metrics["pt_l100.step_s"] == pytest.approx(rows["pt_l100"]["step_s"])
+    ratio = ratios["time.dept_m40_over_pt"]["value"]["median"]
+    assert ml_run.data.metrics["ratio.time.dept_m40_over_pt"] == pytest.approx(ratio)
+    assert not any(tag.startswith("target.") for tag in ml_run.data.tags)
     assert {a.path for a in client.list_artifacts(ml_run.info.run_id)} == {"bench.md", "bench.json", "bench.png"}
 
 

@@ -16,7 +16,7 @@ Modules, one concept each:
   inputs          task rows tokenized to s, and each configuration's batch tensors
   loops           the prompt modules and the three ways a row steps: engine, plain PyTorch, PEFT
   compare         the compare run: set up, timed rounds, memory profile, inference, gather
-  compare_report  its table, the issue's targets, notes, Markdown and plot    (no torch)
+  compare_report  its table, the paired ratios, notes, Markdown and plot        (no torch)
   scale           the scale run and its report
   measure         timing and memory helpers
   output          files, number formatting, MLflow

@@ -88,9 +88,9 @@ def _metrics(result: dict) -> dict[str, float]:
             for col in ("x_pt", "x_bare_same_len"):
                 if row[col]:
                     put(f"{row['key']}.{col}", row[col]["median"])
-        for target in result["targets"]:
-            if target["value"]:
-                put(f"target.{target['key']}", target["value"]["median"])
+        for ratio in result["ratios"]:
+            if ratio["value"]:
+                put(f"ratio.{ratio['key']}", ratio["value"]["median"])
     else:
         for key in (
             "load_s",
@@ -111,7 +111,7 @@ def _metrics(result: dict) -> dict[str, float]:
 
 def track(args: BenchArgs, result: dict | None) -> None:
     """Log the run to MLflow (when --mlflow_uri is set) through `pipeline.tracking.Tracker`: one run with the
-    settings as params, every number as a metric, each target's verdict as a tag, bench.md/json/png as artifacts.
+    settings as params, every number (the paired ratios included) as a metric, bench.md/json/png as artifacts.
 
     Called on every rank (opening the run is a collective under several ranks); only rank 0, which holds
     `result`, logs."""
@@ -133,14 +133,6 @@ def track(args: BenchArgs, result: dict | None) -> None:
         tracker.log_params(params, run_id)
         tracker.set_tags({"dept.bench": result["mode"]}, run_id)
         tracker.log_metrics(_metrics(result), step=0, run_id=run_id)
-        for target in result.get("targets", []):
-            tracker.set_tags(
-                {
-                    f"target.{target['key']}": f"{target['name']}: {fmt_ratio(target['value'])} vs "
-                    f"{target['target']} ({target['verdict']})"
-                },
-                run_id,
-            )
         out = Path(args.output_dir)
         for file in ("bench.md", "bench.json", "bench.png"):
             tracker.log_artifact(out / file, run_id=run_id)
