@@ -1,4 +1,4 @@
-"""`dept bench`: its flags (derived from BenchArgs, presets, one-line refusals), the rows it plans, that it is a
+"""`dept bench`: its flags (derived from CompareArgs and ScaleArgs, presets, one-line refusals), the rows it plans, that it is a
 client of the library (no DeepSpeed names, no torch at import), and end to end in a subprocess: the compare table
 on a tiny geometry (real engine, real RTE lengths, PEFT reference, MLflow) and the 2-rank scale run."""
 
@@ -16,17 +16,18 @@ from conftest import REPO, needs_task_data, run
 
 from pipeline.bench import bench_flags
 from pipeline.bench.output import MEASURED
-from pipeline.bench.settings import PRESETS, REFS, BenchArgs, bench_args, with_model_overrides
+from pipeline.bench.settings import PRESETS, REFS, CompareArgs, ScaleArgs, bench_args, with_model_overrides
 from pipeline.bench.variants import plan_variants
 from pipeline.dept import count_trainable, rank_for_budget
 from pipeline.errors import PipelineError
 
 
-def test_bench_help_is_derived_from_bench_args():
-    """Every BenchArgs field is a flag of `dept bench --help` with its own help text; the presets are listed."""
+def test_bench_help_is_derived_from_the_settings_classes():
+    """Every CompareArgs field is a flag of `dept bench --help` with its own help text; scale mode's defaults (from
+    ScaleArgs) and the presets are listed."""
     proc = run(["bench", "--help"])
     text = proc.stdout
-    for spec in dataclasses.fields(BenchArgs):
+    for spec in dataclasses.fields(CompareArgs):
         line = next((x for x in text.splitlines() if x.strip().startswith(f"--{spec.name} ")), None)
         assert line is not None, f"--{spec.name} missing from dept bench --help"
         assert spec.metadata["help"][:40] in line, spec.name
@@ -34,7 +35,8 @@ def test_bench_help_is_derived_from_bench_args():
     for preset in PRESETS:
         assert f"  {preset} " in text, preset
     flags = bench_flags()
-    assert list(flags) == [f.name for f in dataclasses.fields(BenchArgs)]
+    assert list(flags) == [f.name for f in dataclasses.fields(CompareArgs)]
+    assert "scale mode's defaults (--mode scale): mode=scale model=random:llama-7b ms=60 max_length=64" in text
     assert flags["group_by_length"] is bool and flags["memory_profile"] is bool  # bare --flag on the command line
 
 
@@ -50,6 +52,19 @@ def test_bench_presets_yield_to_explicit_flags_and_set_mode_defaults():
     assert bench_args({}).mode == "compare" and bench_args({}).ms == [0, 20, 40, 60, 80, 100]
     for name in PRESETS:  # every preset is a valid setting
         assert bench_args({"preset": name}).preset == name
+
+
+def test_each_mode_has_its_own_settings_class_with_the_same_flags():
+    """#23: scale mode's defaults are ScaleArgs' own, not patched into compare mode's class."""
+    assert [f.name for f in dataclasses.fields(ScaleArgs)] == [f.name for f in dataclasses.fields(CompareArgs)]
+    for spec, scale_spec in zip(dataclasses.fields(CompareArgs), dataclasses.fields(ScaleArgs)):
+        assert spec.metadata == scale_spec.metadata, spec.name  # same help and minimum
+    scale, compare = bench_args({"mode": "scale"}), bench_args({})
+    assert type(scale) is ScaleArgs and type(compare) is CompareArgs
+    assert (scale.model, scale.ms, scale.steps, scale.infer_repeats) == ("random:llama-7b", [60], 3, 0)
+    assert (compare.model, compare.max_length, compare.batch_size, compare.steps) == ("random:t5-base", 256, 8, 5)
+    assert type(bench_args({"preset": "scale-llama-7b"})) is ScaleArgs
+    assert type(bench_args({"preset": "paper", "mode": "compare"})) is CompareArgs
 
 
 def test_bench_model_overrides_follow_the_architecture():

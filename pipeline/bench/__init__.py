@@ -11,7 +11,7 @@ epoch order, the same batch for every configuration. Medians are reported with m
 per round from steps taken side by side (then the median of those paired ratios).
 
 Modules, one concept each:
-  settings        the typed flags (BenchArgs), presets, defaults per mode      (no torch: the CLI reads it)
+  settings        the typed flags per mode (CompareArgs, ScaleArgs), presets     (no torch: the CLI reads it)
   variants        the configurations (rows) of a compare table                  (no torch)
   inputs          task rows tokenized to s, and each configuration's batch tensors
   loops           the prompt modules and the three ways a row steps: engine, plain PyTorch, PEFT
@@ -25,10 +25,11 @@ Importing `pipeline.bench` imports no torch; the run modules are imported when t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
-from pipeline.bench.settings import PRESETS, BenchArgs, bench_args, with_model_overrides
+from pipeline.bench.settings import PRESETS, CompareArgs, ScaleArgs, bench_args, with_model_overrides
 from pipeline.options import describe, flat_fields
 
 ABOUT = """\
@@ -54,19 +55,32 @@ command; rank 0 writes."""
 
 
 def bench_flags() -> dict[str, type]:
-    """The flags of `dept bench` and their types (from BenchArgs)."""
-    return {flag: tp for flag, (_, _, tp) in flat_fields(BenchArgs).items()}
+    """The flags of `dept bench` and their types (from CompareArgs; ScaleArgs has the same flags)."""
+    return {flag: tp for flag, (_, _, tp) in flat_fields(CompareArgs).items()}
 
 
 def bench_help() -> str:
-    """`dept bench --help`: what it does, every flag (from BenchArgs) and the presets."""
+    """`dept bench --help`: what it does, every flag (from CompareArgs), scale mode's defaults (from ScaleArgs)
+    and the presets."""
     lines = ["usage: dept bench [--flag value ...]        (./launch.sh bench ... on several ranks)", "", ABOUT, ""]
-    lines += describe(BenchArgs, "flags")
+    lines += describe(CompareArgs, "flags")
+    lines += ["", "scale mode's defaults (--mode scale): " + _scale_defaults()]
     lines += ["", "presets (--preset NAME; explicit flags override their values):"]
     for name, values in PRESETS.items():
         shown = " ".join(f"{key}={_shown(value)}" for key, value in values.items())
         lines.append(f"  {name:<16} {shown}")
     return "\n".join(lines)
+
+
+def _scale_defaults() -> str:
+    """The flags whose default differs in scale mode, as `name=value` (ScaleArgs vs CompareArgs)."""
+    compare = {f.name: _default(f) for f in dataclasses.fields(CompareArgs)}
+    scale = {f.name: _default(f) for f in dataclasses.fields(ScaleArgs)}
+    return " ".join(f"{name}={_shown(value) or 'none'}" for name, value in scale.items() if value != compare[name])
+
+
+def _default(spec: dataclasses.Field):
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
 
 
 def _shown(value) -> str:

@@ -31,7 +31,7 @@ from pipeline.bench.loops import (
 )
 from pipeline.bench.measure import MemorySampler, measured, rss_mb, tensor_peak
 from pipeline.bench.output import track, write_outputs
-from pipeline.bench.settings import BenchArgs
+from pipeline.bench.settings import CompareArgs
 from pipeline.bench.variants import Variant, plan_variants
 
 log = logging.getLogger("pipeline.bench")
@@ -41,7 +41,7 @@ log = logging.getLogger("pipeline.bench")
 class Bench:
     """A compare run, set up: its rows, the loops that run them, the data, and facts for the report."""
 
-    args: BenchArgs
+    args: CompareArgs
     variants: list[Variant]
     loops: dict[str, EngineLoop | PlainLoop]  # by Variant.loop
     batches: Batches
@@ -63,7 +63,7 @@ class Bench:
         return [self.variants[(index + j) % n] for j in range(n)]
 
 
-def run_compare(args: BenchArgs) -> dict | None:
+def run_compare(args: CompareArgs) -> dict | None:
     rank, world = engine.init_distributed()
     ds = training_ds_config(args, world)
     with MemorySampler() as sampler:
@@ -87,7 +87,7 @@ def run_compare(args: BenchArgs) -> dict | None:
     return result
 
 
-def set_up(args: BenchArgs, ds: dict, rank: int, world: int) -> Bench:
+def set_up(args: CompareArgs, ds: dict, rank: int, world: int) -> Bench:
     """Backbones, the table's rows, the data and one loop per kind of row."""
     tick = time.perf_counter()
     backbone, plain = load_backbones(args, ds)
@@ -132,7 +132,7 @@ def set_up(args: BenchArgs, ds: dict, rank: int, world: int) -> Bench:
     )
 
 
-def load_backbones(args: BenchArgs, ds: dict) -> tuple[Backbone, Backbone | None]:
+def load_backbones(args: CompareArgs, ds: dict) -> tuple[Backbone, Backbone | None]:
     """The sharded backbone, and an unsharded one of the same geometry when a no-engine row is asked for.
 
     The plain one is built first: building without a DeepSpeed config ends transformers' ZeRO-3 hook, which the

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.bench.measure import paired, summary
 from pipeline.bench.output import fmt, fmt_ratio, settings_record
-from pipeline.bench.settings import BenchArgs
+from pipeline.bench.settings import CompareArgs
 from pipeline.resources import ds_config_path
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class References:
     peft: Variant | None
 
     @classmethod
-    def find(cls, args: BenchArgs, variants: list[Variant]) -> References:
+    def find(cls, args: CompareArgs, variants: list[Variant]) -> References:
         by_key = {v.key: v for v in variants}
         l = args.pt_tokens
         pad_main = args.max_length if args.lengths == "padded" else None
@@ -174,7 +174,7 @@ class Ratios(list):
         self.append({"key": key, "name": name, "value": value, "note": note})
 
 
-def compare_ratios(args: BenchArgs, variants: list[Variant], refs: References) -> list[dict]:
+def compare_ratios(args: CompareArgs, variants: list[Variant], refs: References) -> list[dict]:
     # The paper's two settings at l = 100 (m = 60, r = 30 and m = 40, r = 45); scaled with l otherwise.
     l = args.pt_tokens
     m60, m40 = round(0.6 * l), round(0.4 * l)
@@ -261,7 +261,7 @@ def harness_ratios(out: Ratios, refs: References) -> None:
         )
 
 
-def epoch_ratio(out: Ratios, args: BenchArgs, dept: Variant, padded: Variant) -> None:
+def epoch_ratio(out: Ratios, args: CompareArgs, dept: Variant, padded: Variant) -> None:
     """DePT with dynamic padding vs PT padded to s, over the same sampled batches of the epoch order."""
     per_round = paired(dept.times, padded.times)
     ratio = {
@@ -279,7 +279,7 @@ def epoch_ratio(out: Ratios, args: BenchArgs, dept: Variant, padded: Variant) ->
     )
 
 
-def compare_notes(args: BenchArgs, info: dict, world: int, cpu: bool, is_encoder_decoder: bool) -> list[str]:
+def compare_notes(args: CompareArgs, info: dict, world: int, cpu: bool, is_encoder_decoder: bool) -> list[str]:
     """How each number was made, for the Markdown's notes."""
     s, l = args.max_length, args.pt_tokens
     overrides = f" and overrides {json.dumps(args.overrides)}" if args.overrides else ""

@@ -19,7 +19,7 @@ from pipeline.bench.inputs import tokenized_rows
 from pipeline.bench.loops import bench_engine, training_ds_config
 from pipeline.bench.measure import MemorySampler, device_memory_mb, reset_peak_memory, rss_mb, summary, timed
 from pipeline.bench.output import count_label, fmt, settings_record, track, write_outputs
-from pipeline.bench.settings import BenchArgs
+from pipeline.bench.settings import ScaleArgs
 from pipeline.data import collate
 from pipeline.dept import DeptConfig, rank_for_budget
 from pipeline.model import DePTModel, init_dept_prompt
@@ -27,7 +27,7 @@ from pipeline.model import DePTModel, init_dept_prompt
 log = logging.getLogger("pipeline.bench")
 
 
-def run_scale(args: BenchArgs) -> dict | None:
+def run_scale(args: ScaleArgs) -> dict | None:
     """Build the backbone sharded under ZeRO-3 over the launched ranks, take a few DePT steps, report memory."""
     rank, world = engine.init_distributed()
     args = dataclasses.replace(args, batch_size=args.batch_size or world)  # default: one row per rank
@@ -64,7 +64,7 @@ class Sharded:
     sharding: list[dict]  # engine.sharding_report: every rank's share
 
 
-def build_sharded(args: BenchArgs, ds: dict, sampler: MemorySampler) -> Sharded:
+def build_sharded(args: ScaleArgs, ds: dict, sampler: MemorySampler) -> Sharded:
     """The backbone built sharded with its DePT module (timed as `load`), then the engine (timed as `engine init`),
     and what each rank holds."""
     sampler.label = "load"
@@ -98,7 +98,7 @@ def build_sharded(args: BenchArgs, ds: dict, sampler: MemorySampler) -> Sharded:
 
 
 def take_steps(
-    args: BenchArgs, built: Sharded, rows: list[dict], sampler: MemorySampler, rank: int, world: int
+    args: ScaleArgs, built: Sharded, rows: list[dict], sampler: MemorySampler, rank: int, world: int
 ) -> tuple[list[float], list[float]]:
     """Warm-up and timed DePT steps, each rank on its own rows of the global batch."""
     backbone, trainer = built.backbone, built.trainer
@@ -145,7 +145,7 @@ def rank_record(rank: int, built: Sharded, sampler: MemorySampler, times: list[f
     }
 
 
-def scale_result(args: BenchArgs, built: Sharded, per_rank: list[dict], ds: dict, info: dict, world: int) -> dict:
+def scale_result(args: ScaleArgs, built: Sharded, per_rank: list[dict], ds: dict, info: dict, world: int) -> dict:
     """Everything measured (rank 0): the slowest rank per step, memory per rank, the headroom left."""
     config = built.backbone.model.config
     on_cpu = built.trainer.device.type == "cpu"

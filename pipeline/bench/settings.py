@@ -1,8 +1,9 @@
-"""`dept bench` settings: the typed flags (`BenchArgs`), the presets, and how the two combine.
+"""`dept bench` settings: one typed class per mode (`CompareArgs`, `ScaleArgs`), the presets, and how they combine.
 
-Explicit flags win over a preset's values, a preset's over the mode's defaults. `BenchArgs`'s own defaults are
-compare mode's; `SCALE_DEFAULTS` replaces some of them in scale mode. Everything is checked by
-`pipeline.config` (types, choices, minimums: one-line errors naming the flag) and by `BenchArgs.__post_init__`
+`dept bench` takes one set of flags (those of `CompareArgs`, which `--help` lists); `ScaleArgs` is the same flags
+with scale mode's defaults (#23: one class per mode instead of defaults patched in). `--mode` (or a preset's)
+picks the class; explicit flags win over a preset's values, a preset's over the class's defaults. Everything is
+checked by `pipeline.options` (types, choices, minimums: one-line errors naming the flag) and by `__post_init__`
 (rules across flags). Nothing here imports torch: the CLI reads these names for `--help`.
 """
 
@@ -12,7 +13,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -62,23 +63,10 @@ PRESETS: dict[str, dict] = {
 }
 PRESET_NAMES = tuple(PRESETS)
 
-# Scale mode's defaults where they differ from compare mode's (BenchArgs' own defaults).
-SCALE_DEFAULTS = dict(
-    model="random:llama-7b",
-    ms=[60],
-    max_length=64,
-    batch_size=0,
-    steps=3,
-    refs=[],
-    infer_tokens=0,
-    infer_repeats=0,
-    ds_config="zero3_cpu_bf16",
-)
-
 
 @dataclass
-class BenchArgs:
-    """The flags of `dept bench` (defaults: compare mode's; scale mode's differ where the help says so)."""
+class CompareArgs:
+    """The flags of `dept bench`, with compare mode's defaults (scale mode's: `ScaleArgs`, named in the help)."""
 
     preset: Literal[PRESET_NAMES] | None = option(None, "a named setting (below); explicit flags override its values")
     mode: Literal[MODES] = option(
@@ -209,15 +197,41 @@ def _expand_refs(refs: list[str]) -> list[str]:
     return [] if words == ["none"] else words
 
 
-def bench_args(flags: dict) -> BenchArgs:
-    """BenchArgs from `dept bench` flags (strings from the command line, or Python values): explicit flags win
-    over the preset's values, the preset's over the mode's defaults."""
-    types = field_types(BenchArgs)
+def _scale_default(name: str, default=MISSING, default_factory=MISSING):
+    """CompareArgs' flag `name` (its help and minimum) with scale mode's default."""
+    meta = CompareArgs.__dataclass_fields__[name].metadata
+    return option(default, meta["help"], minimum=meta["minimum"], default_factory=default_factory)
+
+
+@dataclass
+class ScaleArgs(CompareArgs):
+    """The flags of `dept bench --mode scale`: CompareArgs' flags with the defaults of the ZeRO-3 scale test."""
+
+    mode: Literal[MODES] = _scale_default("mode", "scale")
+    model: str = _scale_default("model", "random:llama-7b")
+    ms: list[int] = _scale_default("ms", default_factory=lambda: [60])
+    max_length: int = _scale_default("max_length", 64)
+    batch_size: int = _scale_default("batch_size", 0)
+    steps: int = _scale_default("steps", 3)
+    refs: list[Literal[REF_WORDS]] = _scale_default("refs", default_factory=list)
+    infer_tokens: int = _scale_default("infer_tokens", 0)
+    infer_repeats: int = _scale_default("infer_repeats", 0)
+    ds_config: str = _scale_default("ds_config", "zero3_cpu_bf16")
+
+
+BenchArgs = CompareArgs | ScaleArgs  # what the modules both modes share (inputs, loops, output) accept
+MODE_ARGS = {"compare": CompareArgs, "scale": ScaleArgs}
+
+
+def bench_args(flags: dict) -> CompareArgs | ScaleArgs:
+    """The mode's settings from `dept bench` flags (strings from the command line, or Python values): explicit
+    flags win over the preset's values, the preset's over the mode's defaults."""
+    types = field_types(CompareArgs)
     preset = coerce(flags.get("preset") or None, types["preset"], "--preset")
     chosen = {**PRESETS.get(preset, {}), **flags, "preset": preset}
     mode = coerce(chosen.get("mode", "compare"), types["mode"], "--mode")
-    defaults = dict(SCALE_DEFAULTS) if mode == "scale" else {"refs": _default_refs()}
-    return from_flags(BenchArgs, {**defaults, **chosen}, "bench")
+    defaults = {} if mode == "scale" else {"refs": _default_refs()}
+    return from_flags(MODE_ARGS[mode], {**defaults, **chosen, "mode": mode}, "bench")
 
 
 def _default_refs() -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from pipeline.bench.settings import BenchArgs
+from pipeline.bench.settings import CompareArgs
 from pipeline.dept import count_trainable, rank_for_budget
 from pipeline.errors import PipelineError
 
@@ -47,13 +47,13 @@ class Variant:
         self.enc_tokens.append(width)
 
 
-def plan_variants(args: BenchArgs, d_model: int) -> list[Variant]:
+def plan_variants(args: CompareArgs, d_model: int) -> list[Variant]:
     """DePT/PT rows at the budget of l for every m, then the reference rows asked for in --refs."""
     rows = [budget_variant(args, m, d_model) for m in args.ms]
     return rows + reference_variants(args, rows, d_model)
 
 
-def budget_variant(args: BenchArgs, m: int, d_model: int) -> Variant:
+def budget_variant(args: CompareArgs, m: int, d_model: int) -> Variant:
     """DePT with m tokens and the rank that spends the budget of l tokens (PT when r = 0)."""
     s, budget = args.max_length, args.pt_tokens  # budget: l, the vanilla prompt length
     r = rank_for_budget(budget, m, s, d_model)
@@ -77,7 +77,7 @@ def budget_variant(args: BenchArgs, m: int, d_model: int) -> Variant:
     return Variant(key, label, "dept", "engine", m, r, count_trainable(m, r, s, d_model), pad_to, key)
 
 
-def reference_variants(args: BenchArgs, main: list[Variant], d_model: int) -> list[Variant]:
+def reference_variants(args: CompareArgs, main: list[Variant], d_model: int) -> list[Variant]:
     """padded PT (dynamic lengths only), bare at every main length, the no-engine rows and PEFT, as asked."""
     s, l = args.max_length, args.pt_tokens  # noqa: E741 (l: the paper's name for the vanilla prompt length)
     pad_main = s if args.lengths == "padded" else None
