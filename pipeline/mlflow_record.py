@@ -71,6 +71,12 @@ def parent_note(recipe: Recipe, jobs: list[Job], summary: dict | None) -> str:
     if summary is None:
         lines.append(f"Running {len(jobs)} jobs; the summary table appears here when they are done.")
     else:
+        # The UI shows a description's first lines only: the first says where the rest is (#22).
+        lines.insert(
+            0,
+            f'**Summary of {len(jobs)} jobs below** ("Show more" unfolds it; also `summary.md` and '
+            "`summary.png` under Artifacts).",
+        )
         lines += [
             summary["markdown"].strip(),
             "Pictures: `summary.png` (artifacts of this run) and `curves.png` in each child run. The table's "
@@ -83,27 +89,29 @@ def parent_note(recipe: Recipe, jobs: list[Job], summary: dict | None) -> str:
 
 
 def run_names(jobs: list[Job]) -> dict[str, str]:
-    """The MLflow run name of each job: what differs between the jobs of a stage comes first, so that the runs
-    table's narrow name column tells them apart ("k=4 seed=1 source syn-target-food" when a stage has one target;
-    "cb k=4 seed=1 scratch" when it has several; "k=4 scratch seed=1 rte" with one seed), the target last among
-    what does not differ. Train jobs: "<stage>: <tasks>". The stage is a tag."""
+    """The MLflow run name of each job: what differs between the jobs of a stage comes first, in the order k, seed,
+    start, target, so that the runs table's narrow name column (about 20 characters) tells rows apart: "k=4 seed=1
+    source syn-target-food"; with several targets and one k and seed, "syn-target-vehicle k=4 seed=1 source"; the
+    method last, in brackets, when transfer stages of several methods run side by side ("k=8 seed=1 stories-had
+    source (pt)"). Train jobs: "<stage>: <tasks>". The stage is a tag. #22"""
     names = {}
     methods = {j.config.method for j in jobs if j.meta["type"] == "transfer"}
+    order = ("k", "seed", "start", "target")
     for job in jobs:
         if job.meta["type"] == "train":
             names[job.key] = job.name
             continue
         peers = [j for j in jobs if j.stage == job.stage]
         parts = {
-            "target": str(job.meta["target"]),
             "k": f"k={job.meta['k']}",
             "seed": f"seed={job.meta['seed']}",
             "start": str(job.meta["start"]),
+            "target": str(job.meta["target"]),
         }
-        varying = [f for f in parts if len({str(j.meta[f]) for j in peers}) > 1]
-        constant = [f for f in ("k", "seed", "start", "target") if f not in varying]
+        varying = [f for f in order if len({str(j.meta[f]) for j in peers}) > 1]
+        constant = [f for f in order if f not in varying]
         name = " ".join(parts[f] for f in varying + constant)
-        names[job.key] = f"{job.config.method} {name}" if len(methods) > 1 else name  # DePT and PT stages side by side
+        names[job.key] = f"{name} ({job.config.method})" if len(methods) > 1 else name
     return names
 
 

@@ -43,6 +43,10 @@ from pipeline import distributed
 from pipeline.errors import PipelineError
 from pipeline.mlflow_record import flatten_params, metric_name, numeric, safe_name, split_record
 
+# MLflow 3's UI opens an experiment in the GenAI layout (Traces, "Evaluations") unless its kind tag says model
+# training: the UI reads `mlflow.experimentKind` (its ExperimentKind enum; custom_model_development, finetuning,
+# ... map to the machine-learning layout). #22
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 log = logging.getLogger(__name__)
 
 KEY_TAG = "dept.key"
@@ -269,6 +273,9 @@ class Tracker:
                 )
             self._experiment_id = exp.experiment_id
         self._check_artifact_location()
+        kind = (exp.tags if exp is not None else {}).get(EXPERIMENT_KIND_TAG)
+        if kind is None:  # a kind chosen in the UI by hand is kept
+            self.client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return self._experiment_id
 
     def _check_artifact_location(self) -> None:

@@ -33,6 +33,9 @@ def test_run_names_lead_with_what_differs(jobs):
     assert len(set(names.values())) == len(jobs)
     one_seed = [j for j in jobs if j.stage != "transfer" or j.meta["seed"] == 1]
     assert run_names(one_seed)["transfer/syn-target-food/k4/seed1/scratch"] == "k=4 scratch seed=1 syn-target-food"
+    # cut to the UI's ~20 characters, the names of a stage still differ (#22)
+    transfer = [name for key, name in names.items() if key.startswith("transfer/")]
+    assert len({name[:18] for name in transfer}) == len(transfer)
 
 
 def test_params_are_those_the_method_reads(jobs):

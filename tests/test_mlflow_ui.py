@@ -100,6 +100,7 @@ def test_names_description_and_aggregates(tracked):
     assert all(r.info.status == "FINISHED" for r in tracked.runs)
     assert {tracked.by_name[n].data.tags["dept.stage"] for n in TRANSFER_NAMES} == {"transfer"}
     assert tracked.experiment.tags["mlflow.note.content"] == "a tiny recipe whose runs the MLflow UI test looks at"
+    assert tracked.experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # model-training pages
 
     note = parent.data.tags["mlflow.note.content"]
     summary = json.loads((tracked.out / "summary.json").read_text())
@@ -242,5 +243,14 @@ def test_runs_page_in_a_browser(tracked):
     assert "11 matching runs" in page["text"]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shutil.copy(shot, tracked.out / "runs-page.png")  # kept next to the results for a look by hand
-    parent = check_page(urls["parent run"], ["uitest", "source adapter", "from scratch"], timeout_s=60)
+    parent_shot = tracked.root / "parent-page.png"
+    parent = check_page(
+        urls["parent run"],
+        ["uitest", "Summary of 10 jobs below", "source adapter", "from scratch"],
+        screenshot=parent_shot,
+        timeout_s=60,
+    )
     assert not parent["missing"], f"not on the parent run's page: {parent['missing']}\n{parent['text'][:2000]}"
+    # the model-training layout, not MLflow 3's GenAI one (its "Evaluations" breadcrumb and sidebar) (#22)
+    assert "Evaluations" not in parent["text"], parent["text"][:2000]
+    shutil.copy(parent_shot, tracked.out / "parent-page.png")
