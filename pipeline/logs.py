@@ -37,10 +37,27 @@ def is_ours(record: logging.LogRecord) -> bool:
 
 
 class ConsoleFilter(logging.Filter):
-    """Our INFO and up; others' WARNING and up; everything when verbose."""
+    """Our INFO and up; others' WARNING and up; everything when verbose. Inside `one_line_per_job()` (a recipe's
+    jobs) our jobs' INFO details stay in their job.log too: the recipe prints one line per job instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return verbose() or is_ours(record) or record.levelno >= logging.WARNING
+        if verbose() or record.levelno >= logging.WARNING:
+            return True
+        return is_ours(record) and not (_job_details_hidden and record.name.startswith(JOB_DETAIL_LOGGERS))
+
+
+JOB_DETAIL_LOGGERS = ("pipeline.job", "pipeline.train", "pipeline.engine", "pipeline.data")
+_job_details_hidden = False
+
+
+@contextlib.contextmanager
+def one_line_per_job():
+    global _job_details_hidden
+    _job_details_hidden = True
+    try:
+        yield
+    finally:
+        _job_details_hidden = False
 
 
 def setup(rank: int, verbose_flag: bool = False) -> None:

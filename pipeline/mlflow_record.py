@@ -361,7 +361,11 @@ def ui_hint(uri: str, experiment_id: str | None, parent_id: str | None, port: in
         )
     lines.append(f"  runs:          {base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
     if parent_id:
-        lines.append(f"  parent run:    {base}/#/experiments/{experiment_id}/runs/{parent_id}")
+        # MLflow 3.17's UI picks its layout from the workflowType parameter (its GenAI/Model training toggle),
+        # also on a run's page: without it the parent opened in the GenAI layout ("Evaluations"). #22
+        lines.append(
+            f"  parent run:    {base}/#/experiments/{experiment_id}/runs/{parent_id}?workflowType=machine_learning"
+        )
     return "\n".join(lines)
 
 

@@ -153,7 +153,7 @@ def test_ui_hint_for_a_local_store_and_for_a_server():
         and "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in local
     )
     assert "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning" in local
-    assert "http://127.0.0.1:5000/#/experiments/7/runs/abc123" in local
+    assert "http://127.0.0.1:5000/#/experiments/7/runs/abc123?workflowType=machine_learning" in local
     remote = ui_hint("https://user:secret@mlflow.example.org:8443/ml/", "3", "def456")
     assert "mlflow ui" not in remote and "secret" not in remote and "user" not in remote
     assert "https://mlflow.example.org:8443/ml/#/experiments/3/runs?workflowType=machine_learning" in remote

@@ -222,7 +222,7 @@ def test_ui_hint_points_at_the_runs(tracked):
     urls = _hint_urls(tracked.stdout)
     exp, parent = tracked.experiment.experiment_id, tracked.by_name["uitest"].info.run_id
     assert urls["runs"] == f"{tracked.uri}/#/experiments/{exp}/runs?workflowType=machine_learning"
-    assert urls["parent run"] == f"{tracked.uri}/#/experiments/{exp}/runs/{parent}"
+    assert urls["parent run"] == f"{tracked.uri}/#/experiments/{exp}/runs/{parent}?workflowType=machine_learning"
     assert "mlflow ui" not in tracked.stdout  # a server is already running: nothing to start
 
 

@@ -4,6 +4,7 @@ tests/test_fingerprint.py (in process) and tests/test_recipe_runs.py (several ra
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -56,3 +57,45 @@ def test_new_jobs_start_and_changed_ones_are_refused_in_one_line(jobs):
     )
     assert "--rerun_changed" in message
     refuse_changed(states)  # nothing changed: no error
+
+
+CONSOLE_RECIPE = """
+name: console
+model: random:tiny-t5
+ds_config: zero3_cpu
+output_dir: out
+dept: {num_virtual_tokens: 4, r: 2, max_length: 32}
+train: {batch_size: 8, steps: 4, warmup_steps: 1}
+data: {eval_mode: score, max_eval_rows: 8}
+tracking: {enabled: false}
+stages:
+  - {name: source, tasks: [syn-source-animal]}
+  - {name: transfer, type: transfer, source: source, targets: [syn-target-food], k: [4], seeds: [1, 2]}
+"""
+
+
+@pytest.mark.slow
+def test_the_console_tells_which_job_runs_what_it_scored_and_where_the_summary_is(tmp_path):
+    """#22: one line per job as it starts and ends (its place in the plan, score, time; the stage's time left once
+    one of its jobs has run), no per-job detail lines, the summary's files at the end."""
+    from conftest import run
+
+    (tmp_path / "recipe.yaml").write_text(CONSOLE_RECIPE)
+    proc = run(["run", str(tmp_path / "recipe.yaml"), f"--output_dir={tmp_path / 'out'}"])
+    lines = proc.stdout.splitlines()
+    started = [line for line in lines if line.endswith("started") or "started (stage" in line]
+    ended = [line for line in lines if re.match(r"\[\d/3\] .*: test accuracy \d+\.\d, \d+ s$", line)]
+    assert [line.split(":")[0] for line in started] == [
+        "[1/3] source",
+        "[2/3] transfer seed=1 k=4 source syn-target-food",  # what differs in the stage first
+        "[3/3] transfer seed=2 k=4 source syn-target-food",
+    ], lines
+    assert len(ended) == 3, lines
+    assert "stage transfer: about" in started[2] and "about" not in started[1]  # an ETA once a job of the stage ran
+    out = tmp_path / "out"
+    assert f"summary: {out / 'summary.md'}, {out / 'summary.json'}, {out / 'summary.png'}" in proc.stdout
+    assert "trainable parameters" not in proc.stderr and "data: {" not in proc.stderr  # in each job.log instead
+    assert "trainable parameters" in (out / "source" / "job.log").read_text()
+    # again: every job reused, said so on its line
+    again = run(["run", str(tmp_path / "recipe.yaml"), f"--output_dir={tmp_path / 'out'}"]).stdout
+    assert len(re.findall(r"^\[\d/3\] .*: test accuracy \d+\.\d, reused$", again, re.M)) == 3, again
