@@ -43,9 +43,12 @@ class ConsoleFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if verbose() or record.levelno >= logging.WARNING:
             return True
+        if getattr(record, "console", False):  # `log.info(..., extra=ALWAYS_ON_CONSOLE)`: e.g. a resume
+            return True
         return is_ours(record) and not (_job_details_hidden and record.name.startswith(JOB_DETAIL_LOGGERS))
 
 
+ALWAYS_ON_CONSOLE = {"console": True}
 JOB_DETAIL_LOGGERS = ("pipeline.job", "pipeline.train", "pipeline.engine", "pipeline.data")
 _job_details_hidden = False
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import adapters, atomic, distributed, engine, lora
+from pipeline import adapters, atomic, distributed, engine, logs, lora
 from pipeline.backbone import Backbone, load_backbone, save_backbone
 from pipeline.checkpoint import Checkpoints, restore_history, seed_step
 from pipeline.config import DEFAULT_M, DEFAULT_R, DEFAULT_S, JobConfig
@@ -200,7 +200,7 @@ def train(
     state = state or {"best_score": None, "best_step": None, "evals": [], "skipped_steps": []}
     history = restore_history(out / "metrics.jsonl", start, rank)
     if rank == 0 and start:
-        log.info("resumed from step %d", start)
+        log.info("resumed from step %d", start, extra=logs.ALWAYS_ON_CONSOLE)
     if rank == 0 and start_record is not None and not start:
         atomic.write_json(out / "job.json", start_record)
 

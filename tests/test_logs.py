@@ -36,5 +36,10 @@ def test_the_console_keeps_our_info_and_others_warnings_and_verbose_keeps_all(mo
     assert console.filter(record("pipeline.train", logging.INFO))
     assert console.filter(record("transformers.modeling_utils", logging.WARNING))
     assert not console.filter(record("DeepSpeed", logging.INFO))
+    with logs.one_line_per_job():  # a recipe's jobs: their details in job.log, a resume still said
+        assert not console.filter(record("pipeline.train", logging.INFO))
+        resumed = record("pipeline.train", logging.INFO)
+        resumed.__dict__.update(logs.ALWAYS_ON_CONSOLE)
+        assert console.filter(resumed)
     monkeypatch.setenv(logs.VERBOSE_ENV, "1")
     assert console.filter(record("DeepSpeed", logging.INFO))
