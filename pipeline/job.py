@@ -128,7 +128,7 @@ def run_job(cfg: JobConfig, callbacks=(), on_data=None, title: str | None = None
 
     `on_data(name, context, rows)` is told which rows train and evaluate (the tracker logs them as datasets);
     `title` heads curves.png (default: the output directory's name). Everything logged meanwhile, library messages
-    the console leaves out included, is appended to `<output_dir>/job.log` (`job.rank<N>.log` on other ranks).
+    the console leaves out included, is appended to `<output_dir>/job.log` by rank 0 (the only rank that writes the output folder).
     """
     with logs.to_file(Path(cfg.output_dir) / JOB_LOG):
         return _run_job(cfg, callbacks, on_data, title)

@@ -180,12 +180,16 @@ class _FileOnceTheFolderExists(logging.Handler):
 
 @contextlib.contextmanager
 def to_file(path: str | Path, rank: int | None = None):
-    """Everything logged meanwhile (every library, INFO and up) is appended to `path` (other ranks than 0:
-    `<stem>.rank<N><suffix>`) once its folder exists."""
-    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    """Everything logged meanwhile (every library, INFO and up) is appended to `path` once its folder exists.
+    Global rank 0 only: the output folder is written by rank 0 alone (a shared filesystem, many nodes); the other
+    ranks' warnings and errors reach their stderr, which the launcher prefixes with the rank."""
+    from pipeline import distributed
+
+    rank = distributed.rank() if rank is None else rank
     path = Path(path)
     if rank:
-        path = path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+        yield None
+        return
     handler = _FileOnceTheFolderExists(path)
     handler.setFormatter(logging.Formatter(FILE_FORMAT.format(rank=rank)))
     root = logging.getLogger()

@@ -164,25 +164,6 @@ def job_params(job: Job) -> dict:
         if not cfg["init_adapter"]:
             params.pop("on_length_mismatch")
     return {k: v for k, v in params.items() if v is not None}
-    params.update(
-        lr_prompt=train["lr_prompt"],
-        num_virtual_tokens=dept["num_virtual_tokens"],
-        max_length=dept["max_length"],
-        prompt_init=dept["prompt_init"],
-        init_adapter=cfg["init_adapter"],
-    )
-    if dept["prompt_init"] == "TEXT" and not cfg["init_adapter"]:
-        params["init_text"] = dept["init_text"]
-    if cfg["init_adapter"]:
-        params["on_length_mismatch"] = cfg["on_length_mismatch"]
-    if method == "dept":
-        params.update(
-            lr_lowrank=train["lr_lowrank"],
-            r=dept["r"],
-            budget_tokens=dept["budget_tokens"],
-            lora_alpha=dept["lora_alpha"],
-        )
-    return {k: v for k, v in params.items() if v is not None}
 
 
 def outcome_params(result: dict) -> dict:
