@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import missing_task_data, run, write_toy_task
+from conftest import missing_task_data, run, why_missing, write_toy_task
 from support import train_argv
 
 from pipeline.cli import main
@@ -278,7 +278,7 @@ def test_the_catalogue_is_large():
 def test_bad_input_is_refused_with_one_line(name, shared, tmp_path, capsys, monkeypatch):
     build, expected, makes, data = CATALOGUE[name]
     if missing_task_data(*data):
-        pytest.skip(f"real task data not found ({', '.join(missing_task_data(*data))}): set DEPT_DATA_DIR")
+        pytest.skip(why_missing(missing_task_data(*data)))
     ctx = {**shared, "tmp": tmp_path}
     before = sorted(p.name for p in Path(shared["finished"]).iterdir())
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: fail fast, not after retries

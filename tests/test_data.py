@@ -16,17 +16,27 @@ import torch
 from pipeline.data import DECODER_SEPARATOR, IGNORE, collate, global_batch, pad_token_id, split_separator, tokenize
 from pipeline.errors import PipelineError
 
+# The real tokenizers are read where they lie (../shared/weights, see its SOURCES.md), never copied into the repository:
+# LLaMA-2's is under Meta's Llama 2 Community License; T5's (Apache-2.0) is 0.8 MB of SentencePiece model.
 WEIGHTS = Path(__file__).resolve().parent.parent.parent / "shared" / "weights"
 LLAMA_TOKENIZER = WEIGHTS / "llama2_tokenizer"
 T5_TOKENIZER = WEIGHTS / "t5_tokenizer"
-STORIES = WEIGHTS / "stories260K"
+STORIES = Path(__file__).resolve().parent.parent / "pipeline" / "models" / "stories260K"  # shipped (MIT, llama2.c)
+WHERE = {
+    LLAMA_TOKENIZER: "the LLaMA-2 tokenizer (tokenizer.model of meta-llama/Llama-2-7b-hf or karpathy/llama2.c; "
+    "Llama 2 Community License, not redistributed here) as a transformers LlamaTokenizer directory",
+    T5_TOKENIZER: "the T5 tokenizer (spiece.model of the hub's t5-base, Apache-2.0) as a transformers T5Tokenizer "
+    "directory",
+}
 
 
 def _tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     if not path.is_dir():
-        pytest.skip(f"{path} is not there (shared weights folder)")
+        pytest.skip(
+            f"{path} not found: put {WHERE.get(path, 'the tokenizer')} there (../shared/weights beside the checkout)"
+        )
     return AutoTokenizer.from_pretrained(str(path))
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import LAUNCHER_VARIABLES, REPO, free_port, needs_task_data
+from conftest import LAUNCHER_VARIABLES, REPO, free_port, needs_full_data, needs_task_data
 from conftest import SHIPPED_DATA as DATA_DIR
 
 from pipeline.config import DataArgs, JobConfig
@@ -58,7 +58,7 @@ def yelp_like(folder: Path, n: int = 1500) -> Path:
 # ----------------------------------------------------------------------------------------------- memory-mapped rows
 
 
-@needs_task_data("rte")
+@needs_full_data("rte")
 def test_the_jobs_training_rows_are_a_memory_mapped_table(fresh_cache):
     import datasets
 
@@ -81,7 +81,10 @@ def test_a_source_target_file_is_a_table_too(fresh_cache, toy_task):
 # ----------------------------------------------------------------------------------------------- same rows as lists
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_task_data(n)) for n in ("rte", "cb", "qnli")])
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=(needs_full_data if n == "qnli" else needs_task_data)(n)) for n in ("rte", "cb", "qnli")],
+)
 def test_splits_are_the_list_paths_row_for_row(name, fresh_cache):
     task = get_task(name)
     for seed in (42, 7):
@@ -266,7 +269,7 @@ dist.destroy_process_group()
 """
 
 
-@needs_task_data("cb")
+@needs_full_data("cb")  # counts CB's 250 training rows
 def test_local_rank_0_renders_once_while_the_other_rank_waits(tmp_path, fresh_cache):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

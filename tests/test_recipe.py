@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, needs_task_data
+from conftest import REPO, needs_full_data
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError
@@ -205,7 +205,7 @@ def test_bad_recipes_are_refused_with_the_key_path(case, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@needs_task_data("rte", "cb")
+@needs_full_data("rte", "cb")  # RTE has 30 rows per class for k=60, CB's neutral class 16
 def test_a_stage_that_cannot_run_is_refused_when_planned(tmp_path, capsys):
     """k-shot needs k // classes rows of each class: CB's train split has 16 'neutral' rows, so k = 60 fails at the
     start of the recipe (and in --dry_run), not after the jobs before it ran."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from conftest import SHIPPED_DATA, needs_task_data
+from conftest import SHIPPED_DATA, needs_full_data
 
 from pipeline.errors import PipelineError
 from pipeline.tasks import custom_task, get_task, kshot_sample, load_task_splits
@@ -34,7 +34,7 @@ def test_stsb_kshot_is_balanced_over_the_authors_buckets():
         kshot_sample(rows, 26, seed=0, task=task)
 
 
-@needs_task_data("stsb")
+@needs_full_data("stsb")
 def test_stsb_kshot_on_the_shipped_training_set():
     train = load_task_splits("stsb", SHIPPED_DATA, splits=("train",))["train"]
     for k, seed in ((4, 0), (16, 1), (32, 2)):

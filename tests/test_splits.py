@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 from conftest import SHIPPED_DATA as DATA_DIR
-from conftest import missing_task_data, needs_task_data
+from conftest import missing_task_data, needs_full_data, needs_task_data, why_missing
 from support import raises_one_line
 
 from pipeline.tasks import get_task, kshot_sample, load_task_splits, mixture
@@ -20,7 +20,7 @@ from pipeline.tasks import get_task, kshot_sample, load_task_splits, mixture
 @pytest.mark.parametrize(
     "name, sizes",
     [
-        pytest.param(name, sizes, marks=needs_task_data(name))
+        pytest.param(name, sizes, marks=needs_full_data(name))
         for name, sizes in [
             ("rte", (2490, 138, 139)),
             ("cb", (250, 28, 28)),
@@ -39,7 +39,7 @@ def test_small_rule_sizes(name, sizes):
     assert len(set(validation_ids) | set(test_ids)) == sizes[1] + sizes[2]
 
 
-@needs_task_data("qnli")
+@needs_full_data("qnli")
 def test_large_rule_on_qnli():
     # Shipped QNLI train is a 9,999-row sample: 1,000 -> validation, 8,999 stay train; validation (5,463) -> test.
     splits = load_task_splits("qnli", DATA_DIR)
@@ -48,7 +48,7 @@ def test_large_rule_on_qnli():
     assert [r["id"] for r in splits["test"][:3]] == [0, 1, 2]  # the original validation order is kept
 
 
-@needs_task_data("rte")
+@needs_full_data("rte")
 def test_split_is_the_authors_seed_42_permutation():
     splits = load_task_splits("rte", DATA_DIR, splits=("validation", "test"))
     generator = torch.Generator()
@@ -75,7 +75,7 @@ def test_splits_ignore_global_random_state_and_follow_split_seed():
     assert [r["id"] for r in other] != [r["id"] for r in first]
 
 
-@needs_task_data("mnli")
+@needs_full_data("mnli")
 def test_mnli_train_and_test_work_without_validation_mismatched():
     splits = load_task_splits("mnli", DATA_DIR, splits=("train", "test"))
     assert {k: len(v) for k, v in splits.items()} == {"train": 9999, "test": 9815}
@@ -100,10 +100,11 @@ def test_unknown_split_name_is_refused():  # refused before any file is read
 @pytest.fixture(scope="module")
 def cb_train():
     if missing_task_data("cb"):
-        pytest.skip(f"real task data not found (cb under {DATA_DIR}): set DEPT_DATA_DIR to the shipped data")
+        pytest.skip(why_missing(["cb"]))
     return load_task_splits("cb", DATA_DIR, splits=("train",))["train"]  # classes 0: 115, 1: 119, 2: 16
 
 
+@needs_full_data("cb")  # 12-51 rows per class: more than the fixtures hold
 def test_kshot_is_class_balanced(cb_train):
     labels = get_task("cb").labels
     assert Counter(r["target"] for r in kshot_sample(cb_train, 12, seed=1, labels=labels)) == {"0": 4, "1": 4, "2": 4}
@@ -128,6 +129,7 @@ def test_kshot_is_deterministic_per_seed_and_differs_across_seeds(cb_train):
     assert len(set(ids(0))) == 16
 
 
+@needs_full_data("cb")
 def test_kshot_errors(cb_train):
     labels = get_task("cb").labels
     raises_one_line("needs 17 rows of class '2', but the data has only 16", kshot_sample, cb_train, 51, 0, labels)
