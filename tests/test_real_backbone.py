@@ -7,9 +7,9 @@ from JSONL files as a custom task, scored by greedy generation in the sequence `
 stories260K never saw EOS: its (tied) EOS row equals the UNK row and 166 byte-fallback rows to 1e-3, so a frozen
 model cannot rank EOS above them and no prompt can teach it to stop there (`test_frozen_stories260K_cannot_single_out_eos`).
 llama2.c separated its training stories with `<s>`, which the model did learn to predict at a story's end. The
-prompt-method tests therefore use a model directory that declares `<s>` as the end token (as the copy shipped in
-pipeline/models/stories260K does; links to its weights plus three edited JSON files, written under the test's tmp
-dir); full fine-tuning learns the real EOS and runs on the checkpoint as llama2.c published it (end token `</s>`). Numbers and the full comparison: docs/real_backbone.md.
+prompt-method tests therefore use a model directory that declares `<s>` as the end token (links to the shared
+weights plus three edited JSON files, written under the test's tmp dir); full fine-tuning learns the real EOS and
+runs on the checkpoint as shipped. Numbers and the full comparison: docs/real_backbone.md.
 """
 
 from __future__ import annotations
@@ -24,16 +24,23 @@ from conftest import read_results, run
 
 from pipeline.tasks.stories import ANIMALS, story_rows
 
-STORIES = Path(__file__).resolve().parent.parent / "pipeline" / "models" / "stories260K"  # shipped (MIT, llama2.c)
+STORIES = Path(__file__).resolve().parent.parent.parent / "shared" / "weights" / "stories260K"
 SHAPE = ["--num_virtual_tokens", "16", "--lora_rank", "8", "--max_length", "96"]  # 2,304 trainable parameters
 PT_SHAPE = ["--method", "pt", "--num_virtual_tokens", "36", "--max_length", "96"]  # the same 2,304 as PT
 COMMON = ["--batch_size", "16", "--log_every", "50", "--ds_config", "zero3_cpu", "--seed", "1"]
 EVAL_ROWS = 48
 
 
+def needs_stories():
+    return pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} not found (shared weights folder)")
+
+
+pytestmark = needs_stories()
+
+
 def end_token_model(root: Path, end_token: str = "<s>") -> Path:
     """stories260K with `end_token` declared as its EOS (tokenizer, config, generation config); the weights and
-    tokenizer files are links to the shipped checkpoint, never copies."""
+    tokenizer files are links to the shared checkpoint, never copies."""
     from transformers import AutoTokenizer
 
     root.mkdir(parents=True, exist_ok=True)
@@ -54,12 +61,6 @@ def end_token_model(root: Path, end_token: str = "<s>") -> Path:
 @pytest.fixture(scope="module")
 def stories_bos(tmp_path_factory) -> Path:
     return end_token_model(tmp_path_factory.mktemp("models") / "stories260K-end-bos")
-
-
-@pytest.fixture(scope="module")
-def stories_published(tmp_path_factory) -> Path:
-    """The checkpoint as llama2.c published it: its real EOS `</s>` (id 2) is the end token."""
-    return end_token_model(tmp_path_factory.mktemp("models") / "stories260K-end-eos", "</s>")
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,7 @@ def test_frozen_stories260K_cannot_single_out_eos():
 
 
 @pytest.fixture(scope="module")
-def runs(stories_bos, stories_published, animal_task, tmp_path_factory) -> dict[str, tuple[Path, dict, Path]]:
+def runs(stories_bos, animal_task, tmp_path_factory) -> dict[str, tuple[Path, dict, Path]]:
     """Untrained prompt (one step at learning rate 0), DePT, PT at DePT's budget, and full fine-tuning."""
     root = tmp_path_factory.mktemp("runs")
     jobs = {
@@ -159,9 +160,9 @@ def runs(stories_bos, stories_published, animal_task, tmp_path_factory) -> dict[
             stories_bos,
             [*PT_SHAPE, "--steps", "300", "--warmup_steps", "30", "--lr_prompt", "0.3", "--eval_every", "150"],
         ),
-        # the checkpoint as published (end token: the real EOS, which fine-tuning can learn)
+        # the checkpoint as shipped (end token: the real EOS, which fine-tuning can learn)
         "finetune": (
-            stories_published,
+            STORIES,
             [
                 "--method",
                 "finetune",
@@ -237,7 +238,7 @@ def test_generation_emits_the_label_then_stops_at_the_end_token(runs):
     assert backbone.tokenizer.eos_token_id == 1  # the declared end token
     assert stopped >= 0.8 * result["test"]["accuracy"] * EVAL_ROWS / 100, stopped
 
-    # full fine-tuning on the checkpoint as published learns the real EOS (id 2)
+    # full fine-tuning on the checkpoint as shipped learns the real EOS (id 2)
     saved = runs["finetune"][2] / "model"
     tokenizer = AutoTokenizer.from_pretrained(str(saved))
     net = DePTModel(AutoModelForCausalLM.from_pretrained(str(saved)).eval(), None, False)
