@@ -49,6 +49,7 @@ LAYERS = [
     "resources",
     "distributed",
     "atomic",
+    "folder_lock",
     "cache",
     "errors",
     "_version",
