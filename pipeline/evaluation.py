@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import distributed
+from pipeline import distributed, logs
 from pipeline.data import collate, tokenize
 from pipeline.errors import PipelineError
 from pipeline.metrics import compute_metrics
@@ -43,7 +43,7 @@ def generate_predictions(
     batches, count = _my_batches(len(tokenized), batch_size)
     synced = distributed.world_size() > 1
     texts: list[str] = []
-    for indices in batches:
+    for indices in logs.progress(batches, "evaluation (generation)", len(tokenized)):
         batch = collate(
             [tokenized[i] for i in indices], tokenizer.pad_token_id, is_encoder_decoder, for_generation=True
         )
@@ -65,7 +65,7 @@ def score_predictions(
     n = len(next(iter(tokenized_by_label.values())))
     batches, count = _my_batches(n, batch_size)
     best: list[str] = []
-    for indices in batches:
+    for indices in logs.progress(batches, "evaluation (label scores)", n):
         scores = []
         for label in labels:
             rows = [tokenized_by_label[label][i] for i in indices]

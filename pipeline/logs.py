@@ -199,3 +199,32 @@ def to_file(path: str | Path, rank: int | None = None):
     finally:
         root.removeHandler(handler)
         handler.close()
+
+
+def progress(items: list, what: str, rows: int, every_s: float = 30.0, logger: str = "pipeline.evaluation"):
+    """`items` unchanged, with a line every `every_s` seconds while they last (none for a short loop): how far a
+    long evaluation is. The lines show on the console even inside a recipe (a job that evaluates for minutes must
+    not look hung) and stay in the job's log.
+
+        validation: 1,024 of 4,000 rows, 95 s so far, about 4 min left
+    """
+    import time
+
+    started = last = time.monotonic()
+    out = logging.getLogger(logger)
+    for done, item in enumerate(items):
+        now = time.monotonic()
+        if done and now - last >= every_s:
+            last = now
+            shown = min(rows, round(rows * done / len(items)))
+            left = (now - started) * (len(items) - done) / done
+            out.info(
+                "%s: %s of %s rows, %.0f s so far, about %s left",
+                what,
+                f"{shown:,}",
+                f"{rows:,}",
+                now - started,
+                f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min",
+                extra=ALWAYS_ON_CONSOLE,
+            )
+        yield item

@@ -43,3 +43,19 @@ def test_the_console_keeps_our_info_and_others_warnings_and_verbose_keeps_all(mo
         assert console.filter(resumed)
     monkeypatch.setenv(logs.VERBOSE_ENV, "1")
     assert console.filter(record("DeepSpeed", logging.INFO))
+
+
+def test_a_long_loop_says_how_far_it_is_and_a_short_one_says_nothing(caplog, monkeypatch):
+    clock = iter(range(0, 1000, 20))  # each look at the clock: 20 s later
+    monkeypatch.setattr("time.monotonic", lambda: next(clock))
+    with caplog.at_level(logging.INFO, logger="pipeline.evaluation"):
+        assert list(logs.progress(list(range(10)), "validation", rows=300, every_s=30)) == list(range(10))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines, "a loop of minutes logged no progress"
+    assert lines[0].startswith("validation: 30 of 300 rows, 40 s so far, about 6 min left")
+    assert all(getattr(r, "console", False) for r in caplog.records)  # shown inside a recipe too
+    caplog.clear()
+    monkeypatch.setattr("time.monotonic", lambda: 0.0)
+    with caplog.at_level(logging.INFO, logger="pipeline.evaluation"):
+        list(logs.progress(list(range(10)), "validation", rows=300))
+    assert not caplog.records
