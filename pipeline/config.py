@@ -323,6 +323,13 @@ def _check_lora_job(cfg: JobConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------- recipes
 
+SECTIONS = {
+    "dept": DeptArgs,
+    "lora": LoraArgs,
+    "train": TrainArgs,
+    "data": DataArgs,
+}  # a recipe's (and stage's) sections
+
 
 @dataclass
 class TrackingArgs:
@@ -353,6 +360,11 @@ class StageSpec:
     control: bool = option(False, "transfer: also train from scratch at each (target, k, seed)")
     on_length_mismatch: Literal[LENGTH_POLICIES] | None = option(
         None, "the source adapter's s differs: error | truncate | pad (default: the recipe's)"
+    )
+    sweep: dict | None = option(
+        None,
+        "train: one job (trial) per setting of these keys, the best on validation kept (pipeline/sweep.py): a grid "
+        "{train.lr_prompt: [0.3, 0.4], ...}, paired: {...}, or method: tpe with trials and space",
     )
     dept: dict = option(default_factory=dict, help="DeptArgs fields for this stage")
     lora: dict = option(default_factory=dict, help="LoraArgs fields for this stage (method lora)")

@@ -123,18 +123,19 @@ def make_evaluator(job_data: JobData, data: DataArgs, tokenizer, is_encoder_deco
     return next(iter(evaluators.values())) if len(evaluators) == 1 else MixtureEvaluator(evaluators)
 
 
-def run_job(cfg: JobConfig, callbacks=(), on_data=None, title: str | None = None) -> dict:
+def run_job(cfg: JobConfig, callbacks=(), on_data=None, title: str | None = None, should_stop=None) -> dict:
     """Train `cfg` on its data and write `<output_dir>/results.json` and `curves.png` (rank 0); returns the results.
 
     `on_data(name, context, rows)` is told which rows train and evaluate (the tracker logs them as datasets);
     `title` heads curves.png (default: the output directory's name). Everything logged meanwhile, library messages
     the console leaves out included, is appended to `<output_dir>/job.log` by rank 0 (the only rank that writes the output folder).
+    `should_stop`: `train.train`'s early stop (a sweep trial's pruner).
     """
     with logs.to_file(Path(cfg.output_dir) / JOB_LOG):
-        return _run_job(cfg, callbacks, on_data, title)
+        return _run_job(cfg, callbacks, on_data, title, should_stop)
 
 
-def _run_job(cfg: JobConfig, callbacks, on_data, title: str | None) -> dict:
+def _run_job(cfg: JobConfig, callbacks, on_data, title: str | None, should_stop=None) -> dict:
     engine.init_distributed(cfg.train.comm_timeout_s)  # the ranks prepare the data together (once per node)
     job_data = load_job_data(cfg.data, cfg.train.seed)
     if on_data:
@@ -154,6 +155,7 @@ def _run_job(cfg: JobConfig, callbacks, on_data, title: str | None) -> dict:
         callbacks,
         start_record={"fingerprint": digest, "record": record},
         separator=separator_of(job_data.tasks),
+        should_stop=should_stop,
     )
     results = {
         "config": to_dict(cfg),

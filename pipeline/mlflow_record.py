@@ -50,7 +50,8 @@ def recipe_key(recipe: Recipe) -> str:
 
 def child_key(recipe_key: str, job: Job, digest: str) -> str:
     """A job's run identity: its place in the recipe and its fingerprint (changed settings: a new run)."""
-    return f"{recipe_key}-{job.key.replace('/', '.')}-{digest[:8]}"
+    place = re.sub(r"[^\w.:=+-]", "_", job.key.replace("/", "."))  # a sweep trial's "a=1,b=2": "a=1_b=2"
+    return f"{recipe_key}-{place}-{digest[:8]}"
 
 
 def parent_tags(recipe: Recipe, jobs: list[Job], world_size: int) -> dict[str, str]:
@@ -163,6 +164,8 @@ def job_params(job: Job) -> dict:
             params.pop("init_text")  # the prompt comes from an adapter or from no text
         if not cfg["init_adapter"]:
             params.pop("on_length_mismatch")
+    for key, value in job.meta.get("sweep", {}).items():  # a sweep's trial: its swept values under stable names,
+        params[f"sweep.{key}"] = value  # the columns of MLflow's parallel-coordinates chart (#19)
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -199,7 +202,11 @@ def outcome_params(result: dict) -> dict:
 def job_tags(job: Job, digest: str, world_size: int) -> dict[str, str]:
     """Tags of a job's run: its stage and place in the plan, the world size (a job may resume on another one, a
     param could not change), cadences that do not change results."""
-    meta = {k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)) for k, v in job.meta.items()}
+    meta = {
+        k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+        for k, v in job.meta.items()
+        if not isinstance(v, dict)  # a trial's swept values are params (`job_params`)
+    }
     return {
         "dept.stage": job.stage,
         "dept.fingerprint": digest,
@@ -248,10 +255,17 @@ def lineage_tags(job: Job, jobs: list[Job], run_ids: dict[str, str | None]) -> d
     if job.init_from_stage:
         source = next((j for j in jobs if j.stage == job.init_from_stage and j.meta["type"] == "train"), None)
         tags["dept.source_stage"] = job.init_from_stage
+        artifact = adapter_artifact(init) if init else None
+        if source is not None and "trial" in source.meta:  # a swept stage: its winning trial (sweep.finish_stage)
+            best = _read_json(Path(init).parent / "best.json")
+            source = next((j for j in jobs if j.key == best.get("winner")), None)
+            if source is not None:
+                tags["dept.source_trial"] = source.key
+                artifact = adapter_artifact(Path(source.config.output_dir) / "best_adapter")
         run_id = run_ids.get(source.key) if source else None
         if run_id:
             tags["dept.source_run_id"] = run_id
-            tags["dept.source_adapter"] = f"runs:/{run_id}/{adapter_artifact(init)}"
+            tags["dept.source_adapter"] = f"runs:/{run_id}/{artifact}"
     if init:
         tags["dept.init_adapter_path"] = str(Path(init).resolve())
         sha = _weights_sha256(Path(init))
@@ -271,6 +285,23 @@ def lineage_tags(job: Job, jobs: list[Job], run_ids: dict[str, str | None]) -> d
                 if _model_fits(model):
                     tags["dept.backbone"] = f"runs:/{run_id}/model"
     return tags
+
+
+def sweep_tags(summary: dict) -> dict[str, str]:
+    """The parent run's tags naming each swept stage's winning trial (`dept.sweep.<stage>.winner`)."""
+    tags = {}
+    for table in summary.get("sweeps") or []:
+        if table["winner"]:
+            tags[safe_name(f"dept.sweep.{table['stage']}.winner")] = table["winner"]
+            tags[safe_name(f"dept.sweep.{table['stage']}.trials")] = str(len(table["trials"]))
+    return tags
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def _model_fits(model_dir: Path) -> bool:
@@ -302,6 +333,10 @@ def outcome(job: Job, result: dict, run_id: str) -> Outcome:
     if isinstance(result.get("test_score"), (int, float)):  # the score the summary reports, at the best step
         metrics["test_score"] = round(result["test_score"], 4)
     tags = {"dept.best_step": str(result.get("best_step"))} if result.get("best_step") is not None else {}
+    if "trial" in job.meta:  # a sweep's trial: the score it is compared on, and whether its pruner stopped it
+        if isinstance(result.get("best_validation"), (int, float)):
+            metrics["sweep.val_score"] = round(result["best_validation"], 4)
+        tags["dept.pruned"] = "true" if result.get("stopped_early") else "false"
     artifacts = [out / item for item in ("results.json", "curves.png", "adapter") if (out / item).exists()]
     if (out / "best_adapter").is_dir():
         tags["dept.best_adapter"] = adapter_artifact(out / "best_adapter")

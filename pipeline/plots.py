@@ -187,3 +187,105 @@ def plot_methods(summary: dict, path: str | Path) -> Path:
         return _finish(fig, (ax_params, ax_time), path)
     finally:
         plt.close(fig)
+
+
+def _log_scale(key: str, values: list) -> bool:
+    """Learning rates (and any positive key spread over more than a factor 10) read on a log axis."""
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(numbers) != len(values) or not numbers or min(numbers) <= 0:
+        return False
+    return "lr" in key.rsplit(".", 1)[-1] or max(numbers) / min(numbers) > 10
+
+
+def plot_sweeps(sweeps: list[dict], path: str | Path) -> Path:
+    """A recipe's `sweep.png`: per swept stage (`summary.sweep_tables`), the best validation score of each trial
+    over the first two swept keys, the winner circled. A full grid is a heat map (one cell per pair of values,
+    annotated; a third key's best value per cell); a sampled sweep a scatter coloured by score, learning rates on
+    log axes. Pruned trials are crossed; one swept key: score against its values."""
+    plt = _pyplot()
+    if not sweeps:
+        raise ValueError("nothing to plot: no swept stage")
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(5.6 * len(sweeps), 4.4), squeeze=False)
+    axes = list(axes[0])
+    for ax, table in zip(axes, sweeps):
+        keys, rows = table["keys"], table["trials"]
+        scored = [r for r in rows if isinstance(r["best_validation"], (int, float))]
+        winner = next((r for r in rows if r["winner"]), None)
+        title = f"{table['stage']}: best validation score" + (f"\nbest: {winner['setting']}" if winner else "")
+        if len(keys) == 1:
+            key = keys[0]
+            points = sorted((r["values"][key], r["best_validation"]) for r in scored)
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="trials")
+            if winner:
+                ax.plot([winner["values"][key]], [winner["best_validation"]], "*", markersize=14, label="best")
+            if _log_scale(key, [p[0] for p in points]):
+                ax.set_xscale("log")
+            ax.set(xlabel=key, ylabel="best validation score", title=title)
+            continue
+        kx, ky = keys[0], keys[1]
+        xs = sorted({r["values"][kx] for r in rows}, key=_sort_key)
+        ys = sorted({r["values"][ky] for r in rows}, key=_sort_key)
+        cells: dict[tuple, float] = {}
+        for r in scored:
+            cell = (xs.index(r["values"][kx]), ys.index(r["values"][ky]))
+            cells[cell] = max(cells.get(cell, float("-inf")), r["best_validation"])
+        if len(cells) == len(xs) * len(ys) > 1:  # every pair of values scored: a grid
+            import numpy as np
+
+            grid = np.full((len(ys), len(xs)), np.nan)
+            for (i, j), score in cells.items():
+                grid[j, i] = score
+            image = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+            fig.colorbar(image, ax=ax, label="best validation score")
+            for (i, j), score in cells.items():
+                ax.text(i, j, f"{score:.1f}", ha="center", va="center", fontsize=8, color="white")
+            ax.set_xticks(range(len(xs)), [_tick(v) for v in xs])
+            ax.set_yticks(range(len(ys)), [_tick(v) for v in ys])
+            for r in rows:
+                at = (xs.index(r["values"][kx]), ys.index(r["values"][ky]))
+                if r["pruned_at"] is not None:
+                    ax.plot(*at, "x", color="red", markersize=12)
+                if r["winner"]:
+                    ax.plot(*at, "o", markersize=26, markerfacecolor="none", markeredgecolor="red", markeredgewidth=2)
+            ax.set(xlabel=kx, ylabel=ky, title=title)
+            continue
+        colors = ax.scatter(
+            [r["values"][kx] for r in scored],
+            [r["values"][ky] for r in scored],
+            c=[r["best_validation"] for r in scored],
+            cmap="viridis",
+            s=60,
+        )
+        fig.colorbar(colors, ax=ax, label="best validation score")
+        for r in rows:
+            if r["pruned_at"] is not None:
+                ax.plot(r["values"][kx], r["values"][ky], "x", color="red", markersize=10)
+        if winner:
+            ax.plot(
+                winner["values"][kx],
+                winner["values"][ky],
+                "o",
+                markersize=18,
+                markerfacecolor="none",
+                markeredgecolor="red",
+                markeredgewidth=2,
+                label="best",
+            )
+        if _log_scale(kx, xs):
+            ax.set_xscale("log")
+        if _log_scale(ky, ys):
+            ax.set_yscale("log")
+        ax.set(xlabel=kx, ylabel=ky, title=title)
+    fig.suptitle("sweep: each trial's best validation score (red circle: the winner; x: pruned)", fontsize=10)
+    try:
+        return _finish(fig, axes, path)
+    finally:
+        plt.close(fig)
+
+
+def _sort_key(value):
+    return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
+
+
+def _tick(value) -> str:
+    return format(value, "g") if isinstance(value, float) else str(value)

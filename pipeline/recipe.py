@@ -29,23 +29,12 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import distributed
-from pipeline.config import (
-    DataArgs,
-    DeptArgs,
-    JobConfig,
-    LoraArgs,
-    RecipeSpec,
-    StageSpec,
-    TrainArgs,
-    capped,
-    unread_fields,
-)
+from pipeline import distributed, sweep
+from pipeline.config import SECTIONS, JobConfig, RecipeSpec, StageSpec, capped, unread_fields
 from pipeline.errors import PipelineError
 from pipeline.options import build, check_partial, did_you_mean, to_dict
 from pipeline.resources import recipe_path
 
-SECTIONS = {"dept": DeptArgs, "lora": LoraArgs, "train": TrainArgs, "data": DataArgs}
 STAGE_DATA_KEYS = ("tasks", "k")  # set by a stage itself, not by a data section
 
 
@@ -78,6 +67,8 @@ class Job:
     def name(self) -> str:
         """A train job's MLflow run name, "<stage>: <tasks>" (transfer jobs are named by `mlflow_record.run_names`,
         which compares them with the other jobs of their stage)."""
+        if "trial" in self.meta:  # a sweep's trial: its setting first (the runs table's name column is narrow)
+            return f"{self.meta['trial']} {'+'.join(self.meta['tasks'])}"
         return f"{self.stage}: {'+'.join(self.meta['tasks'])}"
 
 
@@ -238,6 +229,12 @@ def validate(raw: dict, base: Path) -> RecipeSpec:
                 raise PipelineError(f"{path}.tasks: a train stage needs at least one task")
             if stage.targets or stage.source:
                 raise PipelineError(f"{path}: targets/source belong to a transfer stage; set type: transfer")
+            if stage.sweep is not None:
+                sweep.parse(stage.sweep, stage.method or spec.method, f"{path}.sweep")
+                if not {**spec.data, **stage.data}.get("evaluate", True):
+                    raise PipelineError(
+                        f"{path}.sweep: a sweep picks its best trial on validation; remove evaluate: false"
+                    )
         else:
             if not stage.targets:
                 raise PipelineError(f"{path}.targets: a transfer stage needs at least one target task")
@@ -258,6 +255,10 @@ def validate(raw: dict, base: Path) -> RecipeSpec:
                     raise PipelineError(f"{path}.{name}: give a non-empty list of integers")
             if stage.tasks:
                 raise PipelineError(f"{path}.tasks: a transfer stage trains on its targets; use targets")
+            if stage.sweep is not None:
+                raise PipelineError(
+                    f"{path}.sweep: a transfer stage is not swept; sweep its source stage (its best trial is the source)"
+                )
         if stage.save_model and (stage.method or spec.method) != "finetune":
             raise PipelineError(f"{path}.save_model: only a finetune stage changes the backbone; remove save_model")
         seen.append(stage.name)
@@ -334,12 +335,16 @@ def task_label(task) -> str:
     return Path(task).stem if task.endswith((".yaml", ".yml", ".json")) else str(task)
 
 
-def plan(recipe: Recipe) -> list[Job]:
-    """Every job of the recipe, in execution order."""
+def plan(recipe: Recipe, persist: bool = True) -> list[Job]:
+    """Every job of the recipe, in execution order. A swept stage's trials are drawn from (and, for a sampled sweep,
+    recorded in) its Optuna study; `persist=False` (a dry run) writes nothing."""
     spec, out = recipe.spec, recipe.output_dir
     jobs: list[Job] = []
     for i, stage in enumerate(spec.stages):
         path = f"recipe.stages[{i}] ({stage.name})"
+        if stage.type == "train" and stage.sweep is not None:
+            jobs += _trials(recipe, stage, path, persist)
+            continue
         if stage.type == "train":
             adapter, from_stage = _adapter_of(spec, stage.init_adapter)
             cfg = _job_config(spec, stage, out / stage.name, {"tasks": list(stage.tasks)}, None, adapter, path)
@@ -366,6 +371,29 @@ def plan(recipe: Recipe) -> list[Job]:
                         jobs.append(
                             Job(stage.name, key, cfg, meta, from_stage if init else None, _model_stage(spec, stage))
                         )
+    return jobs
+
+
+def _trials(recipe: Recipe, stage: StageSpec, path: str, persist: bool) -> list[Job]:
+    """A swept train stage's jobs: one per setting, `<stage>/<tasks>/<setting>` (a sampled trial: `trial<i>`)."""
+    spec = recipe.spec
+    method = stage.method or spec.method
+    swept = sweep.parse(stage.sweep, method, f"{path}.sweep")
+    stage_dir = recipe.output_dir / stage.name
+    settings = sweep.trial_settings(swept, sweep.study_name(spec.name, stage.name), stage_dir, persist)
+    adapter, from_stage = _adapter_of(spec, stage.init_adapter)
+    tasks = [task_label(t) for t in stage.tasks]
+    sections = {name: getattr(stage, name) for name in SECTIONS}
+    jobs = []
+    for index, setting in enumerate(settings):
+        label = sweep.setting_label(setting) if swept.method == "grid" else f"trial{index}"
+        key = f"{stage.name}/{'+'.join(tasks) or 'file'}/{label}"
+        trial_stage = replace(stage, **sweep.stage_sections(sections, setting))
+        cfg = _job_config(spec, trial_stage, recipe.output_dir / key, {"tasks": list(stage.tasks)}, None, adapter, path)
+        meta = {"type": "train", "tasks": tasks, "trial": label, "sweep": setting}
+        if swept.method != "grid":
+            meta["index"] = index
+        jobs.append(Job(stage.name, key, cfg, meta, from_stage, _model_stage(spec, stage)))
     return jobs
 
 
@@ -433,7 +461,26 @@ def describe_plan(recipe: Recipe, jobs: list[Job]) -> str:
             f"  {stage.name} ({stage.type}, {first.method}, model {first.model}): {len(mine)} job(s); {what}; "
             f"{shape}; steps={train.steps} batch={train.batch_size} {rates}"
         )
+        if stage.sweep is not None:
+            lines += _describe_sweep(stage, mine)
     return "\n".join(lines)
+
+
+def _describe_sweep(stage: StageSpec, trials: list[Job]) -> list[str]:
+    """A swept stage's trials as the plan shows them (the rates above are its first trial's)."""
+    swept = sweep.parse(stage.sweep, trials[0].config.method, stage.name)
+    how = {"grid": "grid", "tpe": "Optuna TPE", "random": "random sampling"}[swept.method]
+    prune = "" if swept.prune == "none" else f", pruned by {swept.prune}"
+    lines = [
+        f"    sweep ({how}{prune}) over {', '.join(swept.keys)}: {len(trials)} trial(s), the best on validation "
+        f"is the stage's result (<output_dir>/{stage.name}/best.json)"
+    ]
+    for job in trials:
+        values = ", ".join(f"{k}={sweep.value_text(v)}" for k, v in job.meta["sweep"].items())
+        lines.append(
+            f"      {job.meta['trial']}: {values}" if job.meta["trial"].startswith("trial") else f"      {values}"
+        )
+    return lines
 
 
 def _given(value: int | None) -> str:

@@ -15,6 +15,7 @@ tracking.Tracker (rank 0 logs); this module only says when. Each job draws its o
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import atomic, distributed, logs
+from pipeline import atomic, distributed, logs, sweep
 from pipeline import mlflow_record as shown
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import job_fingerprint, recorded_state
@@ -59,7 +60,8 @@ def job_states(jobs: list[Job]) -> list[JobState]:
     states, changed_stages = [], set()
     for job in jobs:
         state = job_state(job, job.init_from_stage in changed_stages)
-        if state.action in ("rerun", "start") and state.job.meta["type"] == "train":
+        # a swept stage's result is its winner, known once it ran: its dependents are checked again then (run_recipe)
+        if state.action in ("rerun", "start") and state.job.meta["type"] == "train" and not sweep.is_trial(job):
             changed_stages.add(job.stage)
         states.append(state)
     return states
@@ -93,7 +95,7 @@ def run_recipe(
     name_or_path: str, overrides: dict | None = None, dry_run: bool = False, rerun_changed: bool = False
 ) -> dict | None:
     recipe = load_recipe(name_or_path, overrides)
-    jobs = plan(recipe)
+    jobs = plan(recipe, persist=not dry_run)
     check_feasible(recipe, jobs)
     if dry_run:
         print(describe_plan(recipe, jobs))
@@ -125,14 +127,24 @@ def run_recipe(
         results: dict[str, dict] = {}
         run_ids: dict[str, str | None] = {}
         progress = Progress(jobs, names, enabled=rank == 0)
+        sweeps = sweep.Sweeps(recipe, rank)
         for state in states:
             job = state.job
+            if job.init_from_stage in sweeps.sweeps:  # its source adapter is the sweep's winner, chosen just now
+                state = job_state(job, False)
+                if not rerun_changed:
+                    refuse_changed([state])
             lineage = shown.lineage_tags(job, jobs, run_ids) if tracker.active else {}
             progress.starts(state)
+            hooks = sweeps.hooks(job, state.action)
+            runs = functools.partial(run_job, should_stop=hooks.should_stop) if hooks else run_job
             with logs.one_line_per_job():
-                result, run_id = _execute(state, tracker, recipe_key, run_job, names[job.key], lineage)
+                result, run_id = _execute(state, tracker, recipe_key, runs, names[job.key], lineage)
             results[job.key], run_ids[job.key] = result, run_id
+            sweeps.finished(job, result, hooks)
             progress.ends(state, result)
+            if sweeps.last_trial(job, jobs):
+                progress.winner(sweeps.stage_done(job.stage, jobs, results))
             gc.collect()
         from pipeline._version import __version__
 
@@ -154,8 +166,13 @@ def run_recipe(
             )
             from pipeline.plots import plot_summary
 
-            train_results = {j.stage: results[j.key] for j in jobs if j.meta["type"] == "train"}
+            winners = {row["stage"]: row["key"] for row in summary["sources"]}
+            train_results = {j.stage: results[j.key] for j in jobs if winners.get(j.stage) == j.key}
             draw(plot_summary, summary, train_results, out / "summary.png")
+            if summary["sweeps"]:
+                from pipeline.plots import plot_sweeps
+
+                draw(plot_sweeps, summary["sweeps"], out / "sweep.png")
             if summary["methods"]:
                 from pipeline.plots import plot_methods
                 from pipeline.summary import methods_file
@@ -164,11 +181,13 @@ def run_recipe(
                 draw(plot_methods, summary, out / "methods.png")
             tracker.log_metrics(aggregates(summary), step=0, run_id=parent)
             tracker.set_tags({"mlflow.note.content": shown.parent_note(recipe, jobs, summary)}, run_id=parent)
+            tracker.set_tags(shown.sweep_tags(summary), run_id=parent)
             for name in (
                 "recipe.resolved.yaml",
                 "summary.json",
                 "summary.md",
                 "summary.png",
+                "sweep.png",
                 "methods.md",
                 "methods.png",
             ):
@@ -218,8 +237,30 @@ class Progress:
         if not self.enabled:
             return
         outcome = _outcome(result)
+        if sweep.is_trial(state.job):  # a sweep's trials are compared on validation
+            outcome = f"{_validation(result)}; {outcome}"
         when = "reused" if state.action == "reuse" else _duration(seconds)
         print(f"{self._label(state.job)}: {outcome}, {when}", flush=True)
+
+    def winner(self, best: dict | None) -> None:
+        """A swept stage's winner, once its last trial ended."""
+        if not self.enabled or not best:
+            return
+        test = best.get("test_score")
+        print(
+            f"{best['stage']}: best trial {best['setting']} (validation {best['best_validation']:.1f} at step "
+            f"{best['best_step']}{f', test {test:.1f}' if isinstance(test, (int, float)) else ''}); later stages "
+            f"start from its adapter",
+            flush=True,
+        )
+
+
+def _validation(result: dict) -> str:
+    score, stopped = result.get("best_validation"), result.get("stopped_early")
+    text = f"best validation {score:.1f} at step {result.get('best_step')}" if isinstance(score, (int, float)) else ""
+    if stopped:
+        return f"pruned at step {stopped['step']}" + (f" ({text})" if text else "")
+    return text or "no validation score"
 
 
 def _outcome(result: dict) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import statistics
 
+from pipeline import sweep
+
 
 def main_score(result: dict) -> float | None:
     """A job's reported test score: the task's first metric (job.py records it; a mixture: the mean score)."""
@@ -14,18 +16,25 @@ def main_score(result: dict) -> float | None:
 def summarize(
     name: str, jobs: list, results: dict[str, dict], run: dict | None = None, compare_methods: bool = False
 ) -> dict:
-    """`{"recipe", "sources": [...], "transfer": [...], "methods": [...], "markdown"}` from `results[job.key]`;
-    "methods" (`methods_table`) only when the recipe asks for it (`compare_methods`)."""
+    """`{"recipe", "sources": [...], "transfer": [...], "sweeps": [...], "methods": [...], "markdown"}` from
+    `results[job.key]`; "methods" (`methods_table`) only when the recipe asks for it (`compare_methods`). A swept
+    stage's source row is its winning trial; "sweeps" lists each swept stage's trials (`sweep_tables`)."""
     sources, cells = [], {}
+    sweeps = sweep_tables(jobs, results)
+    winners = {s["stage"]: s["winner"] for s in sweeps}
     for job in jobs:
         result = results[job.key]
         if job.meta["type"] == "train":
+            if sweep.is_trial(job) and winners.get(job.stage) != job.key:
+                continue
             shape = result.get("dept_shape") or {}
             speed = [h["tokens_per_s"] for h in result.get("history", []) if "tokens_per_s" in h]
             sources.append(
                 {
                     "stage": job.stage,
+                    "key": job.key,
                     "tasks": job.meta["tasks"],
+                    **({"trial": job.meta["trial"]} if sweep.is_trial(job) else {}),
                     "test": _rounded(result.get("test", {})),
                     "best_step": result.get("best_step"),
                     "final_loss": result.get("final_loss"),
@@ -57,12 +66,55 @@ def summarize(
         "recipe": name,
         "sources": sources,
         "transfer": table,
+        "sweeps": sweeps,
         "methods": methods_table(jobs, results) if compare_methods else [],
     }
     if run:
         summary["run"] = run  # jobs, reused, seconds, world_size, version: the footer line
     summary["markdown"] = markdown(summary)
     return summary
+
+
+def sweep_tables(jobs: list, results: dict[str, dict]) -> list[dict]:
+    """Per swept stage: its swept keys, one row per trial (`sweep.trial_rows`: setting, best validation, at step,
+    pruned, test score) and the winner's key (None: no trial has a validation score)."""
+    tables = []
+    for stage in dict.fromkeys(j.stage for j in jobs if sweep.is_trial(j)):
+        trials = [j for j in jobs if j.stage == stage and j.key in results]
+        winner = sweep.best_trial(trials, results)
+        tables.append(
+            {
+                "stage": stage,
+                "keys": list(trials[0].meta["sweep"]) if trials else [],
+                "trials": sweep.trial_rows(trials, results),
+                "winner": winner.key if winner else None,
+                "winner_setting": winner.meta["trial"] if winner else None,
+            }
+        )
+    return tables
+
+
+def sweep_markdown(table: dict) -> list[str]:
+    """A swept stage's trials in Markdown: each setting's best validation score (the selection metric), its step,
+    whether it was pruned, and the test score (reported for the winner; the others' for reference)."""
+    keys = table["keys"]
+    lines = [
+        f"## {table['stage']}: sweep over {', '.join(keys)} (best on validation: {table['winner_setting'] or 'none'})",
+        "",
+        "| " + " | ".join(keys) + " | best validation | at step | pruned | test |",
+        "|" + "---|" * (len(keys) + 4),
+    ]
+    for row in table["trials"]:
+        values = [sweep.value_text(row["values"].get(k)) for k in keys]
+        val = "-" if row["best_validation"] is None else f"{row['best_validation']:.1f}"
+        if row["winner"]:
+            val = f"**{val}** (best)"
+        pruned = "-" if row["pruned_at"] is None else f"at step {row['pruned_at']}"
+        test = "-" if row["test_score"] is None else f"{row['test_score']:.1f}"
+        lines.append(
+            f"| {' | '.join(values)} | {val} | {row['best_step'] if row['best_step'] is not None else '-'} | {pruned} | {test} |"
+        )
+    return lines + [""]
 
 
 def _median_step_s(result: dict) -> float | None:
@@ -157,12 +209,15 @@ def markdown(summary: dict) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for s in summary["sources"]:
+            stage = f"{s['stage']} (best trial {s['trial']})" if s.get("trial") else s["stage"]
             lines.append(
-                f"| {s['stage']} | {s.get('method') or '-'} | {', '.join(s['tasks'])} | "
+                f"| {stage} | {s.get('method') or '-'} | {', '.join(s['tasks'])} | "
                 f"{_count(s.get('trainable_params'))} | {_count(s.get('prompt_tokens'))} | "
                 f"{_count(s.get('tokens_per_s'))} | {s['best_step']} | {_metric_text(s['test']) or '-'} |"
             )
         lines.append("")
+    for table in summary.get("sweeps") or []:
+        lines += sweep_markdown(table)
     by_stage: dict[str, list] = {}
     for row in summary["transfer"]:
         by_stage.setdefault(row["stage"], []).append(row)

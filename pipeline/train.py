@@ -57,6 +57,7 @@ class TrainResult:
     world_size: int
     notes: list[str] = field(default_factory=list)
     lora_shape: dict | None = None  # the resolved LoRA (method lora): r, alpha, targets, counts
+    stopped_early: dict | None = None  # {"step", "reason"} when `should_stop` ended training (a pruned sweep trial)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,6 +151,7 @@ def train(
     callbacks: list[Callback] = (),
     start_record: dict | None = None,
     separator: str | None = None,
+    should_stop: Callable[[int, float], str | None] | None = None,
 ) -> TrainResult:
     """Train on `rows` ({source, target} dicts, or a `datasets.Dataset` with those columns: the rows stay in their
     memory-mapped file, and are tokenized once per node into another). Collective: every rank calls it with the same
@@ -160,7 +162,9 @@ def train(
     the end); the best adapter is kept in `best_adapter/` and scores the test split. `start_record` (the job's
     fingerprint) is written to `<output_dir>/job.json` when training starts afresh: a later run resumes the
     checkpoints only when its own fingerprint matches it. `separator`: what decoder-only sequences put between source
-    and target (None: the authors' " Label : ").
+    and target (None: the authors' " Label : "). `should_stop(step, validation score)`, called on every rank after
+    each validation but the last, returns why to stop now (a sweep's pruner; the same answer on every rank) or None:
+    training stops there, the best adapter so far scores the test split, and the result says `stopped_early`.
     """
     opts = cfg.train
     rank, world = engine.init_distributed(opts.comm_timeout_s)
@@ -211,6 +215,7 @@ def train(
     save_adapter = _adapter_writer(shape, backbone.name)
     trainer.train()
     window = _Window()
+    stopped = None
     with _progress(rank, start, opts.steps) as progress:  # closed (newline) even on an error
         for step in range(start, opts.steps):
             tick = time.perf_counter()
@@ -246,6 +251,12 @@ def train(
                     callback(done, record)
             if evaluator and opts.eval_every and (done % opts.eval_every == 0 or done == opts.steps):
                 _validate(trainer.module, evaluator, done, state, out, save_adapter, callbacks)
+                reason = should_stop(done, state["evals"][-1]["score"]) if should_stop and done < opts.steps else None
+                if reason:
+                    stopped = {"step": done, "reason": reason}
+                    if rank == 0:
+                        log.info("stopped at step %d: %s", done, reason, extra=logs.ALWAYS_ON_CONSOLE)
+                    break
             if opts.save_every and done % opts.save_every == 0 and done < opts.steps:
                 checkpoints.save(trainer, done, state)
                 fault("DEPT_FAULT_KILL_AT_STEP", done, rank)  # a kill right after a complete checkpoint
@@ -282,6 +293,7 @@ def train(
         probe=probe,
         world_size=world,
         notes=notes,
+        stopped_early=stopped,
     )
 
 

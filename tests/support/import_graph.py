@@ -37,6 +37,7 @@ LAYERS = [
     "dept",
     "data",
     "summary",
+    "sweep",
     "plots",
     "fingerprint",
     "tracking",
