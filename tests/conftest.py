@@ -172,10 +172,24 @@ def needs_task_data(*tasks: str):
 
 
 def needs_full_data(*tasks: str):
-    """Marker: skip on the fixtures' samples (the test counts or scales complete splits) and where tasks are absent."""
-    if ON_FIXTURES:
-        return pytest.mark.skipif(True, reason=f"needs complete splits of {', '.join(tasks)}: {GET_FULL_DATA}")
-    return needs_task_data(*tasks)
+    """Marker: the test counts or scales complete splits. Such tests run with the slow ones (the fast suite of a bare
+    clone has none to skip) and skip on the fixtures' samples or where the tasks are absent
+    (`pytest_collection_modifyitems` below adds both marks)."""
+    return pytest.mark.needs_full_data(*tasks)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marker = item.get_closest_marker("needs_full_data")
+        if marker is None:
+            continue
+        item.add_marker(pytest.mark.slow)
+        tasks = marker.args
+        if ON_FIXTURES:
+            item.add_marker(pytest.mark.skip(reason=f"needs complete splits of {', '.join(tasks)}: {GET_FULL_DATA}"))
+        elif missing := missing_task_data(*tasks):
+            item.add_marker(pytest.mark.skip(reason=why_missing(missing)))
 
 
 @pytest.fixture(scope="session")
