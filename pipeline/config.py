@@ -385,6 +385,11 @@ class RecipeSpec:
     method: Literal[METHODS] = option("dept", "default method of the stages")
     on_length_mismatch: Literal[LENGTH_POLICIES] = option("error", "default for the stages")
     model_overrides: dict | None = option(None, "config fields of a random:<preset> model")
+    sweep: dict | str | None = option(
+        None,
+        "a sweep for every train stage without its own (pipeline/sweep.py): a sweep mapping, or paper: the DePT "
+        "authors' grid lr_prompt {0.3, 0.4} x lr_lowrank {1e-4, 5e-4, 1e-3, 5e-3} (`dept run glue_t5_base --sweep paper`)",
+    )
     compare_methods: bool = option(
         False, "also summarise the stages side by side: score against trainable parameters and step time (methods.md)"
     )

@@ -208,6 +208,11 @@ def validate(raw: dict, base: Path) -> RecipeSpec:
         if bad:
             raise PipelineError(f"recipe.{name}.{bad[0]}: set by each stage (tasks, targets, k), not in a section")
         setattr(spec, name, check_partial(cls, section, f"recipe.{name}"))
+    if spec.sweep is not None:  # every train stage without its own sweep gets the recipe's (e.g. --sweep paper)
+        every = sweep.named(spec.sweep, "recipe.sweep")
+        for stage in spec.stages:
+            if stage.type == "train" and stage.sweep is None:
+                stage.sweep = copy.deepcopy(every)
     seen: list[str] = []
     for i, stage in enumerate(spec.stages):
         path = f"recipe.stages[{i}] ({stage.name})"

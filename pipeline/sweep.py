@@ -49,6 +49,9 @@ OPTIONS = ("method", "trials", "space", "seed", "prune", "storage", "paired")
 STORAGE_ENV = "DEPT_SWEEP_STORAGE"  # an Optuna storage URL for every sweep (many machines: a shared database)
 BEST = "best.json"
 JOURNAL = "sweep.journal"
+# Named sweeps a recipe (or `dept run --sweep NAME`) gives every train stage. paper: the DePT authors' released runs
+# searched lr_prompt {3e-1, 4e-1} x lr_lowrank {1e-4, 5e-4, 1e-3, 5e-3} per task (DEPT.md; their README).
+NAMED = {"paper": {"train.lr_prompt": [0.3, 0.4], "train.lr_lowrank": [1e-4, 5e-4, 1e-3, 5e-3]}}
 NOT_SWEPT = {("data", "tasks"), ("data", "k"), ("data", "train_file"), ("data", "evaluate")}  # the stage's own
 
 
@@ -217,6 +220,18 @@ def parse(raw, method: str, where: str) -> Sweep:
     if len(sweep.keys) != len(set(sweep.keys)):
         raise PipelineError(f"{where}: a key is both paired and crossed; list it once")
     return sweep
+
+
+def named(value, where: str) -> dict:
+    """A recipe-level `sweep:` as a stage's block: a mapping as given, or a named sweep (`paper`)."""
+    if isinstance(value, dict):
+        return value
+    if str(value) not in NAMED:
+        raise PipelineError(
+            f"{where}: {value!r} is not a named sweep ({', '.join(NAMED)}); or give a mapping such as "
+            f"{{train.lr_prompt: [0.3, 0.4]}}{did_you_mean(str(value), list(NAMED))}"
+        )
+    return NAMED[str(value)]
 
 
 # ----------------------------------------------------------------------------------------------- trials

@@ -305,3 +305,18 @@ def test_sweep_png_is_a_heat_map_of_a_grid_and_a_log_scatter_of_a_sampled_sweep(
     assert matplotlib.image.imread(path).shape[1] > 3 * 500  # three panels side by side
     with pytest.raises(ValueError, match="no swept stage"):
         plot_sweeps([], tmp_path / "none.png")
+
+
+def test_sweep_paper_gives_every_train_stage_the_authors_grid(monkeypatch):
+    from pipeline.recipe import load_recipe
+
+    monkeypatch.delenv("DEPT_DATA_DIR", raising=False)
+    jobs = plan(load_recipe("glue_t5_base", {"sweep": "paper"}), persist=False)
+    rte = [j for j in jobs if j.stage == "rte"]
+    assert len(jobs) == 8 * 8 and len(rte) == 8
+    assert {(j.config.train.lr_prompt, j.config.train.lr_lowrank) for j in rte} == {
+        (p, a) for p in (0.3, 0.4) for a in (1e-4, 5e-4, 1e-3, 5e-3)
+    }
+    assert {j.config.train.steps for j in rte} == {30_000}  # the stage's own settings stay
+    with pytest.raises(PipelineError, match=r"recipe.sweep: 'papr' is not a named sweep.*did you mean 'paper'"):
+        load_recipe("glue_t5_base", {"sweep": "papr"})

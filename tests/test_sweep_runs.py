@@ -29,7 +29,7 @@ RECIPE = {
         {
             "name": "source",
             "tasks": ["stories-animal"],
-            "sweep": {"train.lr_prompt": [0.03, 1.0], "train.lr_lowrank": [1e-4, 1e-2]},
+            "sweep": {"train.lr_prompt": [0.03, 1.0], "train.lr_lowrank": [1e-4, 1e-2], "prune": "median"},
         },
         {
             "name": "transfer",
@@ -62,7 +62,11 @@ def test_a_2x2_sweep_picks_the_best_on_validation_hands_it_to_transfer_resumes_a
     trials = sorted((out / "source" / "stories-animal").iterdir())
     assert len(trials) == 4
     results = {t.name: json.loads((t / "results.json").read_text()) for t in trials}
-    assert all(r["best_step"] in (6, 12) and len(r["evals"]) == 2 for r in results.values())
+    # median pruning: the first two trials run to the end; a later one whose step-6 validation is below theirs stops
+    pruned = {name for name, r in results.items() if r["stopped_early"]}
+    for name, r in results.items():
+        assert [e["step"] for e in r["evals"]] == ([6] if name in pruned else [6, 12])
+        assert r["stopped_early"] is None or r["stopped_early"]["step"] == 6
     assert results[first.name]["evals"][0]["step"] == 6  # the resumed trial kept the validation before the kill
     order = [
         "lr_prompt=0.03,lr_lowrank=0.0001",
@@ -70,12 +74,16 @@ def test_a_2x2_sweep_picks_the_best_on_validation_hands_it_to_transfer_resumes_a
         "lr_prompt=1,lr_lowrank=0.0001",
         "lr_prompt=1,lr_lowrank=0.01",
     ]
+    assert not pruned & set(order[:2])
     scores = [results[name]["best_validation"] for name in order]
-    winner = order[scores.index(max(scores))]  # the first of the best, as the plan orders them
+    candidates = [s if name not in pruned else float("-inf") for name, s in zip(order, scores)]
+    winner = order[candidates.index(max(candidates))]  # the first of the best unpruned, as the plan orders them
     best = json.loads((out / "source" / "best.json").read_text())
-    assert best["setting"] == winner and best["best_validation"] == max(scores)
+    assert best["setting"] == winner and best["best_validation"] == max(candidates)
     assert best["test_score"] == results[winner]["test_score"]
-    assert f"source: best trial {winner} (validation {max(scores):.1f}" in proc.stdout
+    assert f"source: best trial {winner} (validation {max(candidates):.1f}" in proc.stdout
+    for name in pruned:
+        assert f"{name} stories-animal: pruned at step 6" in proc.stdout
 
     # the transfer stage starts from the winner's best adapter
     job_dir = out / "transfer" / "stories-had" / "k8" / "seed1" / "source"
@@ -89,6 +97,7 @@ def test_a_2x2_sweep_picks_the_best_on_validation_hands_it_to_transfer_resumes_a
     (table,) = summary["sweeps"]
     assert table["winner"] == f"source/stories-animal/{winner}"
     assert [r["best_validation"] for r in table["trials"]] == [round(s, 2) for s in scores]
+    assert {r["setting"] for r in table["trials"] if r["pruned_at"] == 6} == pruned
     assert [s["key"] for s in summary["sources"]] == [table["winner"]]
     assert (out / "sweep.png").stat().st_size > 10_000
 
@@ -100,7 +109,7 @@ def test_a_2x2_sweep_picks_the_best_on_validation_hands_it_to_transfer_resumes_a
     by_job = {r.data.tags.get("dept.job"): r for r in runs if "dept.job" in r.data.tags}
     winner_run = by_job[table["winner"]]
     assert winner_run.data.params["sweep.train.lr_prompt"] == str(results[winner]["config"]["train"]["lr_prompt"])
-    assert winner_run.data.metrics["sweep.val_score"] == pytest.approx(max(scores), abs=1e-3)
+    assert winner_run.data.metrics["sweep.val_score"] == pytest.approx(max(candidates), abs=1e-3)
     lineage = by_job["transfer/stories-had/k8/seed1/source"].data.tags
     assert lineage["dept.source_trial"] == table["winner"]
     assert lineage["dept.source_run_id"] == winner_run.info.run_id
@@ -113,9 +122,12 @@ def test_a_2x2_sweep_picks_the_best_on_validation_hands_it_to_transfer_resumes_a
         study_name="dept.sweep-test.source",
         storage=sweep.storage_of(sweep.parse(RECIPE["stages"][0]["sweep"], "dept", "s"), out / "source"),
     )
-    values = {t.user_attrs["dept.job"].rsplit("/", 1)[-1]: t.value for t in study.trials}
-    assert values == {name: pytest.approx(results[name]["best_validation"]) for name in order}
-    assert {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
+    states = {t.user_attrs["dept.job"].rsplit("/", 1)[-1]: t.state for t in study.trials}
+    done, cut = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+    assert states == {name: cut if name in pruned else done for name in order}
+    values = {t.user_attrs["dept.job"].rsplit("/", 1)[-1]: t.value for t in study.trials if t.state == done}
+    assert values == {name: pytest.approx(results[name]["best_validation"]) for name in order if name not in pruned}
+    assert all(t.intermediate_values.get(6) is not None for t in study.trials)  # each validation was reported
 
     again = run(["run", str(path)])
     assert again.stdout.count("reused") >= 5 and "started" not in again.stdout
