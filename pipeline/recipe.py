@@ -240,6 +240,10 @@ def validate(raw: dict, base: Path) -> RecipeSpec:
                     raise PipelineError(
                         f"{path}.sweep: a sweep picks its best trial on validation; remove evaluate: false"
                     )
+                if stage.save_model:
+                    raise PipelineError(
+                        f"{path}.sweep: a swept stage hands on its best adapter, not a saved backbone; remove save_model"
+                    )
         else:
             if not stage.targets:
                 raise PipelineError(f"{path}.targets: a transfer stage needs at least one target task")

@@ -76,6 +76,7 @@ def recipe(tmp_path: Path, source_sweep, **stage) -> Recipe:
         ({}, {}, r"give a mapping of keys to values"),
         ({"prune": "median"}, {}, r"name at least one key to sweep"),
         ({"train.lr_prompt": [0.3]}, {"data": {"evaluate": False}}, r"picks its best trial on validation"),
+        ({"train.lr": [1e-4, 1e-3]}, {"method": "finetune", "save_model": True}, r"remove save_model"),
     ],
 )
 def test_bad_sweep_blocks_fail_with_one_line_naming_the_key_and_fix(tmp_path, block, stage, message):
@@ -320,3 +321,13 @@ def test_sweep_paper_gives_every_train_stage_the_authors_grid(monkeypatch):
     assert {j.config.train.steps for j in rte} == {30_000}  # the stage's own settings stay
     with pytest.raises(PipelineError, match=r"recipe.sweep: 'papr' is not a named sweep.*did you mean 'paper'"):
         load_recipe("glue_t5_base", {"sweep": "papr"})
+
+
+def test_a_study_storage_url_holds_the_sampled_trials_for_every_machine(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    block = {"method": "random", "trials": 2, "seed": 1, "space": {"train.lr_prompt": {"low": 0.1, "high": 1.0}}}
+    first = [j.meta["sweep"] for j in plan(recipe(tmp_path, {**block, "storage": url})) if j.stage == "source"]
+    assert not (tmp_path / "out" / "source" / "sweep.journal").exists()
+    assert [t.params for t in optuna.load_study(study_name="dept.sw.source", storage=url).trials] == first
+    monkeypatch.setenv(sweep.STORAGE_ENV, url)  # the environment names the same storage: the same trials
+    assert [j.meta["sweep"] for j in plan(recipe(tmp_path, block)) if j.stage == "source"] == first
