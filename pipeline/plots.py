@@ -237,8 +237,10 @@ def plot_sweeps(sweeps: list[dict], path: str | Path) -> Path:
                 grid[j, i] = score
             image = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
             fig.colorbar(image, ax=ax, label="best validation score")
-            for (i, j), score in cells.items():
-                ax.text(i, j, f"{score:.1f}", ha="center", va="center", fontsize=8, color="white")
+            middle = (np.nanmin(grid) + np.nanmax(grid)) / 2
+            for (i, j), score in cells.items():  # dark text on the bright (viridis: yellow) upper half
+                color = "black" if score > middle else "white"
+                ax.text(i, j, f"{score:.1f}", ha="center", va="center", fontsize=9, color=color)
             ax.set_xticks(range(len(xs)), [_tick(v) for v in xs])
             ax.set_yticks(range(len(ys)), [_tick(v) for v in ys])
             for r in rows:
