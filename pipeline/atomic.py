@@ -7,12 +7,18 @@ leaves only `<dir>.old`, which `recover_dir` puts back, so a good adapter is nev
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.faults import disk_full
+
+FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left; disk quota exceeded
 
 
 def _umask() -> int:
@@ -42,6 +48,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     try:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
+            disk_full(path)  # the tests' ENOSPC
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -78,6 +85,7 @@ def replace_dir(path: str | Path):
     try:
         tmp.chmod(DIR_MODE)
         yield tmp
+        disk_full(path)  # the tests' ENOSPC
         for child in tmp.iterdir():
             with open(child, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -93,3 +101,33 @@ def replace_dir(path: str | Path):
     os.rename(tmp, path)
     _fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def disk_full_message(exc: OSError) -> str | None:
+    """The one line for a write that failed because the disk (or the quota) is full, else None: the path, the free
+    space left there, and that nothing complete was lost (every write here is all-or-nothing). #21"""
+    if exc.errno not in FULL:
+        return None
+    path = Path(exc.filename or ".")
+    where = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    try:
+        free = f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    what = "disk quota exceeded" if exc.errno == errno.EDQUOT else "disk full"
+    return (
+        f"{what} writing {path} ({free} on that file system): free space there (or choose another --output_dir) and "
+        "run the same command to resume; the last complete checkpoint and finished results are intact"
+    )
+
+
+@contextmanager
+def explain_disk_full():
+    """A full disk inside the block becomes a one-line PipelineError (`disk_full_message`)."""
+    try:
+        yield
+    except OSError as exc:
+        message = disk_full_message(exc)
+        if message is None:
+            raise
+        raise PipelineError(message) from exc

@@ -3,7 +3,9 @@
 A checkpoint is `<output_dir>/checkpoints/step-<N>/` holding `trainable.safetensors` (every trainable tensor and
 its AdamW moments at full size: for DePT the prompt, A and B, a few hundred KB; the frozen backbone is never in
 it), `state.json` (step, evaluation history, world size) and a `complete` marker. `latest` names the newest complete
-checkpoint and moves only after the marker is written, so a checkpoint cut off mid-write is never resumed from.
+checkpoint and moves only after the marker is written, so a checkpoint cut off mid-write is never resumed from. The marker holds
+each file's sha256: a checkpoint damaged later (truncated, a bit flipped) is detected at resume and the previous
+complete one is used, with a warning (`keep_checkpoints`, default 2, keeps one to fall back to).
 Because the tensors are whole (not DeepSpeed's per-rank partitions), a job checkpointed on N ranks resumes on any
 number of ranks.
 
@@ -14,6 +16,7 @@ other rows), which matters only for backbones with dropout; the data order is a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -28,6 +31,7 @@ from pipeline.faults import fault
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
+TENSORS = "trainable.safetensors"
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -36,10 +40,18 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 
 
 class Checkpoints:
-    """Checkpoints under `root` (`<output_dir>/checkpoints`), keeping the newest `keep` complete ones."""
+    """Checkpoints under `root` (`<output_dir>/checkpoints`), keeping the newest `keep` complete ones.
+
+    The `complete` marker holds the sha256 of each file of its checkpoint: a resume verifies them and falls back to
+    the previous complete checkpoint, with a warning, when a file is truncated or altered (a bit flip on disk, a
+    copy cut short). #21"""
 
     def __init__(self, root: Path, keep: int):
         self.root, self.keep = Path(root), keep
+
+    @staticmethod
+    def tag(step: int) -> str:
+        return f"step-{step:08d}"
 
     def latest(self) -> str | None:
         pointer = self.root / "latest"
@@ -48,28 +60,40 @@ class Checkpoints:
         tag = pointer.read_text().strip()
         return tag if (self.root / tag / "complete").exists() else None
 
+    def complete(self) -> list[str]:
+        """The complete checkpoints' tags, newest first."""
+        return sorted((p.name for p in self.root.glob("step-*") if (p / "complete").exists()), reverse=True)
+
     def save(self, engine, step: int, run_state: dict) -> None:
-        """Gather the trainable state (every rank) and write it on rank 0."""
+        """Gather the trainable state (every rank) and write it on rank 0; a write that fails there (a full disk)
+        fails on every rank alike, with the same one line."""
         tensors = engine.trainable_state()
         rank = distributed.rank()
-        tag = f"step-{step:08d}"
-        if rank == 0:
+        tag = self.tag(step)
+
+        def write_files() -> dict[str, str]:
             state = {
                 "format_version": FORMAT_VERSION,
                 "step": step,
                 "run_state": run_state,
                 "world_size": distributed.world_size(),
             }
-            with atomic.replace_dir(self.root / tag) as tmp:
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
+            with atomic.explain_disk_full(), atomic.replace_dir(self.root / tag) as tmp:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
                 (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
+                return {name: _sha256(tmp / name) for name in (TENSORS, "state.json")}
+
+        digests = distributed.decided_on_rank0(write_files, what="writing the checkpoint")
         fault("DEPT_FAULT_KILL_IN_CHECKPOINT", step, rank)
         distributed.barrier()
-        if rank == 0:
-            atomic.write_text(self.root / tag / "complete", f"{step}\n")
-            atomic.write_text(self.root / "latest", tag + "\n")
+
+        def mark_complete() -> None:
+            with atomic.explain_disk_full():
+                atomic.write_text(self.root / tag / "complete", json.dumps({"step": step, "sha256": digests}) + "\n")
+                atomic.write_text(self.root / "latest", tag + "\n")
             self._prune(keep_tag=tag)
-        distributed.barrier()
+
+        distributed.decided_on_rank0(mark_complete, what="writing the checkpoint")
 
     def _prune(self, keep_tag: str) -> None:
         """Keep the newest `keep` complete checkpoints; drop leftovers of interrupted writes."""
@@ -80,25 +104,63 @@ class Checkpoints:
         for tag in doomed:
             shutil.rmtree(self.root / tag, ignore_errors=True)
 
+    def verify(self, tag: str) -> str | None:
+        """Why checkpoint `tag` cannot be resumed from (a file missing, truncated or altered), or None when it is
+        intact. Markers of older versions (a bare step number) carry no checksums: only readability is checked."""
+        folder = self.root / tag
+        try:
+            marker = json.loads((folder / "complete").read_text())
+        except (OSError, ValueError):
+            marker = None
+        digests = marker.get("sha256", {}) if isinstance(marker, dict) else {}
+        for name in digests or ("state.json",):
+            if not (folder / name).is_file():
+                return f"{name} is missing"
+        for name, expected in digests.items():
+            if _sha256(folder / name) != expected:
+                size = (folder / name).stat().st_size
+                return f"{name} does not match the checksum written with it ({size} bytes; truncated or altered)"
+        try:
+            json.loads((folder / "state.json").read_text())
+        except (OSError, ValueError):
+            return "state.json is not readable"
+        return None
+
+    def choose(self) -> str | None:
+        """The newest intact complete checkpoint (rank 0 checks; every rank gets its answer), warning once for each
+        newer one that is damaged."""
+
+        def pick() -> str | None:
+            tags = self.complete()
+            latest = self.latest()
+            if latest in tags:  # the pointer first (it is the newest unless someone moved folders by hand)
+                tags.remove(latest)
+                tags.insert(0, latest)
+            for i, tag in enumerate(tags):
+                problem = self.verify(tag)
+                if problem is None:
+                    return tag
+                after = f"resuming from {tags[i + 1]} instead" if i + 1 < len(tags) else "no other checkpoint is left"
+                log.warning("checkpoint %s is damaged (%s): %s", self.root / tag, problem, after)
+            if tags:
+                log.warning("no intact checkpoint in %s: the job starts over from step 0", self.root)
+            return None
+
+        return distributed.decided_on_rank0(pick, what="choosing the checkpoint to resume from")
+
     def load(self, engine) -> tuple[int, dict | None]:
-        """Restore the newest complete checkpoint into `engine` (every rank): (step, run state), or (0, None)."""
-        tag = self.latest()
+        """Restore the newest intact complete checkpoint into `engine` (every rank): (step, run state), or (0, None)."""
+        tag = self.choose()
         if tag is None:
             return 0, None
         folder = self.root / tag
-        try:
-            state = json.loads((folder / "state.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            raise PipelineError(
-                f"checkpoint {folder} has no readable state.json (written by an older version?): "
-                "delete the checkpoints folder to start over"
-            ) from None
+        state = json.loads((folder / "state.json").read_text())
         if state.get("format_version") != FORMAT_VERSION:
             raise PipelineError(
                 f"checkpoint {folder} has format {state.get('format_version')!r}, this version reads "
                 f"{FORMAT_VERSION}: delete the checkpoints folder to start over"
             )
-        engine.load_trainable_state(load_file(str(folder / "trainable.safetensors")), state["step"])
+        engine.load_trainable_state(load_file(str(folder / TENSORS)), state["step"])
         if state["world_size"] != distributed.world_size() and distributed.rank() == 0:
             log.warning(
                 "resuming a checkpoint written on %d ranks on %d ranks: the data order and schedule continue "
@@ -108,6 +170,14 @@ class Checkpoints:
                 distributed.world_size(),
             )
         return int(state["step"]), state["run_state"]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def restore_history(path: Path, start: int, rank: int) -> list[dict]:

@@ -21,16 +21,19 @@ bool, `--model 123` a number), and each value is parsed exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import fire
 
-from pipeline import distributed, logs
+from pipeline import distributed, interrupts, logs
 from pipeline._version import __version__
+from pipeline.atomic import disk_full_message
 from pipeline.config import (
     EvaluateArgs,
     ExportAdapterArgs,
@@ -95,8 +98,9 @@ def train(**flags) -> None:
         flags["task"] = [_custom_task(flags.pop("custom_task"))]
     cfg = capped(from_flags(JobConfig, flags, ""))
     check_job(cfg)
-    prepare_output_dir(cfg, overwrite)
-    result = run_job(cfg)
+    with holding_output_dir(cfg):
+        prepare_output_dir(cfg, overwrite)
+        result = run_job(cfg)
     if distributed.rank() == 0:
         line = f"done: final loss {result['final_loss']:.4f}"
         if result.get("test"):
@@ -175,11 +179,35 @@ def _main_metrics(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.2f}" for k, v in metrics.items() if isinstance(v, float) and k != "score")
 
 
+@contextlib.contextmanager
+def holding_output_dir(cfg: JobConfig):
+    """One `dept train` per output folder: rank 0 holds its lock while the job runs (`folder_lock`: a killed run's
+    lock goes with it); a second launch is refused at once, on every rank alike, naming the process that holds it.
+    A refused or failed start leaves no folder behind that it created. #21"""
+    from pipeline import engine, folder_lock
+
+    if distributed.world_size() > 1:
+        engine.init_distributed(cfg.train.comm_timeout_s)  # so that every rank hears rank 0's answer
+    out = Path(cfg.output_dir)
+    existed = out.exists()
+    with contextlib.ExitStack() as stack:
+        distributed.decided_on_rank0(
+            lambda: stack.enter_context(folder_lock.hold(out, "dept train")) and None, what="locking --output_dir"
+        )
+        try:
+            yield
+        except BaseException:
+            if not existed and distributed.rank() == 0 and out.is_dir():
+                if {p.name for p in out.iterdir()} <= {folder_lock.LOCK_NAME, "job.log"}:  # nothing trained yet
+                    stack.close()
+                    shutil.rmtree(out, ignore_errors=True)
+            raise
+
+
 def prepare_output_dir(cfg: JobConfig, overwrite: bool) -> None:
     """A finished job is never overwritten silently; a checkpointed one resumes only with the same settings."""
-    import shutil
-
     from pipeline.fingerprint import recorded_state
+    from pipeline.folder_lock import LOCK_NAME
 
     out = Path(cfg.output_dir)
     state, changed = recorded_state(cfg)
@@ -194,7 +222,9 @@ def prepare_output_dir(cfg: JobConfig, overwrite: bool) -> None:
             "pass --overwrite to start over or choose another --output_dir"
         )
     if overwrite and out.exists() and distributed.rank() == 0:
-        shutil.rmtree(out)
+        for entry in out.iterdir():  # all but the lock this command holds (a new lock file would be another lock)
+            if entry.name != LOCK_NAME:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 # ----------------------------------------------------------------------------------------------- the flags
@@ -375,9 +405,16 @@ def main(argv: list[str] | None = None) -> int:
         # Raw strings: the command's dataclass parses each (options.py); recipe overrides are parsed by the recipe
         # loader (yaml.safe_load), which names their path.
         bound = functools.partial(COMMANDS[name].function, *positionals, **values)
-        fire.Fire({name: bound}, command=[name], name="dept")
+        with interrupts.handled():  # SIGTERM/SIGINT: stop at a step boundary with a checkpoint (interrupts.py)
+            fire.Fire({name: bound}, command=[name], name="dept")
     except SystemExit as stop:
         return int(stop.code or 0)
+    except interrupts.Interrupted as stop:
+        if debug:
+            raise
+        if distributed.local_rank() == 0:  # one line per node: every rank stopped at the same step
+            print(stop, file=sys.stderr, flush=True)
+        return stop.exit_status
     except BrokenPipeError:  # `dept train --help | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -385,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"error{who}: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        message = disk_full_message(err)
+        if message is None or debug:
+            raise
+        print(f"error{who}: {message}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # a peer rank died or hangs: gloo/NCCL errors and collective timeouts
         text = str(err)

@@ -183,7 +183,18 @@ class TrainArgs:
     eval_every: int = option(
         0, "validate every N steps (0: once at the end); the best step scores the test split", minimum=0
     )
-    save_every: int = option(0, "write a resumable checkpoint every N steps (0: none)", minimum=0)
+    save_every: int | None = option(
+        None,
+        "write a resumable checkpoint every N steps (0: none; not given: every save_every_minutes of wall time, at "
+        "the end of warm-up, and when SIGTERM/SIGINT stops the job)",
+        minimum=0,
+    )
+    save_every_minutes: float = option(
+        10.0,
+        "when save_every is not given: a checkpoint every this many minutes (so a preempted job loses at most "
+        "that much), one at the end of warm-up, and one when SIGTERM/SIGINT stops the job",
+        minimum=0.0,
+    )
     keep_checkpoints: int = option(2, "complete checkpoints kept (the newest always)", minimum=1)
     max_target_length: int = option(32, "longest target in tokens (a truncated target keeps its EOS)", minimum=1)
     pad_to_max_length: bool = option(False, "pad every input to s (the authors' setting; slower, same loss)")
@@ -510,8 +521,8 @@ def capped(cfg: JobConfig) -> JobConfig:
         return cfg
     ratio = steps / train.steps
 
-    def scaled(value: int) -> int:
-        return 0 if value == 0 else max(1, int(value * ratio))
+    def scaled(value: int | None) -> int | None:
+        return value if not value else max(1, int(value * ratio))
 
     warmup = min(scaled(train.warmup_steps), steps - 1) if train.warmup_steps else 0
     new = dataclasses.replace(

@@ -71,6 +71,19 @@ def _all_reduce(value: float, op: str = "sum") -> float:
     return tensor.item()
 
 
+def max_over_ranks(values: list[float]) -> list[float]:
+    """The element-wise maximum of `values` over the ranks, in one all-reduce (every rank gets the same list)."""
+    dist = _shared()
+    if not dist:
+        return list(values)
+    import torch
+
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def mean_over_ranks(value: float) -> float:
     return _all_reduce(value) / world_size()
 

@@ -24,6 +24,7 @@ NOT_RESULT_DEFINING = {
     ("train", "allow_fp16_t5"),  # permission only: the DeepSpeed config decides the precision
     ("train", "log_every"),
     ("train", "save_every"),
+    ("train", "save_every_minutes"),
     ("train", "keep_checkpoints"),
     ("train", "comm_timeout_s"),
     ("train", "cpu_threads"),

@@ -565,9 +565,18 @@ class Tracker:
         run_id = self._current(run_id)
         if not (self.active and run_id):
             return lambda step, metrics: None
-        stream = _MetricStream(self, run_id, invalid_curves, flush_every_s)
+        stream = _MetricStream(self, run_id, invalid_curves, flush_every_s, self._last_steps(run_id))
         self._streams.append(stream)
         return stream
+
+    def _last_steps(self, run_id: str) -> dict[str, int]:
+        """The last step logged of each metric of a run (empty for a new run): a resumed job re-logs nothing. #21"""
+        try:
+            keys = list(self.client.get_run(run_id).data.metrics)
+            return {key: max((m.step for m in self.client.get_metric_history(run_id, key)), default=-1) for key in keys}
+        except Exception as exc:  # noqa: BLE001 -- a tracking failure never stops training (see callback_for)
+            log.warning("could not read the metrics MLflow run %s already holds: %s", run_id, exc)
+            return {}
 
     def flush(self, run_id: str | None = None) -> None:
         """Send the metric points buffered for `run_id` (None: every run)."""
@@ -587,7 +596,8 @@ class Tracker:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.active or not self._open:
             return
-        status = "FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
+        # Ctrl-C and SIGTERM (interrupts.Interrupted is a KeyboardInterrupt): KILLED; the next run re-attaches. #21
+        status = "FINISHED" if exc_type is None else ("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
         try:
             self.flush()  # the curve up to the failure is worth keeping
         except Exception as err:  # noqa: BLE001 -- never hide the original exception
@@ -603,8 +613,11 @@ class Tracker:
 class _MetricStream:
     """One run's training-loop callback: records split into metrics and tags, buffered, sent in batches."""
 
-    def __init__(self, tracker: Tracker, run_id: str, invalid_curves: bool, flush_every_s: float):
+    def __init__(
+        self, tracker: Tracker, run_id: str, invalid_curves: bool, flush_every_s: float, last_steps: dict | None = None
+    ):
         self.tracker, self.run_id, self.invalid_curves = tracker, run_id, invalid_curves
+        self.last_steps = last_steps or {}  # metric -> last step the run holds: later points only (a resumed job)
         self.flush_every_s = flush_every_s
         self.points: list = []
         self.tags: dict[str, str] = {}
@@ -616,7 +629,9 @@ class _MetricStream:
 
         metrics, tags = split_record(record, self.invalid_curves)
         now = int(time.time() * 1000)
-        self.points += [Metric(k, v, now, int(step)) for k, v in metrics.items()]
+        self.points += [
+            Metric(k, v, now, int(step)) for k, v in metrics.items() if int(step) > self.last_steps.get(k, -1)
+        ]
         self.tags.update(tags)
         evaluated = any(str(k).startswith(("eval_", "test_")) for k in record)
         if evaluated or len(self.points) >= 1000 or time.monotonic() - self.sent_at >= self.flush_every_s:

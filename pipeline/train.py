@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import adapters, atomic, distributed, engine, logs, lora
+from pipeline import adapters, atomic, distributed, engine, interrupts, logs, lora
 from pipeline.backbone import Backbone, load_backbone, save_backbone
 from pipeline.checkpoint import Checkpoints, restore_history, seed_step
 from pipeline.config import DEFAULT_M, DEFAULT_R, DEFAULT_S, JobConfig
@@ -214,9 +214,10 @@ def train(
     prompt_tokens = shape.num_virtual_tokens if isinstance(shape, DeptConfig) else 0
     save_adapter = _adapter_writer(shape, backbone.name)
     trainer.train()
-    window = _Window()
+    window = _Window(**state.pop("window", {}))  # a checkpoint between two log lines keeps the partial window
+    cadence = _Cadence(opts, rank)
     stopped = None
-    with _progress(rank, start, opts.steps) as progress:  # closed (newline) even on an error
+    with _progress(rank, start, opts.steps) as progress, interrupts.at_step_boundaries():
         for step in range(start, opts.steps):
             tick = time.perf_counter()
             seed_step(opts.seed, step, rank)
@@ -257,11 +258,23 @@ def train(
                     if rank == 0:
                         log.info("stopped at step %d: %s", done, reason, extra=logs.ALWAYS_ON_CONSOLE)
                     break
-            if opts.save_every and done % opts.save_every == 0 and done < opts.steps:
-                checkpoints.save(trainer, done, state)
+            # One all-reduce decides, on every rank alike, whether a signal stops the job here (any rank got one)
+            # and whether the wall-clock cadence is due (rank 0's clock). #21
+            signum, time_due = distributed.max_over_ranks([interrupts.pending(), cadence.time_due()])
+            if (signum and cadence.enabled) or (cadence.due(done, bool(time_due)) and done < opts.steps):
+                checkpoints.save(trainer, done, {**state, "window": vars(window)})
+                cadence.saved()
                 fault("DEPT_FAULT_KILL_AT_STEP", done, rank)  # a kill right after a complete checkpoint
+            if signum:
+                written = (
+                    f"checkpoint written ({checkpoints.root / checkpoints.tag(done)})"
+                    if cadence.enabled
+                    else "no checkpoint (save_every 0): the re-run starts over"
+                )
+                raise interrupts.Interrupted(int(signum), done, opts.steps, written)
             fault("DEPT_FAULT_RAISE_AT_STEP", done, rank)
             fault("DEPT_FAULT_HANG_AT_STEP", done, rank)
+            fault("DEPT_FAULT_SIGNAL_AT_STEP", done, rank)
 
     if evaluator and not opts.eval_every:
         _validate(trainer.module, evaluator, opts.steps, state, out, save_adapter, callbacks)
@@ -340,11 +353,44 @@ def _optimizer_step(trainer, batches: list[dict], step: int, opts, state: dict) 
     return total
 
 
+class _Cadence:
+    """When the loop writes a checkpoint. `save_every` N: every N steps; 0: never (not even when a signal stops the
+    job); not given (None): every `save_every_minutes` of wall time by rank 0's clock and at the end of warm-up, so a
+    default job preempted after days loses minutes. #21"""
+
+    def __init__(self, opts, rank: int):
+        self.every, self.minutes, self.warmup, self.rank = (
+            opts.save_every,
+            opts.save_every_minutes,
+            opts.warmup_steps,
+            rank,
+        )
+        self.last = time.monotonic()
+
+    @property
+    def enabled(self) -> bool:
+        return self.every != 0
+
+    def time_due(self) -> float:
+        """1.0 when this rank's clock says a time-based checkpoint is due (only rank 0's is asked), else 0.0."""
+        if self.every is not None or not self.minutes or self.rank != 0:
+            return 0.0
+        return float(time.monotonic() - self.last >= self.minutes * 60)
+
+    def due(self, done: int, time_due: bool) -> bool:
+        if self.every:
+            return done % self.every == 0
+        return self.every is None and (time_due or (self.warmup > 0 and done == self.warmup))
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
 class _Window:
     """Loss, tokens and time accumulated between two log lines."""
 
-    def __init__(self):
-        self.loss, self.tokens, self.seconds, self.steps = 0.0, 0, 0.0, 0
+    def __init__(self, loss: float = 0.0, tokens: int = 0, seconds: float = 0.0, steps: int = 0):
+        self.loss, self.tokens, self.seconds, self.steps = loss, tokens, seconds, steps
 
     def add(self, loss: float, tokens: int, seconds: float) -> None:
         self.loss, self.tokens, self.seconds, self.steps = (

@@ -26,7 +26,6 @@ LAYERS = [
     "train",
     "evaluation",
     "checkpoint",
-    "faults",
     "interop",
     "adapters",
     "lora",
@@ -52,6 +51,8 @@ LAYERS = [
     "atomic",
     "folder_lock",
     "cache",
+    "faults",
+    "interrupts",
     "errors",
     "_version",
 ]
