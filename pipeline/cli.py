@@ -82,9 +82,9 @@ ALIAS_REASONS = {
 def run(recipe: str = "quickstart", **flags) -> None:
     from pipeline.runner import run_recipe
 
-    own = {k: flags.pop(k) for k in ("dry_run", "rerun_changed") if k in flags}
+    own = {k: flags.pop(k) for k in ("dry_run", "rerun_changed", "join") if k in flags}
     args = build(RunArgs, {"recipe": recipe, **own}, "run")
-    run_recipe(args.recipe, flags, dry_run=args.dry_run, rerun_changed=args.rerun_changed)
+    run_recipe(args.recipe, flags, dry_run=args.dry_run, rerun_changed=args.rerun_changed, join=args.join)
 
 
 def train(**flags) -> None:

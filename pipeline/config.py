@@ -409,6 +409,11 @@ class RecipeSpec:
     train: dict = option(default_factory=dict, help="TrainArgs defaults")
     data: dict = option(default_factory=dict, help="DataArgs defaults")
     tracking: TrackingArgs = option(default_factory=TrackingArgs)
+    parallel: str = option(
+        "1",
+        "jobs run at once, each in its own worker process with its share of the machine: N, or auto (the cores "
+        "or GPUs divided by what one job needs; `dept run --parallel N` overrides)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- inference
@@ -465,6 +470,11 @@ class RunArgs:
     )
     dry_run: bool = option(False, "validate, check feasibility and print the plan; train nothing")
     rerun_changed: bool = option(False, "re-run jobs whose settings changed since they ran (default: refuse)")
+    join: bool = option(
+        False,
+        "join a run another `dept run` started in the same output folder (a shared file system, the same "
+        "tracking URI): take jobs nobody runs, exit when all are done; the first launcher writes the summary",
+    )
 
 
 @dataclass

@@ -411,6 +411,29 @@ class Tracker:
         self.parent_id = self._collective(open_parent)
         return self.parent_id
 
+    def join_parent(self, key: str, wait_s: float = 600.0) -> str | None:
+        """The parent run another process opened (a `dept run --join` worker's): found by its key, waited for up
+        to `wait_s` (the launcher may still be starting), and never re-opened or finished by this tracker: the
+        launcher that opened it closes it when every job is done."""
+        _check_key(key)
+
+        def find_parent():
+            deadline = time.monotonic() + wait_s
+            while True:
+                run = self._find(key, role="parent")
+                if run is not None:
+                    return run.info.run_id
+                if time.monotonic() > deadline:
+                    raise PipelineError(
+                        f"no MLflow parent run with key {key} at {self.uri} after {wait_s:.0f} s: start the run with "
+                        f"`dept run RECIPE --output_dir=DIR` first, then join it with the same recipe, --output_dir "
+                        f"and tracking URI"
+                    )
+                time.sleep(2)
+
+        self.parent_id = self._collective(find_parent)
+        return self.parent_id
+
     def child(self, name: str, key: str, params: dict | None = None) -> str | None:
         """Start, or re-attach to, a nested run under the parent and log its params (flattened with dots).
 

@@ -8,6 +8,7 @@ behavioural suites beside them:
     config.py              test_config.py; fingerprint.py: test_fingerprint.py (also reuse / refuse by `dept run`)
     recipe.py              test_recipe.py; recipes run end to end: test_recipe_runs.py, the README's: test_readme.py
     runner.py              test_runner.py; mlflow_record.py: test_mlflow_record.py; tracking.py: test_tracking.py;
+                           several jobs at once (workers.py, --parallel, --join): test_parallel.py;
                            the MLflow UI in a browser: test_mlflow_ui.py; summary.py, plots.py: test_summary.py,
                            test_plots.py
     job.py, train.py       test_job.py, test_train.py; one loss for every batch split: test_batch_split.py; real

@@ -18,6 +18,7 @@ LAYERS = [
     "pipeline",
     "cli",
     "runner",
+    "workers",
     "bench",
     "recipe",
     "preflight",
