@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 import fire
+import yaml
 
 from pipeline import distributed, interrupts, logs
 from pipeline._version import __version__
@@ -54,6 +55,8 @@ CUSTOM_TASK_HELP = (
 CLI_ONLY_TRAIN = {
     "overwrite": "replace a finished job in output_dir (otherwise refused)",
     "custom_task": CUSTOM_TASK_HELP,
+    "sweep": "one job per setting, the best on validation kept (README: Sweeps): paper, or a sweep mapping such as "
+    '"{train.lr_prompt: [0.3, 0.4]}"; runs as a one-stage recipe in output_dir',
 }
 CLI_ONLY_INFERENCE = {
     "custom_task": "a custom task YAML file, as with --task FILE: its template renders the rows, its metric scores them"
@@ -92,11 +95,24 @@ def train(**flags) -> None:
     from pipeline.preflight import check_job
 
     overwrite = coerce(flags.pop("overwrite", False), bool, "--overwrite")
+    swept = flags.pop("sweep", None)
     if "custom_task" in flags:
         if "task" in flags:
             raise PipelineError("give --task or --custom_task, not both")
         flags["task"] = [_custom_task(flags.pop("custom_task"))]
     cfg = capped(from_flags(JobConfig, flags, ""))
+    if swept is not None:  # a sweep is a one-stage recipe: its trials, study and summary in output_dir (#19)
+        from pipeline import atomic
+        from pipeline.recipe import train_as_recipe
+        from pipeline.runner import run_recipe
+
+        raw = train_as_recipe(cfg, yaml.safe_load(swept) if isinstance(swept, str) else swept)
+        path = Path(cfg.output_dir) / "sweep_recipe.yaml"
+        if distributed.rank() == 0:
+            atomic.write_text(path, yaml.safe_dump(raw, sort_keys=False))
+        distributed.barrier()
+        run_recipe(str(path), {})
+        return
     check_job(cfg)
     with holding_output_dir(cfg):
         prepare_output_dir(cfg, overwrite)

@@ -498,5 +498,44 @@ def _given(value: int | None) -> str:
     return "default" if value is None else str(value)
 
 
+def train_as_recipe(cfg: JobConfig, block: dict | str) -> dict:
+    """`dept train ... --sweep BLOCK` as a one-stage recipe (`output_dir` the job's; trials under
+    `<output_dir>/train/<task>/<setting>`): the job's settings as the recipe's sections, input paths absolute (the
+    recipe file is written into output_dir), no MLflow (as `dept train`)."""
+    config = to_dict(cfg)
+    data = config["data"]
+    if data.pop("k") is not None:
+        raise PipelineError(
+            "--sweep with --k: k-shot runs are a recipe's transfer stage; write a recipe (README: Sweeps)"
+        )
+    tasks = data.pop("tasks")
+
+    def absolute(value):
+        return str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
+
+    for key in ("data_dir", "train_file"):
+        data[key] = absolute(data[key])
+    sections = {name: {k: v for k, v in config[name].items() if v is not None} for name in SECTIONS}
+    stage = {
+        "name": "train",
+        "tasks": [t if isinstance(t, dict) else absolute(t) for t in tasks],
+        "sweep": sweep.named(block, "--sweep"),
+    }
+    if cfg.init_adapter:
+        stage["init_adapter"] = absolute(cfg.init_adapter)
+    return {
+        "name": "train",
+        "model": absolute(cfg.model),
+        "output_dir": str(Path(cfg.output_dir).resolve()),
+        "ds_config": absolute(cfg.ds_config),
+        "method": cfg.method,
+        "on_length_mismatch": cfg.on_length_mismatch,
+        "model_overrides": cfg.model_overrides,
+        **sections,
+        "tracking": {"enabled": False},
+        "stages": [stage],
+    }
+
+
 def resolved_dict(recipe: Recipe) -> dict:
     return to_dict(recipe.spec)

@@ -331,3 +331,26 @@ def test_a_study_storage_url_holds_the_sampled_trials_for_every_machine(tmp_path
     assert [t.params for t in optuna.load_study(study_name="dept.sw.source", storage=url).trials] == first
     monkeypatch.setenv(sweep.STORAGE_ENV, url)  # the environment names the same storage: the same trials
     assert [j.meta["sweep"] for j in plan(recipe(tmp_path, block)) if j.stage == "source"] == first
+
+
+def test_dept_train_sweep_is_a_one_stage_recipe_of_the_same_job(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+    from pipeline.config import JobConfig
+    from pipeline.options import from_flags
+    from pipeline.recipe import load_recipe, train_as_recipe
+
+    monkeypatch.chdir(tmp_path)
+    flags = {"model": "stories260K", "task": "stories-animal", "output_dir": "runs/t", "steps": 10, "warmup_steps": 1}
+    cfg = from_flags(JobConfig, {**flags, "num_virtual_tokens": 4, "lora_rank": 1}, "")
+    path = tmp_path / "runs" / "t" / "sweep_recipe.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(yaml.safe_dump(train_as_recipe(cfg, "paper"), sort_keys=False))
+    jobs = plan(load_recipe(str(path)), persist=False)
+    assert len(jobs) == 8 and jobs[0].key == "train/stories-animal/lr_prompt=0.3,lr_lowrank=0.0001"
+    assert Path(jobs[0].config.output_dir) == tmp_path / "runs" / "t" / jobs[0].key
+    assert all(j.config.train.steps == 10 and j.config.dept.num_virtual_tokens == 4 for j in jobs)
+    with pytest.raises(PipelineError, match="--sweep with --k"):
+        train_as_recipe(from_flags(JobConfig, {**flags, "k": 4}, ""), "paper")
+    args = [f"--{k}={v}" for k, v in flags.items()]
+    assert main(["train", *args, "--sweep={train.lr_promt: [0.3]}"]) != 0  # the sweep's keys are checked
+    assert "did you mean 'lr_prompt'" in capsys.readouterr().err
