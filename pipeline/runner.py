@@ -114,10 +114,15 @@ def run_recipe(
     recipe = load_recipe(name_or_path, overrides)
     jobs = plan(recipe, persist=not dry_run)
     check_feasible(recipe, jobs)
+    from pipeline import workers
+
     if dry_run:
         print(describe_plan(recipe, jobs))
+        cores, world = len(os.sched_getaffinity(0)), distributed.world_size()
+        count = workers.worker_count(recipe.spec.parallel, jobs, world, cores, workers.gpus_visible())
+        print(f"jobs at once: {count} (--parallel {recipe.spec.parallel}, {cores} cores, world size {world})")
         return None
-    from pipeline import engine, workers
+    from pipeline import engine
     from pipeline.tracking import Tracker, check_reachable
 
     uri = tracking_uri(recipe)

@@ -166,9 +166,13 @@ def test_refusals_name_the_combination(tmp_path):
     )
 
 
-def test_the_quickstart_runs_its_jobs_in_parallel_by_default():
+def test_the_quickstart_runs_its_jobs_in_parallel_by_default(capsys):
     recipe = load_recipe("quickstart")
     assert workers.worker_count(recipe.spec.parallel, plan(recipe), world_size=1, cores=2, gpus=[]) == 2
+    from pipeline.runner import run_recipe
+
+    run_recipe("quickstart", {"parallel": "1"}, dry_run=True)
+    assert "jobs at once: 1 (--parallel 1," in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------- slow
