@@ -210,6 +210,11 @@ class TrainArgs:
         "cores or OMP_NUM_THREADS)",
         minimum=1,
     )
+    sharding: Literal["auto", "zero3"] = option(
+        "auto",
+        "auto: ZeRO-3 over several ranks, the whole model and a plain step in one process (unless the DeepSpeed "
+        "config offloads or is fp16); zero3: ZeRO-3 even in one process",
+    )
 
     def __post_init__(self):
         if self.on_nonfinite == "skip" and self.grad_accum > 1:

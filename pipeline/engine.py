@@ -13,6 +13,18 @@
 
 The backend (NCCL on NVIDIA GPUs, gloo on `DS_ACCELERATOR=cpu`) comes from DeepSpeed's accelerator, never from
 this code, so one code path serves laptops and clusters.
+
+Which ZeRO stage a job runs (`plan_stage`, logged once per job): ZeRO-3 shards the frozen backbone over the ranks,
+and that is all it buys; its price is Python on every module call (each Linear's fetch/release hooks): +34% per step
+on a small model in one process, where there is nothing to shard (#24). So:
+  - several ranks: ZeRO-3, as the DeepSpeed config says;
+  - one process: stage 0. The backbone is built whole (`from_pretrained` / `from_config`, no `zero.Init`) and the
+    step is a plain PyTorch one (`PlainEngine`: the same AdamW groups and schedule, the loss scaled by 1/grad_accum
+    as DeepSpeed does, clipping, fp32 master weights and fp32 gradient accumulation for a bf16 model), with the
+    same results (tests/test_batch_split.py compares 1 rank with 2);
+  - one process, but ZeRO-3 all the same: when the DeepSpeed config offloads parameters or optimizer state (a model
+    too big for one device needs ZeRO-3's offload), when it is fp16 (DeepSpeed's dynamic loss scaling), or when the
+    job asks for it (`--sharding zero3`).
 """
 
 from __future__ import annotations
@@ -228,6 +240,35 @@ def training_ds_config(ds: dict, batch_size: int, grad_accum: int, grad_clip: fl
     }  # progress is ours
 
 
+SHARDINGS = ("auto", "zero3")
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def plan_stage(ds: dict, world: int, sharding: str = "auto") -> tuple[dict, str]:
+    """(the DeepSpeed config the job runs with, why): ZeRO-3 over several ranks, stage 0 (a whole model, a plain
+    PyTorch step) in one process unless the config offloads, is fp16, or `sharding` is "zero3". See the module
+    docstring."""
+    if sharding not in SHARDINGS:
+        raise PipelineError(f"sharding must be one of {', '.join(SHARDINGS)}, got {sharding!r}")
+    zero = ds.get("zero_optimization", {})
+    offloads = [
+        key for key in ("offload_param", "offload_optimizer") if (zero.get(key) or {}).get("device", "none") != "none"
+    ]
+    if world > 1:
+        return ds, f"ZeRO stage 3: the frozen backbone is sharded over {world} ranks"
+    if sharding == "zero3":
+        return ds, "ZeRO stage 3 in one process: asked for (--sharding zero3)"
+    if offloads:
+        return ds, f"ZeRO stage 3 in one process: the DeepSpeed config offloads ({', '.join(offloads)})"
+    if ds.get("fp16", {}).get("enabled"):
+        return ds, "ZeRO stage 3 in one process: fp16 needs DeepSpeed's loss scaling"
+    unsharded = {**ds, "zero_optimization": {**zero, "stage": 0}}
+    return unsharded, "ZeRO stage 0: one process holds the whole model (a plain PyTorch step, no ZeRO-3 hooks)"
+
+
 def inference_ds_config(ds: dict, world: int) -> dict:
     """DeepSpeed insists on a batch geometry even without training: a trivial one."""
     return {**ds, "train_batch_size": world, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
@@ -326,13 +367,32 @@ def peak_memory_mb() -> float:
 
 
 def inference_module(model: torch.nn.Module, ds: dict) -> torch.nn.Module:
-    """`model` wrapped by a DeepSpeed inference-only engine (no optimizer): ZeRO-3 hooks gather each layer for
-    its forward. Returns the wrapped module, in eval mode."""
+    """`model` ready for inference, in eval mode: under ZeRO-3 wrapped by a DeepSpeed inference-only engine (no
+    optimizer; its hooks gather each layer for its forward); at stage 0 the whole model on this rank's device."""
+    if zero_stage(ds) != 3:
+        return whole_on_device(model, dtype_of(ds)).eval()
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, config=ds)
     engine.module.eval()
     return engine.module
+
+
+def device() -> torch.device:
+    """This rank's accelerator device (DeepSpeed's choice: cuda:<local rank> on NVIDIA GPUs, cpu on DS_ACCELERATOR=cpu)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def whole_on_device(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model`'s floating-point parameters in `dtype` (the backbone was loaded in it; a fresh DePT module is fp32) and
+    everything on this rank's device. Buffers keep their dtype, as under ZeRO-3 (which converts parameters only):
+    LLaMA's rotary `inv_freq` stays fp32."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model.to(device())
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -347,6 +407,13 @@ def warmup_then_linear_decay(warmup: int, total: int) -> Callable[[int], float]:
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return factor
+
+
+def training_engine(model, groups: list[dict], ds: dict, weight_decay: float, warmup: int, total_steps: int):
+    """The training engine `ds` calls for: `Engine` (DeepSpeed) under ZeRO-3, `PlainEngine` at stage 0 (see
+    `plan_stage`). Both have the same methods and give the same steps."""
+    kind = Engine if zero_stage(ds) == 3 else PlainEngine
+    return kind(model, groups, ds, weight_decay, warmup, total_steps)
 
 
 class Engine:
@@ -447,3 +514,126 @@ class Engine:
         with gathered([p for p, _ in targets], modify=True), torch.no_grad():
             for param, tensor in targets:
                 param.copy_(tensor.to(param.dtype))
+
+
+class PlainEngine:
+    """The training engine of one process holding the whole model (ZeRO stage 0): the step of `Engine` in plain
+    PyTorch, with no DeepSpeed engine around the backbone (no per-module hooks, no engine bookkeeping per step).
+
+    What DeepSpeed does for `Engine`, done here the same way: the model on this rank's device with its parameters in
+    the config's precision; AdamW (eps 1e-6) over the groups with a LambdaLR warmup-then-decay schedule; each
+    micro-batch's loss divided by grad_accum before its backward; at every grad_accum-th `step()` the gradient-norm
+    clip (`gradient_clipping`: factor max_norm / (norm + 1e-6) when below 1), the optimizer step and the schedule
+    step. For a 16-bit model the optimizer works on fp32 master copies of the trainable parameters, gradients are
+    accumulated into the masters in fp32 and the updated masters are copied back (DeepSpeed's bf16 mixed precision).
+    The checkpoint state is the same as `Engine`'s, so a checkpoint moves between this and ZeRO-3 on any world size.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, groups: list[dict], ds: dict, weight_decay: float, warmup: int, total_steps: int
+    ):
+        self.group_names = [g["name"] for g in groups]
+        self._factor = warmup_then_linear_decay(warmup, total_steps)
+        self._grad_accum = int(ds.get("gradient_accumulation_steps", 1))
+        self._clip = float(ds.get("gradient_clipping", 0.0) or 0.0)
+        self._micro_steps = 0
+        self.module = whole_on_device(model, dtype_of(ds))
+        self.device = next(self.module.parameters()).device
+        self.trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        # fp32 parameters are their own masters; 16-bit ones get an fp32 copy that receives their gradients
+        self._master = {
+            p: p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True) for _, p in self.trainable
+        }
+        for param, master in self._master.items():
+            if master is not param:
+                param.register_post_accumulate_grad_hook(self._accumulate_into(master))
+        master_groups = [{**g, "params": [self._master[p] for p in g["params"]]} for g in groups]
+        self._optimizer = torch.optim.AdamW(master_groups, eps=1e-6, weight_decay=weight_decay)
+        self._scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer, self._factor)
+
+    @staticmethod
+    def _accumulate_into(master: torch.Tensor):
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad.float()
+            master.grad = grad if master.grad is None else master.grad.add_(grad)
+            param.grad = None
+
+        return hook
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """The loss of one micro-batch (tensors moved to the model's device)."""
+        return self.module(**{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}).loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self._grad_accum).backward()
+
+    def step(self) -> None:
+        """Counts a micro-batch; at the accumulation boundary: clip, optimizer step, schedule step."""
+        self._micro_steps += 1
+        if self._micro_steps % self._grad_accum:
+            return
+        masters = list(self._master.values())
+        if self._clip > 0:
+            torch.nn.utils.clip_grad_norm_(masters, self._clip)
+        self._optimizer.step()
+        self._scheduler.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        self._copy_masters_to_params()
+
+    def _copy_masters_to_params(self) -> None:
+        with torch.no_grad():
+            for param, master in self._master.items():
+                if master is not param:
+                    param.copy_(master)
+
+    def learning_rates(self) -> dict[str, float]:
+        """The rate each group applies at the coming step."""
+        return dict(zip(self.group_names, (g["lr"] for g in self._optimizer.param_groups)))
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """`Engine.trainable_state`: full fp32 copies of every trainable tensor and its AdamW moments."""
+        state = {}
+        for name, param in self.trainable:
+            master = self._master[param]
+            state[f"param/{name}"] = master.detach().float().cpu().clone()
+            moments = self._optimizer.state.get(master, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = moments.get(key)
+                state[f"{key}/{name}"] = (
+                    value.detach().float().cpu().clone()
+                    if value is not None
+                    else torch.zeros_like(state[f"param/{name}"])
+                )
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor], step: int) -> None:
+        """`Engine.load_trainable_state`: restore a checkpoint written on any number of ranks."""
+        missing = [name for name, _ in self.trainable if f"param/{name}" not in state]
+        if missing:
+            raise PipelineError(
+                f"checkpoint lacks the trainable tensor {missing[0]}: it was written by another "
+                "method or DePT shape; start a new output directory"
+            )
+        with torch.no_grad():
+            for name, param in self.trainable:
+                master = self._master[param]
+                master.copy_(state[f"param/{name}"].to(master.device))
+                self._optimizer.state[master] = {
+                    "step": torch.tensor(float(step)),
+                    **{key: state[f"{key}/{name}"].to(master.device).clone() for key in ("exp_avg", "exp_avg_sq")},
+                }
+        self._copy_masters_to_params()
+        self._scheduler.last_epoch = step
+        for group in self._optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * self._factor(step)
+        self._scheduler._last_lr = [g["lr"] for g in self._optimizer.param_groups]
+
+    def overwrite(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+        """`Engine.overwrite`: copy tensors into the live parameters `prefix + name` (not into the optimizer's copy)."""
+        params = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                params[prefix + name].copy_(tensor.to(params[prefix + name].dtype))

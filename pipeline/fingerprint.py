@@ -28,6 +28,7 @@ NOT_RESULT_DEFINING = {
     ("train", "keep_checkpoints"),
     ("train", "comm_timeout_s"),
     ("train", "cpu_threads"),
+    ("train", "sharding"),  # ZeRO-3 or the whole model: the same steps (tests/test_batch_split.py)
     ("data", "eval_batch_size"),
     ("data", "data_dir"),
 }

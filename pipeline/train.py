@@ -169,9 +169,15 @@ def train(
     opts = cfg.train
     rank, world = engine.init_distributed(opts.comm_timeout_s)
     out = Path(cfg.output_dir)
-    ds = engine.training_ds_config(
-        engine.read_ds_config(cfg.ds_config), opts.batch_size, opts.grad_accum, opts.grad_clip, world
+    ds, stage_reason = engine.plan_stage(
+        engine.training_ds_config(
+            engine.read_ds_config(cfg.ds_config), opts.batch_size, opts.grad_accum, opts.grad_clip, world
+        ),
+        world,
+        opts.sharding,
     )
+    if rank == 0:
+        log.info(stage_reason)
     model, backbone, shape, notes = build_model(cfg, ds)
     for note in notes:
         if rank == 0:
@@ -196,7 +202,9 @@ def train(
         opts.max_target_length,
         **({"separator": separator} if separator is not None else {}),
     )
-    trainer = engine.Engine(model, param_groups(model, cfg), ds, opts.weight_decay, opts.warmup_steps, opts.steps)
+    trainer = engine.training_engine(
+        model, param_groups(model, cfg), ds, opts.weight_decay, opts.warmup_steps, opts.steps
+    )
     sharding = engine.sharding_report(trainer.module.base_model)
 
     checkpoints = Checkpoints(out / "checkpoints", opts.keep_checkpoints)

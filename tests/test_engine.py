@@ -218,9 +218,10 @@ def test_a_lock_held_by_a_live_build_is_waited_for_with_a_message(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_job_checkpointed_on_two_ranks_resumes_on_one(tiny_models, toy_task, tmp_path):
+def test_a_job_checkpointed_on_two_ranks_resumes_on_one_and_back(tiny_models, toy_task, tmp_path):
     """The checkpoint holds whole tensors (prompt, A, B and their AdamW moments), not per-rank partitions: a job
-    killed on 2 ranks continues on 1 and ends with the adapter and losses of an uninterrupted 1-rank job."""
+    killed on 2 ranks (ZeRO-3) continues on 1 (stage 0, a plain step) and ends with the adapter and losses of an
+    uninterrupted 1-rank job; one killed on 1 rank continues on 2 to the same."""
     args = train_args(tiny_models["t5"], toy_task, tmp_path / "moved", "--save_every", "4")
     killed = run(args, nproc=2, launcher="deepspeed", env={"DEPT_FAULT_KILL_AT_STEP": "8"}, check=False)
     assert killed.returncode != 0 and not (tmp_path / "moved" / "results.json").exists()
@@ -234,6 +235,17 @@ def test_a_job_checkpointed_on_two_ranks_resumes_on_one(tiny_models, toy_task, t
     _, b, _ = adapters.read_adapter(tmp_path / "one" / "adapter")
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+    back = train_args(tiny_models["t5"], toy_task, tmp_path / "back", "--save_every", "4")
+    killed = run(back, env={"DEPT_FAULT_KILL_AT_STEP": "8"}, check=False)
+    assert killed.returncode != 0 and not (tmp_path / "back" / "results.json").exists()
+    resumed = run(back, nproc=2, launcher="deepspeed")
+    assert "resuming a checkpoint written on 1 ranks on 2 ranks" in resumed.stderr
+    assert read_results(tmp_path / "back")["world_size"] == 2
+    assert losses(tmp_path / "back") == pytest.approx(losses(tmp_path / "one"), rel=1e-5, abs=1e-6)
+    _, c, _ = adapters.read_adapter(tmp_path / "back" / "adapter")
+    for name in b:
+        torch.testing.assert_close(c[name], b[name], rtol=1e-4, atol=1e-6)
     print(
         "2 -> 1 ranks: max |loss diff| "
         f"{max(abs(x - y) for x, y in zip(losses(tmp_path / 'moved'), losses(tmp_path / 'one'))):.2e}, "

@@ -1,5 +1,6 @@
-"""The training loop in-process (one rank, a real ZeRO-3 engine): the DePT shape it resolves, two learning rates on
-their schedule, the global batch order, what it returns; and kill-free resume from a checkpoint."""
+"""The training loop in-process (one rank: the whole model and a plain step, or a real ZeRO-3 engine with
+`--sharding zero3`): the DePT shape it resolves, two learning rates on their schedule, the global batch order, what it
+returns; kill-free resume from a checkpoint; the same steps and checkpoints at stage 0 and under ZeRO-3."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import shutil
 
 import pytest
 import torch
+from support import raises_one_line
 
 from pipeline.config import JobConfig
 from pipeline.data import global_batch, read_source_target
 from pipeline.dept import DeptConfig
-from pipeline.engine import ONE_THREAD_BELOW_PARAMS, cpu_threads, warmup_then_linear_decay
+from pipeline.engine import ONE_THREAD_BELOW_PARAMS, cpu_threads, plan_stage, warmup_then_linear_decay, zero_stage
 from pipeline.errors import PipelineError
 from pipeline.options import build
 from pipeline.train import resolve_shape, train
@@ -134,3 +136,87 @@ def test_a_job_resumes_from_its_checkpoint_to_the_uninterrupted_result(tmp_path,
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
     state = json.loads((tmp_path / "full" / "checkpoints" / "step-00000006" / "state.json").read_text())
     assert state["step"] == 6 and state["world_size"] == 1
+
+
+# ----------------------------------------------------------------------------------------------- ZeRO stage (#24)
+
+
+def test_the_stage_is_3_over_several_ranks_or_when_asked_and_0_for_a_whole_model_in_one_process():
+    ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "bf16": {"enabled": True}}
+    unsharded, why = plan_stage(ds, world=1)
+    assert zero_stage(unsharded) == 0 and "one process holds the whole model" in why
+    assert unsharded["zero_optimization"]["stage3_param_persistence_threshold"] == 0 and zero_stage(ds) == 3
+    assert plan_stage(ds, world=2) == (ds, "ZeRO stage 3: the frozen backbone is sharded over 2 ranks")
+    assert zero_stage(plan_stage(ds, 1, "zero3")[0]) == 3
+    offload = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+    assert plan_stage(offload, 1)[1].endswith("offloads (offload_param)")
+    assert zero_stage(plan_stage({**ds, "fp16": {"enabled": True}}, 1)[0]) == 3
+    not_offloading = {"zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}}
+    assert zero_stage(plan_stage(not_offloading, 1)[0]) == 0
+    raises_one_line("sharding must be one of auto, zero3", plan_stage, ds, 1, "zero2")
+
+
+def _resume_from(tmp_path, source: str, name: str, step: int) -> None:
+    """`name`'s output folder holding `source`'s checkpoint at `step` and the metrics logged up to it."""
+    target = tmp_path / name
+    tag = f"step-{step:08d}"
+    (target / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / source / "checkpoints" / tag, target / "checkpoints" / tag)
+    (target / "checkpoints" / "latest").write_text(tag + "\n")
+    lines = (tmp_path / source / "metrics.jsonl").read_text().splitlines()
+    (target / "metrics.jsonl").write_text("\n".join(lines[:step]) + "\n")
+
+
+def test_one_process_trains_at_stage_0_with_the_steps_and_checkpoints_of_zero3(tmp_path, toy_task, caplog):
+    """The whole model with a plain step (stage 0, the default in one process) gives ZeRO-3's losses and adapter, says
+    so once in the log, and a checkpoint of either continues under the other to the same result."""
+    from pipeline.adapters import read_adapter
+
+    rows = read_source_target(toy_task)
+    opts = {"save_every": 4, "keep_checkpoints": 5, "steps": 8}
+    with caplog.at_level("INFO", logger="pipeline.train"):
+        plain = train(job(tmp_path, toy_task, "plain", **opts), rows)
+    said = [r.getMessage() for r in caplog.records if "ZeRO stage" in r.getMessage()]
+    assert said == ["ZeRO stage 0: one process holds the whole model (a plain PyTorch step, no ZeRO-3 hooks)"]
+    sharded = train(job(tmp_path, toy_task, "zero3", sharding="zero3", **opts), rows)
+    assert plain.sharding[0]["held_fraction"] == sharded.sharding[0]["held_fraction"] == 1.0
+    expected = [h["loss"] for h in sharded.history]
+    assert [h["loss"] for h in plain.history] == pytest.approx(expected, rel=1e-5)
+    assert plain.probe == pytest.approx(sharded.probe, rel=1e-5)
+
+    _resume_from(tmp_path, "zero3", "zero3-then-plain", 4)
+    _resume_from(tmp_path, "plain", "plain-then-zero3", 4)
+    moved = {
+        "zero3-then-plain": train(job(tmp_path, toy_task, "zero3-then-plain", **opts), rows),
+        "plain-then-zero3": train(job(tmp_path, toy_task, "plain-then-zero3", sharding="zero3", **opts), rows),
+    }
+    reference = read_adapter(tmp_path / "zero3" / "adapter")[1]
+    for name, result in moved.items():
+        assert [h["loss"] for h in result.history] == pytest.approx(expected, rel=1e-5), name
+    for name in ("plain", *moved):
+        tensors = read_adapter(tmp_path / name / "adapter")[1]
+        for key in reference:
+            torch.testing.assert_close(tensors[key], reference[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+
+
+@pytest.mark.slow  # ~35 s idle: two bf16 runs, one of them through ZeRO-3
+def test_bf16_in_one_process_trains_fp32_masters_like_zero3(tmp_path, toy_task):
+    """bf16 at stage 0: the model in bf16, AdamW on fp32 master copies (DeepSpeed's mixed precision): the losses follow
+    ZeRO-3's bf16 run, and the checkpoint holds fp32 masters that moved by less than bf16's resolution."""
+    from safetensors.torch import load_file
+
+    rows = read_source_target(toy_task)
+    opts = {"steps": 6, "save_every": 5, "lr_prompt": 1e-4, "lr_lowrank": 1e-4}
+    plain, sharded = (
+        job(tmp_path, toy_task, "plain", **opts),
+        job(tmp_path, toy_task, "zero3", sharding="zero3", **opts),
+    )
+    plain.ds_config = sharded.ds_config = "zero3_cpu_bf16"
+    plain, sharded = train(plain, rows), train(sharded, rows)
+    assert [h["loss"] for h in plain.history] == pytest.approx([h["loss"] for h in sharded.history], rel=2e-3)
+    checkpoint = "checkpoints/step-00000005/trainable.safetensors"
+    a, b = load_file(tmp_path / "plain" / checkpoint), load_file(tmp_path / "zero3" / checkpoint)
+    assert a.keys() == b.keys() and all(t.dtype == torch.float32 for t in a.values())
+    for key in (k for k in a if k.startswith("param/")):  # (the moments of B, which starts at 0, are mostly noise)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-2, atol=1e-5, msg=key)
+    assert not torch.equal(a["param/prompt.prompt"], a["param/prompt.prompt"].bfloat16().float())
