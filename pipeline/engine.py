@@ -7,6 +7,8 @@
 - building a backbone already sharded (`sharded_construction`: transformers' ZeRO-3 hook kept alive);
 - `gathered(params)`: a ZeRO-3 partitioned parameter is a 0-element tensor outside its module's forward, so any
   read (or write) of whole weights happens inside this context (PEFT's `gather_params_ctx`);
+- `whole_for_inference(module)`: evaluation under ZeRO-3 gathers the model once (when it fits in free memory) instead
+  of every layer for every generated token;
 - `Engine`: the training engine of one job (two learning-rate groups, warmup-then-decay schedule, clipping,
   accumulation, precision from the config) with a world-size-independent trainable state for checkpoints;
 - the sharding report and peak memory.
@@ -39,7 +41,8 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -65,15 +68,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(timeout_s: float = 1800) -> tuple[int, int]:
-    """Initialise torch.distributed through DeepSpeed (once); returns (rank, world_size).
+_comm_timeout_s = 1800.0
 
-    A bare `python` run gets single-process launcher variables (DeepSpeed otherwise looks for MPI). `timeout_s`
-    bounds every collective: a rank that dies makes the others fail within it instead of hanging.
+
+def init_distributed(timeout_s: float = 1800, process_group: bool = False) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed (once) when it is needed; returns (rank, world_size).
+
+    Several ranks always start the process group. One process starts none (no DeepSpeed import, no gloo, no CPU
+    comm op: seconds of start-up, #24) unless `process_group` is set; ZeRO-3 in one process starts it when it
+    builds (`ensure_process_group`). A bare `python` run gets single-process launcher variables (DeepSpeed otherwise
+    looks for MPI). `timeout_s` bounds every collective: a rank that dies makes the others fail within it instead of
+    hanging.
     """
+    global _comm_timeout_s
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     import torch.distributed as dist
 
+    _comm_timeout_s = timeout_s
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if "RANK" not in os.environ:
@@ -88,17 +99,27 @@ def init_distributed(timeout_s: float = 1800) -> tuple[int, int]:
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads:  # the deepspeed launcher does not limit threads per rank; torchrun sets 1
         torch.set_num_threads(int(threads))
+    if distributed.world_size() == 1 and not process_group:
+        return 0, 1
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
 
     logs.adopt("DeepSpeed")  # its logger prints to stdout on its own: through ours (console rules, job.log)
-    if get_accelerator().device_name() == "cpu":
+    if on_cpu():
         prepare_cpu_comm_op()
     with logs.prints_logged("DeepSpeed"):  # "op ... built successfully" even from cache: the log, not stdout
         deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
     _unlink_shm_buffer()
     distributed.record_peers()  # rank -> host, address: so a lost rank can be named later
     return dist.get_rank(), dist.get_world_size()
+
+
+def ensure_process_group() -> None:
+    """Start the process group if one process has none yet: every DeepSpeed engine and ZeRO-3 construction needs
+    one, even alone."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        init_distributed(_comm_timeout_s, process_group=True)
 
 
 # Below this many backbone parameters one CPU thread per rank is the default: each op is too small to split, and
@@ -199,10 +220,19 @@ def _unlink_shm_buffer() -> None:
         os.unlink(os.path.join("/dev/shm", name))
 
 
-def on_cpu() -> bool:
+def accelerator_name() -> str:
+    """DeepSpeed's accelerator ('cpu', 'cuda', ...): `DS_ACCELERATOR` when set, else cuda when torch sees a GPU, else
+    cpu, as DeepSpeed chooses; for cpu and cuda without importing DeepSpeed (a one-process job never needs it)."""
+    chosen = os.environ.get("DS_ACCELERATOR", "").strip()
+    if "deepspeed" not in sys.modules and chosen in ("", "cpu", "cuda"):
+        return chosen or ("cuda" if torch.cuda.is_available() else "cpu")
     from deepspeed.accelerator import get_accelerator
 
-    return get_accelerator().device_name() == "cpu"
+    return get_accelerator().device_name()
+
+
+def on_cpu() -> bool:
+    return accelerator_name() == "cpu"
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -297,6 +327,8 @@ def sharded_construction(ds: dict | None):
     if ds is not None and ds.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
+        ensure_process_group()
+
         _hf_zero3_config = HfDeepSpeedConfig(ds)
     try:
         yield
@@ -358,12 +390,14 @@ def sharding_report(module: torch.nn.Module) -> list[dict]:
 
 def peak_memory_mb() -> float:
     """Peak accelerator memory (GPU) or peak resident set size of this process (CPU)."""
+    name = accelerator_name()
+    if name == "cpu":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    if name == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
     from deepspeed.accelerator import get_accelerator
 
-    accel = get_accelerator()
-    if accel.device_name() != "cpu":
-        return accel.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return get_accelerator().max_memory_allocated() / 2**20
 
 
 def inference_module(model: torch.nn.Module, ds: dict) -> torch.nn.Module:
@@ -373,13 +407,85 @@ def inference_module(model: torch.nn.Module, ds: dict) -> torch.nn.Module:
         return whole_on_device(model, dtype_of(ds)).eval()
     import deepspeed
 
+    ensure_process_group()
     engine, *_ = deepspeed.initialize(model=model, config=ds)
     engine.module.eval()
+    _ENGINE_OF[engine.module] = engine
     return engine.module
+
+
+# The DeepSpeed engine that wraps a module (Engine and inference_module record it): gathering the model once for
+# inference goes through it.
+_ENGINE_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+GATHER_FRACTION_ENV = "DEPT_GATHER_FRACTION"
+GATHER_FRACTION = 0.5  # default: gather once when the whole model takes at most half of the free memory
+_last_gather_choice: str | None = None
+
+
+def free_memory_bytes() -> tuple[int, int]:
+    """(bytes free for this rank's gathered copy, how many local ranks share them): the GPU's free memory
+    (`torch.cuda.mem_get_info`, one device per rank), or the machine's available RAM (MemAvailable in /proc/meminfo)
+    shared by every rank on this node."""
+    if not on_cpu():
+        free, _ = torch.cuda.mem_get_info(torch.cuda.current_device())
+        return int(free), 1
+    with open("/proc/meminfo") as info:
+        kib = next(int(line.split()[1]) for line in info if line.startswith("MemAvailable:"))
+    return kib * 1024, max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+
+
+def whole_model_fits(module: torch.nn.Module, fraction: float | None = None) -> tuple[bool, str]:
+    """Whether every local rank can hold a whole copy of `module`'s parameters within `fraction` of the free memory
+    (default: $DEPT_GATHER_FRACTION, else GATHER_FRACTION; 0 never gathers), and the figures. This rank only: the
+    caller agrees over the ranks."""
+    if fraction is None:
+        fraction = float(os.environ.get(GATHER_FRACTION_ENV, GATHER_FRACTION))
+    need = sum(full_numel(p) * p.element_size() for p in module.parameters())
+    free, sharing = free_memory_bytes()
+    where = "of the GPU's free memory" if sharing == 1 and not on_cpu() else f"of free RAM shared by {sharing} rank(s)"
+    figures = f"{need / 2**30:.2f} GiB per rank vs {free / 2**30:.1f} GiB free {where}, limit {fraction:g} x free"
+    return fraction > 0 and need * sharing <= fraction * free, figures
+
+
+@contextlib.contextmanager
+def whole_for_inference(module: torch.nn.Module) -> Iterator[bool]:
+    """Inside: `module` whole on every rank and without ZeRO-3 hooks when it is partitioned and fits in free memory
+    (`whole_model_fits`, agreed over the ranks): yields True, and then each rank may generate on its own, with no
+    collective per layer and token (no `synced_gpus`). Yields False otherwise (not partitioned, or too big: ZeRO-3's
+    per-layer path stays). Collective when the module is partitioned: every rank enters.
+
+    The gather-and-unhook is DeepSpeed's own `deepspeed.runtime.zero.unwrap_model_for_generation` (the parameters
+    gathered once with GatheredParameters, the engine's forward/backward hooks removed, re-registered on exit, then
+    the parameters partitioned again); tests/test_generation.py fails if it stops giving the per-layer path's texts.
+    """
+    global _last_gather_choice
+    ds_engine = _ENGINE_OF.get(module)
+    if ds_engine is None or not any(is_partitioned(p) for p in module.parameters()):
+        yield False
+        return
+    fits, figures = whole_model_fits(module)
+    fits = distributed.all_ranks(fits)  # every rank must take the same branch
+    choice = f"{'gathered once' if fits else 'per layer (ZeRO-3 hooks)'}: {figures}"
+    if choice.split(":")[0] != (_last_gather_choice or "").split(":")[0] and distributed.rank() == 0:
+        log.info("evaluation under ZeRO-3, the model %s", choice)
+    _last_gather_choice = choice
+    if not fits:
+        yield False
+        return
+    from deepspeed.runtime.zero import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(ds_engine):
+        yield True
 
 
 def device() -> torch.device:
     """This rank's accelerator device (DeepSpeed's choice: cuda:<local rank> on NVIDIA GPUs, cpu on DS_ACCELERATOR=cpu)."""
+    name = accelerator_name()
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        torch.cuda.set_device(distributed.local_rank())
+        return torch.device("cuda", distributed.local_rank())
     from deepspeed.accelerator import get_accelerator
 
     return torch.device(get_accelerator().current_device_name())
@@ -429,6 +535,7 @@ class Engine:
     ):
         import deepspeed
 
+        ensure_process_group()
         self.group_names = [g["name"] for g in groups]
         self._factor = warmup_then_linear_decay(warmup, total_steps)
         optimizer = torch.optim.AdamW(groups, eps=1e-6, weight_decay=weight_decay)
@@ -441,6 +548,7 @@ class Engine:
         self.module = self._engine.module
         self.device = self._engine.device
         self.trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        _ENGINE_OF[self.module] = self._engine
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
@@ -575,9 +683,8 @@ class PlainEngine:
         self._micro_steps += 1
         if self._micro_steps % self._grad_accum:
             return
-        masters = list(self._master.values())
         if self._clip > 0:
-            torch.nn.utils.clip_grad_norm_(masters, self._clip)
+            torch.nn.utils.clip_grad_norm_(list(self._master.values()), self._clip)
         self._optimizer.step()
         self._scheduler.step()
         self._optimizer.zero_grad(set_to_none=True)

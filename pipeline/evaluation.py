@@ -1,9 +1,11 @@
 """Evaluation: greedy generation (every task) or label scoring (classification), synced across ranks.
 
 Rows are split over ranks (rank r takes rows r, r + world, ...); every rank runs the same number of batches
-(short ranks repeat a row and drop its output), because under ZeRO-3 each forward is a collective and
-`generate` must run with `synced_gpus=True` on several ranks or it deadlocks. Predictions are gathered and put
-back in row order on every rank, then scored with the task's metrics (`pipeline.metrics`).
+(short ranks repeat a row and drop its output). Under ZeRO-3 the model is gathered once per evaluation when it fits
+in free memory (`engine.whole_for_inference`): each rank then generates on its own. Otherwise each forward is a
+collective (every layer gathered for every token) and `generate` runs with `synced_gpus=True` on several ranks, or it
+deadlocks. Predictions are gathered and put back in row order on every rank, then scored with the task's metrics
+(`pipeline.metrics`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import distributed, logs
+from pipeline import distributed, engine, logs
 from pipeline.data import collate, tokenize
 from pipeline.errors import PipelineError
 from pipeline.metrics import compute_metrics
@@ -41,15 +43,16 @@ def generate_predictions(
 ) -> list[str]:
     """Greedy decoding of every row, in row order, on every rank."""
     batches, count = _my_batches(len(tokenized), batch_size)
-    synced = distributed.world_size() > 1
     texts: list[str] = []
-    for indices in logs.progress(batches, "evaluation (generation)", len(tokenized)):
-        batch = collate(
-            [tokenized[i] for i in indices], tokenizer.pad_token_id, is_encoder_decoder, for_generation=True
-        )
-        batch = {k: v.to(_device(module)) for k, v in batch.items()}
-        out = module.generate(**batch, max_new_tokens=max_new_tokens, synced_gpus=synced)
-        texts += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    with engine.whole_for_inference(module) as whole:
+        synced = distributed.world_size() > 1 and not whole  # sharded: every rank steps until all are done
+        for indices in logs.progress(batches, "evaluation (generation)", len(tokenized)):
+            batch = collate(
+                [tokenized[i] for i in indices], tokenizer.pad_token_id, is_encoder_decoder, for_generation=True
+            )
+            batch = {k: v.to(_device(module)) for k, v in batch.items()}
+            out = module.generate(**batch, max_new_tokens=max_new_tokens, synced_gpus=synced)
+            texts += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
     return _in_row_order(texts[:count], len(tokenized))
 
 
@@ -65,15 +68,16 @@ def score_predictions(
     n = len(next(iter(tokenized_by_label.values())))
     batches, count = _my_batches(n, batch_size)
     best: list[str] = []
-    for indices in logs.progress(batches, "evaluation (label scores)", n):
-        scores = []
-        for label in labels:
-            rows = [tokenized_by_label[label][i] for i in indices]
-            batch = collate(rows, tokenizer.pad_token_id, is_encoder_decoder)
-            batch = {k: v.to(_device(module)) for k, v in batch.items()}
-            scores.append(_sequence_log_likelihood(module, batch))
-        winners = torch.stack(scores, dim=1).argmax(dim=1).tolist()
-        best += [labels[w] for w in winners]
+    with engine.whole_for_inference(module):
+        for indices in logs.progress(batches, "evaluation (label scores)", n):
+            scores = []
+            for label in labels:
+                rows = [tokenized_by_label[label][i] for i in indices]
+                batch = collate(rows, tokenizer.pad_token_id, is_encoder_decoder)
+                batch = {k: v.to(_device(module)) for k, v in batch.items()}
+                scores.append(_sequence_log_likelihood(module, batch))
+            winners = torch.stack(scores, dim=1).argmax(dim=1).tolist()
+            best += [labels[w] for w in winners]
     return _in_row_order(best[:count], n)
 
 

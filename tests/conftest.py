@@ -207,7 +207,7 @@ def one_process_group():
     communication backend once created. `run` strips the launcher variables it sets from subprocesses."""
     from pipeline.engine import init_distributed
 
-    init_distributed()
+    init_distributed(process_group=True)
 
 
 # A small recipe of every kind of job (finetune with a saved backbone, DePT and PT train stages, transfer stages of

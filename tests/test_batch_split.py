@@ -44,7 +44,13 @@ def train_args(model, data, out, grad_accum: int) -> list[str]:
 
 
 def assert_same_steps(runs: dict, reference: str = "1x8") -> None:
-    """Per-step losses equal to rel 1e-5 and adapters equal (fp32), against the reference split."""
+    """Per-step losses equal to rel 1e-5 and adapters equal (fp32), against the reference split.
+
+    One process trains the whole model with a plain step (ZeRO stage 0, #24), two ranks through ZeRO-3: the same
+    arithmetic, not bit for bit (the backward through ZeRO-3's gathered parameters rounds some gradients differently
+    in the last bit), and AdamW's step g / (sqrt(v) + eps) amplifies such a difference where a gradient is near eps
+    (the prompt at lr 0.3): after 5 steps the stories260K prompt differed by at most 3.4e-6 (values up to 1.6), so
+    the adapters are compared at rtol 1e-4, atol 1e-5; the losses still to rel 1e-5."""
     expected = [h["loss"] for h in read_results(runs[reference])["history"]]
     _, expected_tensors, _ = read_adapter(runs[reference] / "adapter")
     for name, out in runs.items():
@@ -53,7 +59,7 @@ def assert_same_steps(runs: dict, reference: str = "1x8") -> None:
         assert losses == pytest.approx(expected, rel=1e-5), (name, losses, expected)
         _, tensors, _ = read_adapter(out / "adapter")
         for key, value in tensors.items():
-            torch.testing.assert_close(value, expected_tensors[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+            torch.testing.assert_close(value, expected_tensors[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
 
 
 @pytest.mark.parametrize("arch", ["t5", "llama"])

@@ -109,8 +109,10 @@ def test_t5_greedy_generation_is_the_argmax_chain_of_the_training_forward():
 
 @pytest.mark.slow
 def test_two_zero3_ranks_generate_the_argmax_chain(tmp_path):
-    """`dept predict` on two ZeRO-3 ranks (synced: ranks whose rows are done keep stepping) gives the texts of the
-    argmax chain; the rows are split over the ranks, so their batches differ in length."""
+    """`dept predict` on two ZeRO-3 ranks gives the texts of the argmax chain, both with the model gathered once per
+    evaluation (each rank generates on its own; #24) and per layer (DEPT_GATHER_FRACTION=0: ZeRO-3's hooks gather
+    every layer for every token, synced: ranks whose rows are done keep stepping); the rows are split over the ranks,
+    so their batches differ in length."""
     net, backbone = large_offset_model(STORIES, 64)
     rows = sources(7)  # odd: one rank repeats a row
     tokenized, generated = _generate(net, backbone, rows)
@@ -120,8 +122,13 @@ def test_two_zero3_ranks_generate_the_argmax_chain(tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"id": i, "source": r["source"]}) + "\n" for i, r in enumerate(rows)))
     args = ["predict", "--model", STORIES, "--adapter", str(tmp_path / "adapter"), "--data", str(data)]
-    for name, nproc, launcher in (("one", 1, "python"), ("two", 2, "deepspeed")):
+    per_layer = {"DEPT_GATHER_FRACTION": "0"}
+    for name, nproc, env in (("one", 1, {}), ("gathered-once", 2, {}), ("per-layer", 2, per_layer)):
         out = tmp_path / f"{name}.jsonl"
-        run([*args, "--output", str(out), "--max_new_tokens", str(NEW_TOKENS), "--batch_size", "2"], nproc, launcher)
+        words = [*args, "--output", str(out), "--max_new_tokens", str(NEW_TOKENS), "--batch_size", "2"]
+        proc = run(words, nproc, "deepspeed" if nproc > 1 else "python", env=env)
         predictions = [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
         assert predictions == expected, name
+        said = {"gathered-once": "the model gathered once: ", "per-layer": "the model per layer (ZeRO-3 hooks): "}
+        if name in said:
+            assert said[name] in proc.stderr, proc.stderr[-3000:]

@@ -64,7 +64,7 @@ class Bench:
 
 
 def run_compare(args: CompareArgs) -> dict | None:
-    rank, world = engine.init_distributed()
+    rank, world = engine.init_distributed(process_group=True)
     ds = training_ds_config(args, world)
     with MemorySampler() as sampler:
         bench = set_up(args, ds, rank, world)

@@ -29,7 +29,7 @@ log = logging.getLogger("pipeline.bench")
 
 def run_scale(args: ScaleArgs) -> dict | None:
     """Build the backbone sharded under ZeRO-3 over the launched ranks, take a few DePT steps, report memory."""
-    rank, world = engine.init_distributed()
+    rank, world = engine.init_distributed(process_group=True)
     args = dataclasses.replace(args, batch_size=args.batch_size or world)  # default: one row per rank
     ds = training_ds_config(args, world)
     with MemorySampler(interval=0.05, timeline_every=0.5) as sampler:
