@@ -323,3 +323,28 @@ def test_data_tokenizer_trains_on_every_text_field_and_is_cached(tmp_path):
     (tmp_path / "data" / "cb" / "train.jsonl").write_text('{"premise": "ok"}\n{"premise": \n')
     with pytest.raises(PipelineError, match=r"cb/train.jsonl line 2 is not valid JSON"):
         data_tokenizer(tmp_path / "data", 4000, tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_bench_speed_tiny_times_our_step_eval_and_startup_next_to_plain_loops(tmp_path):
+    """#24: one run times `dept train`'s step (stage 0), a plain PyTorch loop and the ZeRO-3 engine on the same
+    batches (the same losses: the same computation), evaluation four ways, and the start-up of spawned jobs."""
+    out = tmp_path / "speed"
+    words = ["bench", "--mode", "speed", "--model", "random:tiny-llama", "--steps", "2", "--warmup", "0"]
+    words += ["--eval_rows", "4", "--eval_batch", "2", "--infer_repeats", "1", "--startup_runs", "1"]
+    proc = run([*words, "--output_dir", str(out)], timeout=600)
+    result = json.loads((out / "bench.json").read_text())["models"]["random:tiny-llama"]
+    assert result["stage_choice"].startswith("ZeRO stage 0: one process")
+    losses = result["step"]["losses"]
+    assert losses["dept train (stage 0)"] == pytest.approx(losses["plain PyTorch loop"], rel=1e-6)
+    assert losses["ZeRO-3 engine"] == pytest.approx(losses["plain PyTorch loop"], rel=1e-4)
+    assert set(result["eval"]["seconds"]) == {
+        "evaluator, stage 0",
+        "evaluator, ZeRO-3 gathered once",
+        "evaluator, ZeRO-3 per layer",
+        "plain generate loop",
+    }
+    assert all(len(v) == 1 and v[0] > 0 for v in result["eval"]["seconds"].values())
+    assert all(len(v) == 1 and v[0] > 0 for v in result["startup"]["seconds"].values())
+    table = (out / "bench.md").read_text()
+    assert "| random:tiny-llama | step | dept train (stage 0) |" in table and "plain generate loop" in proc.stdout

@@ -18,6 +18,7 @@ Modules, one concept each:
   compare         the compare run: set up, timed rounds, memory profile, inference, gather
   compare_report  its table, the paired ratios, notes, Markdown and plot        (no torch)
   scale           the scale run and its report
+  speed           the speed run (#24): step, evaluation, start-up next to plain PyTorch, and its table
   measure         timing and memory helpers
   output          files, number formatting, MLflow
 Importing `pipeline.bench` imports no torch; the run modules are imported when the command runs.
@@ -48,6 +49,9 @@ Benchmark DePT against prompt tuning at equal budget (compare), or find the larg
   scale              a LLaMA-architecture backbone of a chosen size built directly sharded under ZeRO-3 over the
                      launched ranks; a few DePT steps; per-rank bytes held, peak memory, load time, step time and
                      the RAM headroom left.
+  speed              the pipeline's step (`dept train` in one process), evaluation by generation and start-up next
+                     to a plain PyTorch loop, a plain `generate` loop and ZeRO-3 (#24); several models at once
+                     with a comma-separated model list; under ./launch.sh: evaluation gathered once vs per layer.
 
 Writes bench.md (table + notes), bench.json (every number) and bench.png to --output_dir, prints the table, and
 logs all of it to MLflow with --mlflow_uri (one run per invocation). Under ./launch.sh every rank runs the
@@ -97,6 +101,10 @@ def bench(**flags) -> dict | None:
         from pipeline.bench.scale import run_scale
 
         return run_scale(args)
+    if args.mode == "speed":
+        from pipeline.bench.speed import run_speed
+
+        return run_speed(args)
     from pipeline.bench.compare import run_compare
 
     return run_compare(args)

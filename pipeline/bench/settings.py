@@ -1,4 +1,4 @@
-"""`dept bench` settings: one typed class per mode (`CompareArgs`, `ScaleArgs`), the presets, and how they combine.
+"""`dept bench` settings: one typed class per mode (`CompareArgs`, `ScaleArgs`, `SpeedArgs`), the presets, and how they combine.
 
 `dept bench` takes one set of flags (those of `CompareArgs`, which `--help` lists); `ScaleArgs` is the same flags
 with scale mode's defaults (#23: one class per mode instead of defaults patched in). `--mode` (or a preset's)
@@ -24,7 +24,7 @@ from pipeline.resources import ds_config_path
 log = logging.getLogger("pipeline.bench")
 REPO = Path(__file__).resolve().parents[2]
 
-MODES = ("compare", "scale")
+MODES = ("compare", "scale", "speed")
 LENGTHS = ("padded", "rte", "boolq")
 TASK_OF_LENGTHS = {"padded": "rte", "rte": "rte", "boolq": "boolq"}  # `padded` takes RTE rows to s (or synthetic)
 REFS = ("bare", "eager", "peft", "padded", "lora")
@@ -72,7 +72,8 @@ class CompareArgs:
     mode: Literal[MODES] = option(
         "compare",
         "compare: PT vs DePT at equal budget, with reference rows; scale: the "
-        "largest LLaMA backbone that fits, sharded over the launched ranks",
+        "largest LLaMA backbone that fits, sharded over the launched ranks; speed: the pipeline's step, "
+        "evaluation and start-up next to plain PyTorch loops (#24)",
     )
     model: str = option(
         "random:t5-base",
@@ -155,6 +156,11 @@ class CompareArgs:
     ds_config: str = option("zero3_cpu", "DeepSpeed config: a shipped name or a JSON path (scale: zero3_cpu_bf16)")
     lr_prompt: float = option(0.3, "learning rate of the prompts (timing does not depend on it)", minimum=0.0)
     lr_lowrank: float = option(1e-4, "learning rate of A and B", minimum=0.0)
+    eval_rows: int = option(100, "speed: rows generated per evaluation", minimum=1)
+    eval_batch: int = option(32, "speed: rows per generation batch", minimum=1)
+    startup_runs: int = option(
+        3, "speed: `dept train` processes spawned per variant to time the start-up (0: none)", minimum=0
+    )
     mlflow_uri: str = option("", "MLflow tracking URI such as sqlite:///mlflow.db; empty: no tracking")
     experiment: str = option("dept-bench", "MLflow experiment name")
     seed: int = option(42, "seed of the random backbone, the prompts and the batch order", minimum=0)
@@ -219,8 +225,26 @@ class ScaleArgs(CompareArgs):
     ds_config: str = _scale_default("ds_config", "zero3_cpu_bf16")
 
 
+@dataclass
+class SpeedArgs(CompareArgs):
+    """The flags of `dept bench --mode speed` (#24): the quickstart's geometry (stories260K, m = 12, s = 96, batch
+    16) and 8 new tokens for evaluation; `--model` may list several models, comma-separated."""
+
+    mode: Literal[MODES] = _scale_default("mode", "speed")
+    model: str = _scale_default("model", "stories260K")
+    ms: list[int] = _scale_default("ms", default_factory=lambda: [12])
+    pt_tokens: int = _scale_default("pt_tokens", 12)
+    max_length: int = _scale_default("max_length", 96)
+    batch_size: int = _scale_default("batch_size", 16)
+    steps: int = _scale_default("steps", 10)
+    warmup: int = _scale_default("warmup", 2)
+    refs: list[Literal[REF_WORDS]] = _scale_default("refs", default_factory=list)
+    infer_tokens: int = _scale_default("infer_tokens", 8)
+    ds_config: str = _scale_default("ds_config", "zero3_cpu")
+
+
 BenchArgs = CompareArgs | ScaleArgs  # what the modules both modes share (inputs, loops, output) accept
-MODE_ARGS = {"compare": CompareArgs, "scale": ScaleArgs}
+MODE_ARGS = {"compare": CompareArgs, "scale": ScaleArgs, "speed": SpeedArgs}
 
 
 def bench_args(flags: dict) -> CompareArgs | ScaleArgs:
@@ -230,7 +254,7 @@ def bench_args(flags: dict) -> CompareArgs | ScaleArgs:
     preset = coerce(flags.get("preset") or None, types["preset"], "--preset")
     chosen = {**PRESETS.get(preset, {}), **flags, "preset": preset}
     mode = coerce(chosen.get("mode", "compare"), types["mode"], "--mode")
-    defaults = {} if mode == "scale" else {"refs": _default_refs()}
+    defaults = {"refs": _default_refs()} if mode == "compare" else {}
     return from_flags(MODE_ARGS[mode], {**defaults, **chosen, "mode": mode}, "bench")
 
 
