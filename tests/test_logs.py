@@ -15,6 +15,7 @@ def test_a_job_console_holds_our_lines_and_its_log_file_the_library_messages(tmp
     args = ["train", "--model", "stories260K", "--task", "stories-who", "--output_dir", str(out), "--steps", "2"]
     args += ["--warmup_steps", "1", "--batch_size", "4", "--num_virtual_tokens", "4", "--lora_rank", "1"]
     args += ["--max_length", "64", "--max_eval_rows", "4", "--max_new_tokens", "2"]
+    args += ["--sharding", "zero3"]  # DeepSpeed in one process (by default it runs none there: #24), so it speaks
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # as a user has it: DeepSpeed's detection warned here
     monkeypatch.delenv(logs.VERBOSE_ENV, raising=False)
     proc = run(args)
@@ -24,6 +25,7 @@ def test_a_job_console_holds_our_lines_and_its_log_file_the_library_messages(tmp
     assert "trainable parameters: " in proc.stderr and "done: final loss" in proc.stdout
     kept = (out / "job.log").read_text()
     assert "built successfully" in kept and "trainable parameters: " in kept and "DeepSpeed info" in kept
+    assert "ZeRO stage 3 in one process: asked for (--sharding zero3)" in kept  # the choice, said once
 
 
 def record(name: str, level: int) -> logging.LogRecord:
