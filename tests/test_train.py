@@ -220,3 +220,25 @@ def test_bf16_in_one_process_trains_fp32_masters_like_zero3(tmp_path, toy_task):
     for key in (k for k in a if k.startswith("param/")):  # (the moments of B, which starts at 0, are mostly noise)
         torch.testing.assert_close(a[key], b[key], rtol=1e-2, atol=1e-5, msg=key)
     assert not torch.equal(a["param/prompt.prompt"], a["param/prompt.prompt"].bfloat16().float())
+
+
+def test_zero3_training_continues_exactly_after_an_evaluation_that_gathered_the_model_once(tmp_path, toy_task, caplog):
+    """Validation under ZeRO-3 gathers the model once, unhooks it, generates, and hooks it again (#24): the steps after
+    it are those of the whole model's run (stage 0), and so are the predictions' metrics."""
+    from pipeline.evaluation import Evaluator
+    from pipeline.tasks import get_task
+
+    rows = read_source_target(toy_task)
+
+    def make_evaluator(backbone, max_length):
+        task = get_task("syn-target-food")
+        return Evaluator(task, rows[:6], rows[6:10], backbone.tokenizer, True, max_length, max_new_tokens=3)
+
+    opts = {"steps": 6, "eval_every": 2}
+    with caplog.at_level("INFO", logger="pipeline.engine"):
+        sharded = train(job(tmp_path, toy_task, "zero3", sharding="zero3", **opts), rows, make_evaluator)
+    assert any("the model gathered once" in r.getMessage() for r in caplog.records)
+    plain = train(job(tmp_path, toy_task, "plain", **opts), rows, make_evaluator)
+    assert [h["loss"] for h in sharded.history] == pytest.approx([h["loss"] for h in plain.history], rel=1e-5)
+    assert [e["score"] for e in sharded.evals] == [e["score"] for e in plain.evals] and len(plain.evals) == 3
+    assert sharded.test == plain.test
