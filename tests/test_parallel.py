@@ -230,3 +230,17 @@ def test_a_killed_workers_job_is_resumed_by_another(tmp_path):
     assert "resumed from step 15" in (out / killed[0] / "job.log").read_text()
     children = mlflow_children(db, "killed")  # the killed job's run was re-attached and finished
     assert len(children) == len(JOB_DIRS)
+
+
+@pytest.mark.slow
+def test_a_failing_worker_stops_the_run_in_one_line_naming_its_log(tmp_path):
+    recipe = write_recipe(tmp_path, "failing")
+    args = ["run", str(recipe), "--parallel=2", "--tracking.enabled=false"]
+    failed = run(args, env={"DEPT_FAULT_RAISE_AT_STEP": "3"}, check=False)
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error")]
+    assert failed.returncode == 2 and len(errors) == 1, failed.stderr[-3000:]
+    assert "injected failure" in errors[0] and "workers/worker-" in errors[0] and "re-run the same command" in errors[0]
+    for pids in attempts(tmp_path / "failing").values():  # no worker left behind
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
