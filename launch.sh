@@ -195,11 +195,31 @@ write_env_file() {  # on fd 9, already unlinked; DS_ENV_FILE points the launcher
   export DS_ENV_FILE=/dev/fd/9
 }
 
+# A SIGTERM or SIGINT to this script (a scheduler's preemption, `kill`, Ctrl-C) must reach every rank, which then
+# stops at a step boundary with a checkpoint (pipeline/interrupts.py). DeepSpeed's per-node launcher (launch.py)
+# forwards both to its ranks, but the runner above it does not for ranks on this node: it would die alone and leave
+# them training. So the runner runs as a child here, a signal to this script goes to the launcher under it, and
+# the script exits as the ranks do (143 for SIGTERM, 130 for SIGINT) once they are gone. #21
+run_forwarding_signals() {
+  "$@" &
+  local runner=$! got=0 status
+  trap 'got=143; pkill -TERM -P "$runner" || true' TERM
+  trap 'got=130; pkill -TERM -P "$runner" || true' INT
+  while :; do
+    status=0
+    wait "$runner" || status=$?
+    kill -0 "$runner" 2>/dev/null || break
+  done
+  trap - TERM INT
+  (( got )) && exit "$got"
+  exit "$status"
+}
+
 case "$LAUNCHER" in
   deepspeed)
     if (( ${#HOSTS[@]} > 0 )); then
       if [[ -n "${NODE_RANK:-}" ]]; then
-        exec "$PY" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
+        run_forwarding_signals "$PY" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
           --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --module pipeline.cli "$@"
       fi
       if (( ${#HOSTS[@]} > 1 )); then  # one host: the launcher runs it here, without ssh
@@ -209,7 +229,8 @@ case "$LAUNCHER" in
       exec "$PY" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --no_ssh_check --master_addr "$MASTER_ADDR" \
         --master_port "$MASTER_PORT" --module pipeline.cli "$@"
     fi
-    exec "$PY" -m deepspeed.launcher.runner --num_accelerators "$NPROC" --master_port "$MASTER_PORT" --module pipeline.cli "$@"
+    run_forwarding_signals "$PY" -m deepspeed.launcher.runner --num_accelerators "$NPROC" --master_port "$MASTER_PORT" \
+      --module pipeline.cli "$@"
     ;;
   torchrun)
     exec "$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \

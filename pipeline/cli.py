@@ -43,6 +43,7 @@ from pipeline.config import (
     PredictArgs,
     RecipeSpec,
     RunArgs,
+    SyncTrackingArgs,
     capped,
 )
 from pipeline.errors import PipelineError
@@ -87,7 +88,13 @@ def run(recipe: str = "quickstart", **flags) -> None:
 
     own = {k: flags.pop(k) for k in ("dry_run", "rerun_changed", "join") if k in flags}
     args = build(RunArgs, {"recipe": recipe, **own}, "run")
-    run_recipe(args.recipe, flags, dry_run=args.dry_run, rerun_changed=args.rerun_changed, join=args.join)
+    held = contextlib.nullcontext()
+    if not (args.dry_run or args.join):  # --join workers share the run: each job folder is locked by its runner
+        from pipeline.recipe import load_recipe
+
+        held = holding_folder(load_recipe(args.recipe, dict(flags)).output_dir, "dept run", 1800.0)
+    with held:
+        run_recipe(args.recipe, flags, dry_run=args.dry_run, rerun_changed=args.rerun_changed, join=args.join)
 
 
 def train(**flags) -> None:
@@ -114,7 +121,7 @@ def train(**flags) -> None:
         run_recipe(str(path), {})
         return
     check_job(cfg)
-    with holding_output_dir(cfg):
+    with holding_folder(Path(cfg.output_dir), "dept train", cfg.train.comm_timeout_s):
         prepare_output_dir(cfg, overwrite)
         result = run_job(cfg)
     if distributed.rank() == 0:
@@ -165,6 +172,24 @@ def export_adapter(adapter: str, out: str, **flags) -> None:
     print(f"exported {args.adapter} -> {written} (PEFT PROMPT_TUNING)")
 
 
+def sync_tracking(output_dir: str, **flags) -> None:
+    from pipeline.tracking import PENDING_FILE, check_reachable, resolve_tracking_uri, send_pending
+
+    args = build(SyncTrackingArgs, {"output_dir": output_dir, **flags}, "sync-tracking")
+    files = sorted(Path(args.output_dir).rglob(PENDING_FILE))
+    if not files:
+        print(f"nothing to send: no {PENDING_FILE} under {args.output_dir}")
+    client = None
+    if files and args.uri:
+        from mlflow.tracking import MlflowClient
+
+        uri = resolve_tracking_uri(args.uri, Path.cwd())
+        check_reachable(uri)
+        client = MlflowClient(tracking_uri=uri)
+    for path in files:
+        print(f"sent {send_pending(path, client)} record(s) from {path}")
+
+
 def bench(**flags) -> None:
     from pipeline.bench import bench as run_bench
 
@@ -196,19 +221,19 @@ def _main_metrics(metrics: dict) -> str:
 
 
 @contextlib.contextmanager
-def holding_output_dir(cfg: JobConfig):
-    """One `dept train` per output folder: rank 0 holds its lock while the job runs (`folder_lock`: a killed run's
-    lock goes with it); a second launch is refused at once, on every rank alike, naming the process that holds it.
-    A refused or failed start leaves no folder behind that it created. #21"""
+def holding_folder(out: Path, what: str, comm_timeout_s: float):
+    """One `dept train` (or launching `dept run`) per output folder: rank 0 holds its lock while the command runs
+    (`folder_lock`: a killed run's lock goes with it); a second launch is refused at once, on every rank alike,
+    naming the process that holds it. A refused or failed start leaves no folder behind that it created. #21"""
     from pipeline import engine, folder_lock
 
     if distributed.world_size() > 1:
-        engine.init_distributed(cfg.train.comm_timeout_s)  # so that every rank hears rank 0's answer
-    out = Path(cfg.output_dir)
+        engine.init_distributed(comm_timeout_s)  # so that every rank hears rank 0's answer
+    out = Path(out)
     existed = out.exists()
     with contextlib.ExitStack() as stack:
         distributed.decided_on_rank0(
-            lambda: stack.enter_context(folder_lock.hold(out, "dept train")) and None, what="locking --output_dir"
+            lambda: stack.enter_context(folder_lock.hold(out, what)) and None, what="locking --output_dir"
         )
         try:
             yield
@@ -268,6 +293,9 @@ COMMANDS = {
     "evaluate": Command(evaluate, EvaluateArgs, "an adapter's metrics on a task's split", extra=CLI_ONLY_INFERENCE),
     "predict": Command(
         predict, PredictArgs, "an adapter's predictions for the rows of a file", extra=CLI_ONLY_INFERENCE
+    ),
+    "sync-tracking": Command(
+        sync_tracking, SyncTrackingArgs, "send the MLflow records kept while the tracking server did not answer"
     ),
     "bench": Command(bench, None, "time and memory of DePT vs prompt tuning; ZeRO-3 scale test"),
     "import-adapter": Command(import_adapter, ImportAdapterArgs, "the DePT authors' released adapters in"),

@@ -483,6 +483,16 @@ class RunArgs:
 
 
 @dataclass
+class SyncTrackingArgs:
+    """`dept sync-tracking`: send the MLflow records a job kept while its tracking server did not answer. #21"""
+
+    output_dir: str = option(
+        MISSING, "a job's or a recipe's output folder: every tracking-pending.jsonl under it is sent", positional=True
+    )
+    uri: str | None = option(None, "send to this tracking URI instead of the one each record names (a moved server)")
+
+
+@dataclass
 class ImportAdapterArgs:
     """`dept import-adapter`: a DePT adapter released by the paper's authors into this pipeline's format."""
 

@@ -151,6 +151,7 @@ def run_recipe(
             parent = tracker.join_parent(recipe_key)
         else:
             parent = tracker.parent(recipe.name, recipe_key)
+            tracker.send_pending(out)  # records kept while the tracking server did not answer last time (#21)
             tracker.describe_experiment(recipe.spec.description)
             tracker.set_tags(shown.parent_tags(recipe, jobs, world), run_id=parent)
         progress = Progress(jobs, names, enabled=rank == 0)

@@ -22,6 +22,7 @@ is refused before any run starts, since other machines could not download them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -66,6 +67,10 @@ CONTEXTS = {
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 DATASET_PREVIEW_ROWS = 1000  # rows of a large training table shown as the run's dataset input
 FLUSH_EVERY_S = 10.0  # buffered training metrics reach MLflow at least this often
+PENDING_FILE = "tracking-pending.jsonl"  # records kept while the tracking server does not answer (per output folder)
+PROBE_EVERY_S = 15.0  # while the server does not answer, ask its /health this often (never MLflow's long retries)
+HEALTHY_FOR_S = 5.0  # a /health answer is trusted this long before the next call asks again
+WRITE_REQUEST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.:/=+\-]{1,250}$")
 _FILE_STORE_HINT = (
     "MLflow 3 refuses the plain file store (maintenance mode); use a database store such as "
@@ -230,6 +235,9 @@ class Tracker:
         self._keys: dict[str, str] = {}  # dept.key -> run id, for runs opened by this tracker
         self._open: list[str] = []  # run ids opened by this tracker and not finished yet (children after parent)
         self._streams: list[_MetricStream] = []  # callbacks with buffered metric points
+        self._outage = _Outage(self.uri, float(os.environ.get("DEPT_TRACKING_PROBE_S", PROBE_EVERY_S)))
+        self._folders: dict[str, Path] = {}  # run id -> its output folder (tag dept.output_dir): where records wait
+        self._kept: set[Path] = set()  # pending files this tracker wrote and has not sent yet
 
     # -- plumbing
 
@@ -487,21 +495,26 @@ class Tracker:
             to_close = [r for r in self._open if r != run_id] + [run_id]
         for rid in to_close:
             self.flush(rid)
-            self.client.set_terminated(rid, status=status)
+            self._send_or_keep(rid, {"kind": "terminate", "status": status}, self.client.set_terminated, rid, status)
             if rid in self._open:
                 self._open.remove(rid)
+        self._say_what_waits()
 
     # -- logging
 
     def log_params(self, params: dict, run_id: str | None = None) -> None:
         run_id = self._current(run_id)
         if self.active and run_id and params:
-            self._log_params(params, run_id)
+            record = {"kind": "params", "params": flatten_params(params)}
+            self._send_or_keep(run_id, record, self._log_params, params, run_id)
 
     def set_tags(self, tags: dict, run_id: str | None = None) -> None:
         run_id = self._current(run_id)
         if self.active and run_id and tags:
-            self._set_tags(tags, run_id)
+            if "dept.output_dir" in tags:
+                self._folders[run_id] = Path(tags["dept.output_dir"])
+            record = {"kind": "tags", "tags": {safe_name(k): str(v)[:8000] for k, v in tags.items()}}
+            self._send_or_keep(run_id, record, self._set_tags, tags, run_id)
 
     def log_metrics(self, metrics: dict, step: int, run_id: str | None = None) -> None:
         """Log the numeric values of `metrics` at `step` (strings, None and other non-numbers are skipped)."""
@@ -516,8 +529,8 @@ class Tracker:
             number = numeric(value)
             if number is not None:
                 items.append(Metric(metric_name(key), number, now, int(step)))
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+        record = {"kind": "batch", "points": [[m.key, m.value, m.timestamp, m.step] for m in items], "tags": {}}
+        self._send_or_keep(run_id, record, _send_batch, self.client, run_id, items, {})
 
     def log_artifact(
         self, path: str | os.PathLike, artifact_path: str | None = None, run_id: str | None = None
@@ -527,13 +540,10 @@ class Tracker:
         if not (self.active and run_id):
             return
         path = Path(path)
-        if path.is_dir():
-            dest = posixpath.join(artifact_path, path.name) if artifact_path else path.name
-            self.client.log_artifacts(run_id, str(path), dest)
-        elif path.is_file():
-            self.client.log_artifact(run_id, str(path), artifact_path)
-        else:
+        if not path.exists():
             raise PipelineError(f"cannot log artifact {path}: no such file or directory")
+        record = {"kind": "artifact", "path": str(path.resolve()), "artifact_path": artifact_path}
+        self._send_or_keep(run_id, record, _send_artifact, self.client, run_id, str(path), artifact_path)
 
     def log_dataset(
         self, rows: list[dict], name: str, context: str, run_id: str | None = None, source: str | None = None
@@ -548,6 +558,9 @@ class Tracker:
             raise PipelineError(f"dataset context {context!r} is not one of training, validation, test")
         run_id = self._current(run_id)
         if not (self.active and run_id):
+            return None
+        if not self._outage.usable():  # a preview of the rows: not worth keeping for later
+            log.warning("MLflow tracking server unreachable: dataset %s (%s) not logged", name, canonical)
             return None
         import mlflow.data
         import pandas as pd
@@ -627,10 +640,189 @@ class Tracker:
             log.warning("could not send the last MLflow metrics: %s", err)
         for run_id in reversed(list(self._open)):
             try:
-                self.client.set_terminated(run_id, status=status)
+                self._send_or_keep(
+                    run_id, {"kind": "terminate", "status": status}, self.client.set_terminated, run_id, status
+                )
             except Exception as err:  # noqa: BLE001 -- never hide the original exception
                 log.warning("could not mark MLflow run %s %s: %s", run_id, status, err)
         self._open.clear()
+        self._say_what_waits()
+
+    # -- while the tracking server does not answer (#21)
+
+    def _send_or_keep(self, run_id: str, record: dict, send: Callable, *args) -> None:
+        """`send(*args)` now; while the tracking server does not answer, `record` waits in the run's
+        `<output_dir>/tracking-pending.jsonl` instead (sent when the server answers again, by `dept sync-tracking`
+        or by the next run of the same command). An error from a server that answers is raised as before."""
+        if self._outage.usable():
+            try:
+                with _without_retries():
+                    if self._kept:
+                        self._send_kept()
+                    send(*args)
+                return
+            except PipelineError:
+                raise
+            except Exception as exc:
+                if self._outage.healthy_now():
+                    raise  # the server answers: a real error, not an outage
+                self._outage.failed(exc)
+        self._keep(run_id, record)
+
+    def _keep(self, run_id: str, record: dict) -> None:
+        path = self._folders.get(run_id, self._folders.get(self.parent_id or "", Path.cwd())) / PENDING_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            handle.write(json.dumps({"uri": self.uri, "run_id": run_id, **record}) + "\n")
+        self._kept.add(path)
+
+    def _send_kept(self) -> None:
+        for path in sorted(self._kept):
+            sent = send_pending(path, self.client)
+            self._kept.discard(path)
+            log.info("MLflow tracking server back: %d kept record(s) from %s sent", sent, path)
+
+    def _say_what_waits(self) -> None:
+        if self._kept and self._outage.down_since is not None:
+            folders = ", ".join(str(p) for p in sorted(self._kept))
+            log.warning(
+                "MLflow tracking server %s still unreachable: unsent records wait in %s; once it answers, run "
+                "`dept sync-tracking OUTPUT_DIR` (or the same command again) to send them",
+                self.uri,
+                folders,
+            )
+
+    def send_pending(self, folder: str | os.PathLike) -> int:
+        """Send every record kept under `folder` (the next run of the same command calls it); the count sent."""
+        if not self.active:
+            return 0
+        total = 0
+        for path in sorted(Path(folder).rglob(PENDING_FILE)):
+            total += send_pending(path, self.client)
+        return total
+
+
+@contextlib.contextmanager
+def _without_retries():
+    """MLflow's http client retries a failed request for minutes (7 retries, growing back-off): for the writes a
+    running job makes, one try within a bounded time, after which the record waits in the pending file instead.
+    MLflow reads both variables at each request; a value the user set wins."""
+    saved = {name: os.environ.get(name) for name in WRITE_REQUEST_ENV}
+    for name, value in WRITE_REQUEST_ENV.items():
+        os.environ.setdefault(name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+
+
+def _send_batch(client, run_id: str, points: list, tags: dict) -> None:
+    from mlflow.entities import RunTag
+
+    for i in range(0, max(len(points), 1), 1000):
+        batch_tags = [RunTag(k, v) for k, v in tags.items()] if i == 0 else []
+        client.log_batch(run_id, metrics=points[i : i + 1000], tags=batch_tags)
+
+
+def _send_artifact(client, run_id: str, path: str, artifact_path: str | None) -> None:
+    """A file lands at `<artifact_path>/<name>`; a directory at `<artifact_path>/<dirname>/...`."""
+    if Path(path).is_dir():
+        name = Path(path).name
+        client.log_artifacts(run_id, path, posixpath.join(artifact_path, name) if artifact_path else name)
+    else:
+        client.log_artifact(run_id, path, artifact_path)
+
+
+def send_pending(path: str | os.PathLike, client=None) -> int:
+    """Send the records kept in one `tracking-pending.jsonl` to the tracking server each names (or `client`'s), in
+    order; each record is dropped from the file once sent, so a failure part-way re-sends nothing twice. Returns
+    the number sent; the file is gone when all were."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    path = Path(path)
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    clients: dict[str, object] = {}
+    for done, record in enumerate(records):
+        if client is None and record["uri"] not in clients:
+            check_reachable(record["uri"])  # one line now, rather than MLflow's retries for minutes
+            clients[record["uri"]] = MlflowClient(tracking_uri=record["uri"])
+        mlflow = client or clients[record["uri"]]
+        run_id, kind = record["run_id"], record["kind"]
+        try:
+            if kind == "batch":
+                points = [Metric(k, v, t, s) for k, v, t, s in record["points"]]
+                _send_batch(mlflow, run_id, points, record["tags"])
+            elif kind == "tags":
+                mlflow.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+            elif kind == "params":
+                existing = mlflow.get_run(run_id).data.params
+                params = [Param(k, v) for k, v in record["params"].items() if k not in existing]
+                if params:
+                    mlflow.log_batch(run_id, params=params)
+            elif kind == "artifact":
+                _send_artifact(mlflow, run_id, record["path"], record["artifact_path"])
+            elif kind == "terminate":
+                mlflow.set_terminated(run_id, status=record["status"])
+        except BaseException:
+            from pipeline import atomic
+
+            atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in records[done:]))
+            raise
+    path.unlink()
+    return len(records)
+
+
+class _Outage:
+    """Whether the tracking server answers, asked cheaply: an http(s) server's `/health` (2 s) before calls when
+    the last answer is older than HEALTHY_FOR_S, and while it does not answer at most every PROBE_EVERY_S, so that
+    no call waits through MLflow's own retries (minutes) and training never slows down. One warning when it goes,
+    one when it is back. Other stores (sqlite) are taken to answer."""
+
+    def __init__(self, uri: str, probe_every_s: float = PROBE_EVERY_S):
+        self.uri, self.probe_every_s = uri, probe_every_s
+        self.http = urllib.parse.urlparse(uri).scheme.lower() in ("http", "https")
+        self.down_since: float | None = None
+        self.asked_at = -math.inf
+
+    def healthy_now(self) -> bool:
+        if not self.http:
+            return True
+        try:
+            with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=2) as resp:
+                ok = resp.status == 200
+        except (OSError, ValueError):
+            ok = False
+        self.asked_at = time.monotonic()
+        return ok
+
+    def usable(self) -> bool:
+        now = time.monotonic()
+        if not self.http or (self.down_since is None and now - self.asked_at < HEALTHY_FOR_S):
+            return True
+        if self.down_since is not None and now - self.asked_at < self.probe_every_s:
+            return False
+        if self.healthy_now():
+            if self.down_since is not None:
+                log.warning("MLflow tracking server %s answers again after %.0f s", self.uri, now - self.down_since)
+                self.down_since = None
+            return True
+        self.failed("no answer to GET /health")
+        return False
+
+    def failed(self, reason) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.warning(
+                "MLflow tracking server %s does not answer (%s): training goes on; metrics, params and tags wait in "
+                "the job folder's %s until it answers",
+                self.uri,
+                str(reason).splitlines()[0][:200] if str(reason) else type(reason).__name__,
+                PENDING_FILE,
+            )
+        self.asked_at = time.monotonic()
 
 
 class _MetricStream:
@@ -663,14 +855,12 @@ class _MetricStream:
     def flush(self) -> None:
         if not (self.points or self.tags):
             return
-        from mlflow.entities import RunTag
 
         points, tags = self.points, self.tags
         self.points, self.tags, self.sent_at = [], {}, time.monotonic()
+        record = {"kind": "batch", "points": [[m.key, m.value, m.timestamp, m.step] for m in points], "tags": tags}
         try:
-            for i in range(0, max(len(points), 1), 1000):
-                batch_tags = [RunTag(k, v) for k, v in tags.items()] if i == 0 else []
-                self.tracker.client.log_batch(self.run_id, metrics=points[i : i + 1000], tags=batch_tags)
+            self.tracker._send_or_keep(self.run_id, record, _send_batch, self.tracker.client, self.run_id, points, tags)
         except Exception as exc:  # noqa: BLE001 -- see Tracker.callback_for
             self.failures += 1
             if self.failures <= 3 or math.log2(self.failures).is_integer():

@@ -63,7 +63,7 @@ def interrupted_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("interrupted ")]
 
 
-def tiny_job(model, data, out, *extra, steps=16):
+def tiny_job(model, data, out, *extra, steps=20):
     return train_argv(
         str(model),
         str(out),
@@ -92,19 +92,33 @@ def test_sigterm_to_one_rank_of_a_2_rank_job_stops_every_rank_with_a_checkpoint(
     lines = interrupted_lines(output)
     assert len(lines) == 1, output[-3000:]
     step = int(lines[0].split()[3])
-    assert 4 <= step < 16 and lines[0].startswith(f"interrupted at step {step} of 16; checkpoint written (")
+    assert 4 <= step < 20 and lines[0].startswith(f"interrupted at step {step} of 20; checkpoint written (")
     assert lines[0].endswith("; run the same command to resume") and "Traceback" not in output
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{step:08d}"
 
+    # SIGTERM to the launcher only (./launch.sh): it reaches the ranks through DeepSpeed's launcher
+    job = start(cmd, tmp_path, nproc=2)
+    wait_for(lambda: logged_steps(out / "metrics.jsonl") >= step + 2, job)
+    job.send_signal(signal.SIGTERM)
+    finish(job, grace=60)
+    output = (tmp_path / "out.txt").read_text()
+    assert job.returncode == 143 and f"resumed from step {step}" in output, output[-3000:]
+    lines = interrupted_lines(output)
+    assert len(lines) == 1 and "checkpoint written" in lines[0] and "Traceback" not in output, output[-3000:]
+    second = int(lines[0].split()[3])
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+
     resumed = run(cmd, nproc=2, launcher="deepspeed")
-    assert f"resumed from step {step}" in resumed.stdout + resumed.stderr
+    assert f"resumed from step {second}" in resumed.stdout + resumed.stderr
     run(tiny_job(tiny_models["t5"], toy_task, tmp_path / "straight"), nproc=2, launcher="deepspeed")
     a, b = read_results(out), read_results(tmp_path / "straight")
-    assert [h["step"] for h in a["history"]] == list(range(1, 17))
+    assert [h["step"] for h in a["history"]] == list(range(1, 21))
     assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], rel=1e-6, abs=1e-7)
     for name, tensor in read_adapter(tmp_path / "straight" / "adapter")[1].items():
         torch.testing.assert_close(read_adapter(out / "adapter")[1][name], tensor, rtol=1e-5, atol=1e-7)
-    print(f"SIGTERM to rank 1 after step 4: stopped at step {step}, all ranks gone {seconds:.1f} s after the signal")
+    print(
+        f"SIGTERM to rank 1: stopped at step {step}, every rank gone {seconds:.1f} s after the signal; to the launcher: {second}"
+    )
 
 
 RECIPE = """

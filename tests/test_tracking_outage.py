@@ -1,0 +1,117 @@
+"""The MLflow tracking server goes away mid-run (a real `mlflow server` on 127.0.0.1, stopped and restarted on the
+same port and store): training goes on, one warning when it goes and one when it is back, what failed to send is
+kept in the job folder's tracking-pending.jsonl and sent when it answers; a server that never comes back leaves the
+records for `dept sync-tracking OUTPUT_DIR`. The metric history ends complete: one value per logged step. #21"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import free_port, run
+from test_preemption import logged_steps, start, wait_for
+
+from pipeline.tracking import PENDING_FILE, check_reachable
+
+pytestmark = pytest.mark.slow
+
+RECIPE = """
+name: outage
+model: {model}
+ds_config: zero3_cpu
+output_dir: {out}
+dept: {{num_virtual_tokens: 4, r: 2, max_length: 32}}
+train: {{batch_size: 8, warmup_steps: 2, log_every: 1}}
+data: {{eval_mode: score, max_eval_rows: 8}}
+tracking: {{uri: "{uri}", experiment: outage}}
+stages:
+  - {{name: first, tasks: [syn-source-animal], train: {{steps: 300}}}}
+  - {{name: second, tasks: [syn-warm-animal], train: {{steps: 100}}}}
+"""
+
+
+def serve(root: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port over the same store every time; returns once /health answers."""
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd += ["--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts")]
+    log = open(root / f"server-{time.monotonic_ns()}.log", "w")
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            check_reachable(f"http://127.0.0.1:{port}", timeout_s=2)
+            return proc
+        except Exception:
+            assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+
+
+def stop(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=60)
+
+
+def test_the_tracking_server_goes_away_mid_run_and_the_history_ends_complete(tiny_models, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path / "server"
+    root.mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    out = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(model=tiny_models["t5"], out=out, uri=uri))
+    server = serve(root, port)
+    job = start(["run", str(recipe)], tmp_path, env={"DEPT_TRACKING_PROBE_S": "2"})
+    first, second = out / "first" / "metrics.jsonl", out / "second" / "metrics.jsonl"
+    seen: list[tuple[float, int]] = []  # (time, steps logged): the step rate with the server up and down
+
+    def steps_of_first() -> int:
+        seen.append((time.monotonic(), logged_steps(first)))
+        return seen[-1][1]
+
+    try:
+        wait_for(lambda: steps_of_first() >= 3, job)
+        up_rate = (seen[-1][1] - 1) / (seen[-1][0] - next(t for t, n in seen if n >= 1))
+        stop(server)  # down for a stretch of the first job ...
+        down_at, down_t = steps_of_first(), time.monotonic()
+        wait_for(lambda: steps_of_first() >= down_at + 10, job)
+        down_rate = (seen[-1][1] - down_at) / (time.monotonic() - down_t)
+        server = serve(root, port)  # ... and back before it ends
+        back_at = logged_steps(first)
+        wait_for(lambda: logged_steps(second) >= 3, job)
+        stop(server)  # down during the second job, and never back while the run lasts
+        assert job.wait(timeout=600) == 0, (tmp_path / "out.txt").read_text()[-3000:]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    output = (tmp_path / "out.txt").read_text()
+    assert back_at < 300, "the first job ended before the server came back: the test proves nothing"
+    assert output.count("does not answer") == 2 and output.count("answers again") == 1, output[-4000:]
+    assert f"still unreachable: unsent records wait in {out / 'second' / PENDING_FILE}" in output
+    assert "dept sync-tracking" in output
+    kept = [json.loads(line) for line in (out / "second" / PENDING_FILE).read_text().splitlines()]
+    assert {r["kind"] for r in kept} >= {"batch", "terminate"}
+
+    server = serve(root, port)
+    try:
+        synced = run(["sync-tracking", str(out)])
+        assert "sent" in synced.stdout and not (out / "second" / PENDING_FILE).exists()
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+        children = {r.data.tags["dept.stage"]: r for r in runs if r.data.tags.get("dept.role") == "child"}
+        assert all(r.info.status == "FINISHED" for r in runs), [(r.data.tags, r.info.status) for r in runs]
+        for name, steps in (("first", 300), ("second", 100)):
+            history = client.get_metric_history(children[name].info.run_id, "loss")
+            assert sorted(m.step for m in history) == list(range(1, steps + 1)), (name, sorted(m.step for m in history))
+    finally:
+        stop(server)
+    print(f"steps/s with the server up {up_rate:.2f}, down {down_rate:.2f} (ratio {down_rate / up_rate:.2f})")
