@@ -238,6 +238,7 @@ class Tracker:
         self._outage = _Outage(self.uri, float(os.environ.get("DEPT_TRACKING_PROBE_S", PROBE_EVERY_S)))
         self._folders: dict[str, Path] = {}  # run id -> its output folder (tag dept.output_dir): where records wait
         self._kept: set[Path] = set()  # pending files this tracker wrote and has not sent yet
+        self._finished: set[str] = set()  # run ids this tracker finished
 
     # -- plumbing
 
@@ -476,6 +477,8 @@ class Tracker:
         _check_key(key)
 
         def lookup():
+            if self._keys.get(key) in self._finished:  # finished here (maybe kept for later): no request. #21
+                return True
             run = self._find(key, self.parent_id) if self.parent_id else self._find(key)
             return bool(run and run.info.status == "FINISHED")
 
@@ -496,6 +499,8 @@ class Tracker:
         for rid in to_close:
             self.flush(rid)
             self._send_or_keep(rid, {"kind": "terminate", "status": status}, self.client.set_terminated, rid, status)
+            if status == "FINISHED":
+                self._finished.add(rid)
             if rid in self._open:
                 self._open.remove(rid)
         self._say_what_waits()
