@@ -214,7 +214,11 @@ def job_tags(job: Job, digest: str, world_size: int) -> dict[str, str]:
         "dept.job": job.key,
         "dept.output_dir": str(Path(job.config.output_dir).resolve()),
         "dept.log_every": str(job.config.train.log_every),
-        "dept.save_every": str(job.config.train.save_every),
+        "dept.save_every": (
+            f"every {job.config.train.save_every_minutes:g} min"
+            if job.config.train.save_every is None
+            else str(job.config.train.save_every)
+        ),
         **{f"dept.{k}": v for k, v in meta.items()},
     }
 
