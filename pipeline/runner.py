@@ -154,7 +154,7 @@ def run_recipe(
             tracker.send_pending(out)  # records kept while the tracking server did not answer last time (#21)
             tracker.describe_experiment(recipe.spec.description)
             tracker.set_tags(shown.parent_tags(recipe, jobs, world), run_id=parent)
-        progress = Progress(jobs, names, enabled=rank == 0)
+        progress = Progress(jobs, names, enabled=rank == 0, at_once=count)
         sweeps = sweep.Sweeps(recipe, rank)
         reused = {s.job.key for s in states if s.action == "reuse"}
         if count > 1:
@@ -242,8 +242,9 @@ class Progress:
         [12/38] transfer k=8 seed=1 source stories-had: test accuracy 45.0, 12 s
     """
 
-    def __init__(self, jobs: list[Job], names: dict[str, str], enabled: bool):
+    def __init__(self, jobs: list[Job], names: dict[str, str], enabled: bool, at_once: int = 1):
         self.jobs, self.names, self.enabled = jobs, names, enabled
+        self.at_once = max(1, at_once)  # jobs running side by side: the stage's time left is shared between them
         self.durations: dict[str, list[float]] = {}
         self.started: dict[str, float] = {}
         self.ended: set[str] = set()
@@ -261,7 +262,8 @@ class Progress:
             return
         left = [j for j in self.jobs if j.stage == job.stage and j.key not in self.ended]
         done = self.durations.get(job.stage)
-        eta = f" (stage {job.stage}: about {_duration(len(left) * sum(done) / len(done))} left)" if done else ""
+        seconds = len(left) * sum(done) / len(done) / min(self.at_once, len(left)) if done else 0.0
+        eta = f" (stage {job.stage}: about {_duration(seconds)} left)" if done else ""
         verb = {"resume": "resumed", "rerun": "started over"}.get(state.action, "started")
         print(f"{self._label(job)}: {verb}{by}{eta}", flush=True)
 
