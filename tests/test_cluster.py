@@ -426,7 +426,9 @@ def test_two_nodes_compute_what_one_rank_computes_with_targets_of_every_length(h
         _, got, _ = adapters.read_adapter(works["nodes"] / "runs/split" / stage / "adapter")
         _, want, _ = adapters.read_adapter(works["one"] / "runs/split" / stage / "adapter")
         for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=f"{stage}: {name}")
+            # One rank trains at ZeRO stage 0 and two at ZeRO-3 (#24): the last bit of some gradients differs, which
+            # AdamW at lr 0.3 grows to a few 1e-6 on the prompt (tests/test_batch_split.py: the same tolerance).
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=f"{stage}: {name}")
 
 
 # --------------------------------------------------------------------------------------------------- node loss
