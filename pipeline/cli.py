@@ -90,9 +90,14 @@ def run(recipe: str = "quickstart", **flags) -> None:
     args = build(RunArgs, {"recipe": recipe, **own}, "run")
     held = contextlib.nullcontext()
     if not (args.dry_run or args.join):  # --join workers share the run: each job folder is locked by its runner
+        from pipeline.config import TrainArgs
         from pipeline.recipe import load_recipe
 
-        held = holding_folder(load_recipe(args.recipe, dict(flags)).output_dir, "dept run", 1800.0)
+        recipe = load_recipe(args.recipe, dict(flags))
+        # The process group may start here (every rank must hear rank 0's answer), and its timeout then bounds every
+        # collective of the run: the recipe's, or a cut link hangs for the default 30 min instead of failing.
+        timeout_s = float(recipe.spec.train.get("comm_timeout_s", TrainArgs().comm_timeout_s))
+        held = holding_folder(recipe.output_dir, "dept run", timeout_s)
     with held:
         run_recipe(args.recipe, flags, dry_run=args.dry_run, rerun_changed=args.rerun_changed, join=args.join)
 
