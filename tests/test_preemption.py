@@ -183,8 +183,10 @@ def test_a_second_launch_on_a_running_jobs_folder_is_refused_and_a_killed_one_bl
 ):
     out = tmp_path / "out"
     cmd = tiny_job(tiny_models["t5"], toy_task, out, steps=60)
-    first = start(cmd, tmp_path)
-    wait_for(lambda: logged_steps(out / "metrics.jsonl") >= 1, first)
+    # The first launch stays at step 3 (a fault hook hangs it there, holding the folder): a 60-step job on an idle
+    # machine finishes before a second process has started.
+    first = start(cmd, tmp_path, env={"DEPT_FAULT_HANG_AT_STEP": "3"})
+    wait_for(lambda: logged_steps(out / "metrics.jsonl") >= 3, first)
     started = time.monotonic()
     second = run(cmd, check=False, timeout=120)
     refused_in = time.monotonic() - started
