@@ -590,7 +590,19 @@ class Tracker:
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
             entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, canonical)])
-        self.client.log_inputs(run_id, datasets=[entity])
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(run_id, datasets=[entity])
+                break
+            except Exception as exc:  # noqa: BLE001 - MLflow wraps the store's error in several types
+                # Two parallel workers logging the same rows at once (#19): MLflow's sqlite store checks for the
+                # dataset, then inserts it, so one of them hits the UNIQUE constraint; a retry finds the row the
+                # other wrote. A preview is not worth stopping a job for: after three tries, a warning.
+                if "UNIQUE constraint" not in str(exc) and "IntegrityError" not in type(exc).__name__:
+                    raise
+                if attempt == 2:
+                    log.warning("dataset %s (%s) not logged to MLflow: %s", name, canonical, str(exc)[:200])
+                time.sleep(0.2 * (attempt + 1))
         return digest
 
     def callback_for(

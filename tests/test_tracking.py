@@ -514,3 +514,36 @@ def test_server_storing_artifacts_on_its_local_disk_is_refused_before_training(t
             ).get("runs", [])
             == []
         )  # no run was started
+
+
+def test_a_dataset_logged_by_two_workers_at_once_is_retried_not_fatal(tmp_path, monkeypatch, caplog):
+    """#19: parallel workers race on MLflow's check-then-insert of the same dataset row (UNIQUE constraint)."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(None, tmp_path / "out")
+    tracker = Tracker(uri, "dept-race")
+    tracker.parent("race", "race-key")
+    child = tracker.child("job", "race-key/job", {})
+    real, calls = tracker.client.log_inputs, []
+
+    def racing(run_id, datasets):
+        calls.append(run_id)
+        if len(calls) == 1:  # what the losing worker's store raises
+            raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, ...")
+        return real(run_id, datasets=datasets)
+
+    monkeypatch.setattr(tracker.client, "log_inputs", racing)
+    tracker.log_dataset([{"x": 1}, {"x": 2}], "tiny", "validation", run_id=child)
+    assert len(calls) == 2
+    assert len(MlflowClient(uri).get_run(child).inputs.dataset_inputs) == 1
+    monkeypatch.setattr(
+        tracker.client, "log_inputs", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("UNIQUE constraint"))
+    )
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        tracker.log_dataset([{"x": 3}], "other", "test", run_id=child)  # never fatal
+    assert any("not logged to MLflow" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(tracker.client, "log_inputs", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad")))
+    with pytest.raises(ValueError):  # any other error still surfaces
+        tracker.log_dataset([{"x": 4}], "third", "test", run_id=child)
