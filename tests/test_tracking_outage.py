@@ -31,7 +31,7 @@ train: {{batch_size: 8, warmup_steps: 2, log_every: 1}}
 data: {{eval_mode: score, max_eval_rows: 8}}
 tracking: {{uri: "{uri}", experiment: outage}}
 stages:
-  - {{name: first, tasks: [syn-source-animal], train: {{steps: 300}}}}
+  - {{name: first, tasks: [syn-source-animal], train: {{steps: 1200}}}}
   - {{name: second, tasks: [syn-warm-animal], train: {{steps: 100}}}}
 """
 
@@ -80,11 +80,12 @@ def test_the_tracking_server_goes_away_mid_run_and_the_history_ends_complete(tin
 
     try:
         wait_for(lambda: steps_of_first() >= 3, job)
-        up_rate = (seen[-1][1] - 1) / (seen[-1][0] - next(t for t, n in seen if n >= 1))
+        # a rough rate for the printout (the first look may already see 3 steps on an idle machine: no zero span)
+        up_rate = (seen[-1][1] - 1) / max(seen[-1][0] - next(t for t, n in seen if n >= 1), 1e-3)
         stop(server)  # down for a stretch of the first job ...
         down_at, down_t = steps_of_first(), time.monotonic()
         wait_for(lambda: steps_of_first() >= down_at + 10, job)
-        down_rate = (seen[-1][1] - down_at) / (time.monotonic() - down_t)
+        down_rate = (seen[-1][1] - down_at) / max(time.monotonic() - down_t, 1e-3)
         server = serve(root, port)  # ... and back before it ends
         back_at = logged_steps(first)
         wait_for(lambda: logged_steps(second) >= 3, job)
@@ -94,7 +95,7 @@ def test_the_tracking_server_goes_away_mid_run_and_the_history_ends_complete(tin
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
     output = (tmp_path / "out.txt").read_text()
-    assert back_at < 300, "the first job ended before the server came back: the test proves nothing"
+    assert back_at < 1200, "the first job ended before the server came back: the test proves nothing"
     assert output.count("does not answer") == 2 and output.count("answers again") == 1, output[-4000:]
     assert f"still unreachable: unsent records wait in {out / 'second' / PENDING_FILE}" in output
     assert "dept sync-tracking" in output
@@ -109,9 +110,11 @@ def test_the_tracking_server_goes_away_mid_run_and_the_history_ends_complete(tin
         runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
         children = {r.data.tags["dept.stage"]: r for r in runs if r.data.tags.get("dept.role") == "child"}
         assert all(r.info.status == "FINISHED" for r in runs), [(r.data.tags, r.info.status) for r in runs]
-        for name, steps in (("first", 300), ("second", 100)):
+        for name, steps in (("first", 1200), ("second", 100)):
             history = client.get_metric_history(children[name].info.run_id, "loss")
             assert sorted(m.step for m in history) == list(range(1, steps + 1)), (name, sorted(m.step for m in history))
     finally:
         stop(server)
-    print(f"steps/s with the server up {up_rate:.2f}, down {down_rate:.2f} (ratio {down_rate / up_rate:.2f})")
+    print(
+        f"steps/s with the server up {up_rate:.2f}, down {down_rate:.2f} (ratio {down_rate / max(up_rate, 1e-9):.2f})"
+    )
