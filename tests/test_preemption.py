@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 from conftest import LAUNCHER_VARIABLES, REPO, free_port, read_results, run
-from support import train_argv
+from test_reliability import args as tiny_job  # the same tiny T5 job (with dropout) the reliability tests run
 
 from pipeline.adapters import read_adapter
 
@@ -63,24 +63,9 @@ def interrupted_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("interrupted ")]
 
 
-def tiny_job(model, data, out, *extra, steps=20):
-    return train_argv(
-        str(model),
-        str(out),
-        *extra,
-        train_file=str(data),
-        batch_size="8",
-        steps=str(steps),
-        warmup_steps="2",
-        log_every="1",
-        lr_lowrank="0.01",
-        model_overrides='{"dropout_rate": 0.1}',
-    )
-
-
 def test_sigterm_to_one_rank_of_a_2_rank_job_stops_every_rank_with_a_checkpoint(tiny_models, toy_task, tmp_path):
     out = tmp_path / "stopped"
-    cmd = tiny_job(tiny_models["t5"], toy_task, out)
+    cmd = tiny_job(tiny_models["t5"], toy_task, out, steps=20)
     job = start(cmd, tmp_path, nproc=2)
     wait_for(lambda: logged_steps(out / "metrics.jsonl") >= 4, job)
     ranks = [p for p in psutil.Process(job.pid).children(recursive=True) if "--local_rank=1" in p.cmdline()]
@@ -110,7 +95,7 @@ def test_sigterm_to_one_rank_of_a_2_rank_job_stops_every_rank_with_a_checkpoint(
 
     resumed = run(cmd, nproc=2, launcher="deepspeed")
     assert f"resumed from step {second}" in resumed.stdout + resumed.stderr
-    run(tiny_job(tiny_models["t5"], toy_task, tmp_path / "straight"), nproc=2, launcher="deepspeed")
+    run(tiny_job(tiny_models["t5"], toy_task, tmp_path / "straight", steps=20), nproc=2, launcher="deepspeed")
     a, b = read_results(out), read_results(tmp_path / "straight")
     assert [h["step"] for h in a["history"]] == list(range(1, 21))
     assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], rel=1e-6, abs=1e-7)
