@@ -210,10 +210,11 @@ class TrainArgs:
         "cores or OMP_NUM_THREADS)",
         minimum=1,
     )
-    sharding: Literal["auto", "zero3"] = option(
+    sharding: Literal["auto", "zero3", "replicate"] = option(
         "auto",
         "auto: ZeRO-3 over several ranks, the whole model and a plain step in one process (unless the DeepSpeed "
-        "config offloads or is fp16); zero3: ZeRO-3 even in one process",
+        "config offloads or is fp16); zero3: ZeRO-3 even in one process; replicate: the whole model on every rank "
+        "and a plain step, the trainable gradients averaged (no ZeRO-3 gathers: faster when each rank can hold it)",
     )
 
     def __post_init__(self):

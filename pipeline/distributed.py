@@ -92,6 +92,25 @@ def sum_over_ranks(value: float) -> float:
     return _all_reduce(value)
 
 
+def average_gradients(params: list) -> None:
+    """Replace each parameter's `.grad` by its mean over the ranks, in one all-reduce of one flat fp32 buffer (a
+    missing gradient counts as zeros): data parallelism for the few trainable tensors of a replicated model
+    (`--sharding replicate`), the averaging ZeRO does for `Engine`."""
+    dist = _shared()
+    if not dist or not params:
+        return
+    import torch
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.detach().float().reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for param, grad in zip(params, grads):
+        param.grad = flat[offset : offset + grad.numel()].view_as(grad).to(grad.dtype)
+        offset += grad.numel()
+
+
 def any_rank(flag: bool) -> bool:
     """True when the flag is set on any rank (so every rank takes the same branch)."""
     return _all_reduce(1.0 if flag else 0.0, "max") > 0

@@ -19,7 +19,11 @@ this code, so one code path serves laptops and clusters.
 Which ZeRO stage a job runs (`plan_stage`, logged once per job): ZeRO-3 shards the frozen backbone over the ranks,
 and that is all it buys; its price is Python on every module call (each Linear's fetch/release hooks): +34% per step
 on a small model in one process, where there is nothing to shard (#24). So:
-  - several ranks: ZeRO-3, as the DeepSpeed config says;
+  - several ranks: ZeRO-3, as the DeepSpeed config says: the backbone is built sharded, never whole on one rank.
+    When each rank could hold it whole (`whole_model_fits`), the job says so once: `--sharding replicate` then
+    trains stage 0 on every rank (`PlainEngine`, the trainable tensors' gradients averaged in one all-reduce per
+    step), without ZeRO-3's gathers per layer, forward and backward. Not chosen for you: a cluster's memory plan
+    should not change with the model's size behind the user's back;
   - one process: stage 0. The backbone is built whole (`from_pretrained` / `from_config`, no `zero.Init`) and the
     step is a plain PyTorch one (`PlainEngine`: the same AdamW groups and schedule, the loss scaled by 1/grad_accum
     as DeepSpeed does, clipping, fp32 master weights and fp32 gradient accumulation for a bf16 model), with the
@@ -270,7 +274,7 @@ def training_ds_config(ds: dict, batch_size: int, grad_accum: int, grad_clip: fl
     }  # progress is ours
 
 
-SHARDINGS = ("auto", "zero3")
+SHARDINGS = ("auto", "zero3", "replicate")
 
 
 def zero_stage(ds: dict) -> int:
@@ -278,16 +282,23 @@ def zero_stage(ds: dict) -> int:
 
 
 def plan_stage(ds: dict, world: int, sharding: str = "auto") -> tuple[dict, str]:
-    """(the DeepSpeed config the job runs with, why): ZeRO-3 over several ranks, stage 0 (a whole model, a plain
-    PyTorch step) in one process unless the config offloads, is fp16, or `sharding` is "zero3". See the module
-    docstring."""
+    """(the DeepSpeed config the job runs with, why): ZeRO-3 over several ranks unless `sharding` is "replicate";
+    stage 0 (a whole model, a plain PyTorch step) in one process unless the config offloads, is fp16, or `sharding`
+    is "zero3". See the module docstring."""
     if sharding not in SHARDINGS:
         raise PipelineError(f"sharding must be one of {', '.join(SHARDINGS)}, got {sharding!r}")
     zero = ds.get("zero_optimization", {})
     offloads = [
         key for key in ("offload_param", "offload_optimizer") if (zero.get(key) or {}).get("device", "none") != "none"
     ]
-    if world > 1:
+    if sharding == "replicate" and (offloads or ds.get("fp16", {}).get("enabled")):
+        why = (
+            f"the DeepSpeed config offloads ({', '.join(offloads)})"
+            if offloads
+            else "fp16 needs DeepSpeed's loss scaling"
+        )
+        raise PipelineError(f"--sharding replicate cannot run this DeepSpeed config: {why}; use --sharding auto")
+    if world > 1 and sharding != "replicate":
         return ds, f"ZeRO stage 3: the frozen backbone is sharded over {world} ranks"
     if sharding == "zero3":
         return ds, "ZeRO stage 3 in one process: asked for (--sharding zero3)"
@@ -296,6 +307,11 @@ def plan_stage(ds: dict, world: int, sharding: str = "auto") -> tuple[dict, str]
     if ds.get("fp16", {}).get("enabled"):
         return ds, "ZeRO stage 3 in one process: fp16 needs DeepSpeed's loss scaling"
     unsharded = {**ds, "zero_optimization": {**zero, "stage": 0}}
+    if world > 1:
+        return unsharded, (
+            f"ZeRO stage 0 on {world} ranks (--sharding replicate): each rank holds the whole model, a plain PyTorch "
+            "step, the trainable gradients averaged over the ranks"
+        )
     return unsharded, "ZeRO stage 0: one process holds the whole model (a plain PyTorch step, no ZeRO-3 hooks)"
 
 
@@ -451,8 +467,9 @@ def whole_model_fits(module: torch.nn.Module, fraction: float | None = None) -> 
 def whole_for_inference(module: torch.nn.Module) -> Iterator[bool]:
     """Inside: `module` whole on every rank and without ZeRO-3 hooks when it is partitioned and fits in free memory
     (`whole_model_fits`, agreed over the ranks): yields True, and then each rank may generate on its own, with no
-    collective per layer and token (no `synced_gpus`). Yields False otherwise (not partitioned, or too big: ZeRO-3's
-    per-layer path stays). Collective when the module is partitioned: every rank enters.
+    collective per layer and token (no `synced_gpus`). Yields True too for a module that is not partitioned (already
+    whole on each rank: one process, or `--sharding replicate`); False when it is too big: ZeRO-3's per-layer path
+    stays. Collective when the module is partitioned: every rank enters.
 
     The gather-and-unhook is DeepSpeed's own `deepspeed.runtime.zero.unwrap_model_for_generation` (the parameters
     gathered once with GatheredParameters, the engine's forward/backward hooks removed, re-registered on exit, then
@@ -460,7 +477,10 @@ def whole_for_inference(module: torch.nn.Module) -> Iterator[bool]:
     """
     global _last_gather_choice
     ds_engine = _ENGINE_OF.get(module)
-    if ds_engine is None or not any(is_partitioned(p) for p in module.parameters()):
+    if not any(is_partitioned(p) for p in module.parameters()):
+        yield True
+        return
+    if ds_engine is None:  # partitioned, but not by an engine of ours: only the per-layer path is safe
         yield False
         return
     fits, figures = whole_model_fits(module)
@@ -625,14 +645,15 @@ class Engine:
 
 
 class PlainEngine:
-    """The training engine of one process holding the whole model (ZeRO stage 0): the step of `Engine` in plain
+    """The training engine of a rank holding the whole model (ZeRO stage 0): the step of `Engine` in plain
     PyTorch, with no DeepSpeed engine around the backbone (no per-module hooks, no engine bookkeeping per step).
 
     What DeepSpeed does for `Engine`, done here the same way: the model on this rank's device with its parameters in
     the config's precision; AdamW (eps 1e-6) over the groups with a LambdaLR warmup-then-decay schedule; each
     micro-batch's loss divided by grad_accum before its backward; at every grad_accum-th `step()` the gradient-norm
     clip (`gradient_clipping`: factor max_norm / (norm + 1e-6) when below 1), the optimizer step and the schedule
-    step. For a 16-bit model the optimizer works on fp32 master copies of the trainable parameters, gradients are
+    step. On several ranks (`--sharding replicate`) the gradients of the trainable tensors are averaged over the
+    ranks before the clip, in one all-reduce, as ZeRO averages them: the same step. For a 16-bit model the optimizer works on fp32 master copies of the trainable parameters, gradients are
     accumulated into the masters in fp32 and the updated masters are copied back (DeepSpeed's bf16 mixed precision).
     The checkpoint state is the same as `Engine`'s, so a checkpoint moves between this and ZeRO-3 on any world size.
     """
@@ -683,6 +704,7 @@ class PlainEngine:
         self._micro_steps += 1
         if self._micro_steps % self._grad_accum:
             return
+        distributed.average_gradients(list(self._master.values()))
         if self._clip > 0:
             torch.nn.utils.clip_grad_norm_(list(self._master.values()), self._clip)
         self._optimizer.step()

@@ -124,8 +124,8 @@ class DePTModel(nn.Module):
         next_index = attention_mask.to(torch.long).sum(dim=1)  # index of the next token within its own sequence
         positions = (mask.to(torch.long).cumsum(dim=1) - 1).clamp(min=0)  # rotary positions: pads excluded
         cache = {_cache_argument(self.base_model): DynamicCache(config=self.base_model.config)}  # filled in place
-        out = self.base_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **cache
+        out = self.base_model(  # the logits of the last position only, as transformers' generate asks
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **cache
         )
         next_position = positions[:, -1] + 1
         done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)

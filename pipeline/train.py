@@ -182,6 +182,10 @@ def train(
     for note in notes:
         if rank == 0:
             log.info(note)
+    if world > 1 and engine.zero_stage(ds) == 3 and opts.sharding == "auto":
+        fits, figures = engine.whole_model_fits(model)
+        if distributed.all_ranks(fits) and rank == 0:
+            log.info("each rank could hold the whole model (%s): --sharding replicate trains faster", figures)
     trainable, total = engine.count_params(model)
     torch.set_num_threads(engine.cpu_threads(opts.cpu_threads, total - trainable))
     if rank == 0:

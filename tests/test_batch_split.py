@@ -1,6 +1,7 @@
 """The same computation at any scale (#20): a global batch of 8 split as 1 rank x 8, 1 rank x 4 x grad_accum 2 and
-2 ranks x 4 (deepspeed launcher) gives the same per-step losses and the same adapter, on T5 and on LLaMA
-(stories260K), with targets of different lengths (where a per-micro-batch token mean would weigh tokens unequally).
+2 ranks x 4 (deepspeed launcher; ZeRO-3, and the whole model on each rank with `--sharding replicate`, #24) gives the
+same per-step losses and the same adapter, on T5 and on LLaMA (stories260K), with targets of different lengths
+(where a per-micro-batch token mean would weigh tokens unequally).
 
 The loss of a step is the sum of token losses over the whole global batch divided by its number of target tokens
 (`train._optimizer_step`). Dropout is off in both backbones: per-rank dropout streams are the one difference that
@@ -18,7 +19,8 @@ from pipeline.adapters import read_adapter
 
 pytestmark = pytest.mark.slow
 STEPS = 5
-SPLITS = {"1x8": (1, 1), "1x4x2": (1, 2), "2x4": (2, 1)}  # ranks, grad_accum for a global batch of 8
+# ranks, grad_accum, --sharding for a global batch of 8
+SPLITS = {"1x8": (1, 1, "auto"), "1x4x2": (1, 2, "auto"), "2x4": (2, 1, "auto"), "2x4 replicate": (2, 1, "replicate")}
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def varied_task(tmp_path_factory):
     return write_varied_task(tmp_path_factory.mktemp("varied") / "varied.jsonl")
 
 
-def train_args(model, data, out, grad_accum: int) -> list[str]:
+def train_args(model, data, out, grad_accum: int, sharding: str = "auto") -> list[str]:
     return train_argv(
         model,
         out,
@@ -40,6 +42,7 @@ def train_args(model, data, out, grad_accum: int) -> list[str]:
         log_every=1,
         lr_prompt=0.3,
         lr_lowrank=0.01,
+        sharding=sharding,
     )
 
 
@@ -66,9 +69,12 @@ def assert_same_steps(runs: dict, reference: str = "1x8") -> None:
 def test_every_split_of_the_global_batch_gives_the_same_steps(arch, tiny_models, varied_task, tmp_path):
     model = tiny_models["t5"] if arch == "t5" else "stories260K"
     runs = {}
-    for name, (ranks, grad_accum) in SPLITS.items():
-        runs[name] = tmp_path / name
+    for name, (ranks, grad_accum, sharding) in SPLITS.items():
+        runs[name] = tmp_path / name.replace(" ", "-")
         launcher = "deepspeed" if ranks > 1 else "python"
-        run(train_args(model, varied_task, runs[name], grad_accum), nproc=ranks, launcher=launcher)
-    assert read_results(runs["2x4"])["world_size"] == 2
+        run(train_args(model, varied_task, runs[name], grad_accum, sharding), nproc=ranks, launcher=launcher)
+    assert read_results(runs["2x4"])["world_size"] == read_results(runs["2x4 replicate"])["world_size"] == 2
+    # ZeRO-3 holds half of each weight per rank, replicate all of it
+    assert read_results(runs["2x4"])["sharding"][0]["held_fraction"] == 0.5
+    assert read_results(runs["2x4 replicate"])["sharding"][0]["held_fraction"] == 1.0
     assert_same_steps(runs)

@@ -46,3 +46,34 @@ def test_a_lost_peer_is_named_from_the_address_in_the_error():
     ]
     assert distributed._ranks_at(["10.0.0.7"], table, me=0) == [1]
     assert distributed._describe([1], table) == "rank 1 (host b, 10.0.0.7, node 1)"
+
+
+def _average_on_rank(rank: int, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    fp32 = torch.zeros(3, requires_grad=True)
+    bf16 = torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)
+    unused = torch.zeros(2, requires_grad=True)  # no gradient on rank 0: counts as zeros
+    fp32.grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)
+    bf16.grad = torch.tensor([4.0, 8.0], dtype=torch.bfloat16) * (rank + 1)
+    unused.grad = torch.tensor([2.0, 4.0]) if rank else None
+    distributed.average_gradients([fp32, bf16, unused])
+    torch.save({"fp32": fp32.grad, "bf16": bf16.grad, "unused": unused.grad}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gradients_are_averaged_over_two_real_ranks_in_their_own_dtypes(tmp_path):
+    """`--sharding replicate`'s data parallelism (#24): the mean over ranks, a missing gradient as zeros."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from pipeline.engine import _free_port
+
+    mp.spawn(_average_on_rank, args=(_free_port(), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        assert torch.equal(grads["fp32"], torch.tensor([1.5, 3.0, 4.5]))
+        assert grads["bf16"].dtype == torch.bfloat16 and torch.equal(grads["bf16"].float(), torch.tensor([6.0, 12.0]))
+        assert torch.equal(grads["unused"], torch.tensor([1.0, 2.0]))

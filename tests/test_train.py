@@ -153,7 +153,26 @@ def test_the_stage_is_3_over_several_ranks_or_when_asked_and_0_for_a_whole_model
     assert zero_stage(plan_stage({**ds, "fp16": {"enabled": True}}, 1)[0]) == 3
     not_offloading = {"zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}}
     assert zero_stage(plan_stage(not_offloading, 1)[0]) == 0
-    raises_one_line("sharding must be one of auto, zero3", plan_stage, ds, 1, "zero2")
+    raises_one_line("sharding must be one of auto, zero3, replicate", plan_stage, ds, 1, "zero2")
+
+
+def test_replicate_runs_stage_0_on_several_ranks_and_refuses_what_only_zero3_can_run():
+    ds = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}
+    replicated, why = plan_stage(ds, world=4, sharding="replicate")
+    assert zero_stage(replicated) == 0 and why.startswith("ZeRO stage 0 on 4 ranks (--sharding replicate)")
+    assert zero_stage(plan_stage(ds, 1, "replicate")[0]) == 0  # one process: what auto does
+    offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    raises_one_line(
+        "--sharding replicate cannot run this DeepSpeed config: the DeepSpeed config offloads "
+        "(offload_optimizer); use --sharding auto",
+        plan_stage,
+        offload,
+        2,
+        "replicate",
+    )
+    raises_one_line(
+        "fp16 needs DeepSpeed's loss scaling", plan_stage, {**ds, "fp16": {"enabled": True}}, 2, "replicate"
+    )
 
 
 def _resume_from(tmp_path, source: str, name: str, step: int) -> None:

@@ -2,7 +2,7 @@
 
     dept bench --mode speed                                   # stories260K's geometry (the quickstart's step)
     dept bench --mode speed --model stories260K,random:t5-base --steps 6 --startup_runs 2
-    NPROC=2 ./launch.sh bench --mode speed                    # 2 ranks: evaluation gathered once vs per layer
+    NPROC=2 ./launch.sh bench --mode speed                    # 2 ranks: ZeRO-3 vs replicate; evaluation
 
 For each model of `--model` (comma-separated), in one process, on one set of weights copied three times:
   step     `dept train`'s step (the engine `engine.plan_stage` picks for one process: stage 0, `PlainEngine`), a
@@ -14,8 +14,12 @@ For each model of `--model` (comma-separated), in one process, on one set of wei
            plain loop of transformers' greedy `generate` on the same DePT inputs (prompt and offset as input
            embeddings), same rows, batch size and new tokens; interleaved repeats.
   startup  seconds from spawning `dept train` (one process) to the start of its first step: the default (stage 0)
-           vs `--sharding zero3` (a process group, DeepSpeed's import, ZeRO-3 construction and hooks), interleaved.
-Under a launcher with several ranks only eval runs (the backbone built sharded): gathered once vs per layer.
+           vs `--sharding zero3` (a process group, DeepSpeed's import, ZeRO-3 construction and hooks), and the floor
+           under both: a plain script that imports torch and transformers and loads the tokenizer and the model
+           with `from_pretrained` (models on disk only), to the moment it has them; interleaved.
+Under a launcher with several ranks: the step of ZeRO-3 (the default) vs `--sharding replicate` (the whole model on
+every rank, `PlainEngine` with the trainable gradients averaged), each rank its half of the global batch, and
+evaluation on the backbone built sharded, gathered once vs per layer.
 Timing on a shared machine: rounds interleave the variants so that a slow spell hits all alike; read the ratios.
 """
 
@@ -41,6 +45,7 @@ from pipeline.data import collate, global_batch, tokenize
 from pipeline.dept import DeptConfig
 from pipeline.evaluation import generate_predictions
 from pipeline.model import DePTModel, init_dept_prompt
+from pipeline.resources import model_location
 from pipeline.tasks import load_task_splits
 
 log = logging.getLogger("pipeline.bench")
@@ -131,7 +136,7 @@ def _one_process(args: SpeedArgs, model: str) -> dict:
         "stage_choice": why,
         "step": {"reference": "plain PyTorch loop", "seconds": steps, "losses": losses},
         "eval": {"reference": "plain generate loop", "seconds": evals, "rows": len(eval_rows)},
-        "startup": {"reference": "dept train (stage 0)", "seconds": startup},
+        "startup": {"reference": FLOOR if FLOOR in startup else "dept train (stage 0)", "seconds": startup},
     }
 
 
@@ -148,6 +153,8 @@ def _eval_rounds(args: SpeedArgs, modules: dict, rows: list[dict], backbone) -> 
             tick = time.perf_counter()
             if name == "plain generate loop":
                 _plain_generate(module, rows, backbone, args)
+            elif name == ALONE:
+                _alone(module, rows, backbone, args)
             else:
                 generate_predictions(
                     module, rows, backbone.tokenizer, backbone.is_encoder_decoder, args.eval_batch, args.infer_tokens
@@ -182,15 +189,65 @@ def _slowest_rank(seconds: float) -> float:
 
 
 def _ranks(args: SpeedArgs, model: str, rank: int) -> dict:
-    """Several ranks: evaluation on the backbone built sharded, gathered once vs per layer."""
-    ds = engine.inference_ds_config(engine.read_ds_config(args.ds_config), distributed.world_size())
-    backbone, net = _models(args, model, ds)
+    """Several ranks: the step of ZeRO-3 vs `--sharding replicate`; evaluation on the backbone built sharded,
+    gathered once vs per layer."""
+    world = distributed.world_size()
+    base = engine.training_ds_config(engine.read_ds_config(args.ds_config), args.batch_size, 1, 1.0, world)
+    replicated, _ = engine.plan_stage(base, world, "replicate")
+    trainers = {}
+    for name, ds in (("ZeRO-3 engine", base), ("replicate (stage 0 on every rank)", replicated)):
+        backbone, net = _models(args, model, ds if engine.zero_stage(ds) == 3 else None)
+        groups = net.prompt.param_groups(args.lr_prompt, args.lr_lowrank)
+        trainers[name] = engine.training_engine(net, groups, ds, 0.0, 0, 10**9)
     torch.set_num_threads(engine.cpu_threads(None, engine.count_params(backbone.model)[1]))
-    module = engine.inference_module(net, ds)
-    _, eval_rows = _rows(args, backbone)
-    modules = {"evaluator, ZeRO-3 gathered once": module, "evaluator, ZeRO-3 per layer": module}
+    train_rows, eval_rows = _rows(args, backbone)
+    pad = backbone.tokenizer.pad_token_id
+    steps = {name: [] for name in trainers}
+    losses = {name: [] for name in trainers}
+    for round_ in range(args.warmup + args.steps):
+        ids = global_batch(len(train_rows), args.batch_size, round_, args.seed)[rank::world]  # this rank's half
+        batch = collate([train_rows[i] for i in ids], pad, backbone.is_encoder_decoder)
+        names = list(trainers)
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            trainer = trainers[name]
+            trainer.train()
+            distributed.barrier()
+            tick = time.perf_counter()
+            loss = trainer.forward(batch)
+            trainer.backward(loss)
+            trainer.step()
+            seconds = _slowest_rank(time.perf_counter() - tick)
+            if round_ >= args.warmup:
+                steps[name].append(seconds)
+                losses[name].append(distributed.mean_over_ranks(loss.item()))
+    module = trainers["ZeRO-3 engine"].module
+    modules = {
+        "evaluator, ZeRO-3 gathered once": module,
+        "evaluator, ZeRO-3 per layer": module,
+        ALONE: trainers["replicate (stage 0 on every rank)"].module,
+    }
     evals = _eval_rounds(args, modules, eval_rows, backbone)
-    return {"eval": {"reference": "evaluator, ZeRO-3 per layer", "seconds": evals, "rows": len(eval_rows)}}
+    return {
+        "step": {"reference": "ZeRO-3 engine", "seconds": steps, "losses": losses},
+        "eval": {"reference": ALONE, "seconds": evals, "rows": len(eval_rows)},
+    }
+
+
+ALONE = "one rank alone: whole model, every row"
+
+
+@torch.no_grad()
+def _alone(module: DePTModel, rows: list[dict], backbone, args: SpeedArgs) -> None:
+    """Rank 0 generates every row with the whole model (what one rank's evaluation does) while the others wait:
+    the same-run reference for several ranks' evaluation."""
+    if distributed.rank() == 0:
+        pad = backbone.tokenizer.pad_token_id
+        for start in range(0, len(rows), args.eval_batch):
+            batch = collate(
+                rows[start : start + args.eval_batch], pad, backbone.is_encoder_decoder, for_generation=True
+            )
+            module.generate(**batch, max_new_tokens=args.infer_tokens)
+    distributed.barrier()
 
 
 class _PlainLoop:
@@ -219,12 +276,18 @@ def _startup(args: SpeedArgs, model: str) -> dict:
     """Seconds from spawning `dept train` to the start of its first step (its first metrics line minus that step's
     time), the default vs --sharding zero3, interleaved."""
     variants = {"dept train (stage 0)": [], "dept train --sharding zero3": []}
+    location = model_location(model)
+    if Path(location).is_dir():
+        variants[FLOOR] = []
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)  # the child is a process of its own
     for run in range(args.startup_runs):
         names = list(variants)
-        for name in names[run % 2 :] + names[: run % 2]:
+        for name in names[run % len(names) :] + names[: run % len(names)]:
+            if name == FLOOR:
+                variants[name].append(_floor_seconds(location, env))
+                continue
             with tempfile.TemporaryDirectory(prefix="dept-speed-") as tmp:
                 out = Path(tmp) / "run"
                 cmd = [sys.executable, "-m", "pipeline.cli", "train", "--model", model, "--task", TASK]
@@ -246,6 +309,29 @@ def _startup(args: SpeedArgs, model: str) -> dict:
                 step = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step_s"]
                 variants[name].append(first - step)
     return variants
+
+
+FLOOR = "plain script: import, load tokenizer and model"
+_FLOOR_SCRIPT = """
+import sys, time
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+path = sys.argv[1]
+tokenizer = AutoTokenizer.from_pretrained(path)
+auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(path).is_encoder_decoder else AutoModelForCausalLM
+model = auto.from_pretrained(path)
+print(time.time(), flush=True)
+"""
+
+
+def _floor_seconds(location: str, env: dict) -> float:
+    """Seconds from spawning the plain script to the moment it holds the tokenizer and the model: what any
+    transformers job pays before its first step, whatever runs it."""
+    spawned = time.time()
+    done = subprocess.run(
+        [sys.executable, "-c", _FLOOR_SCRIPT, location], env=env, capture_output=True, text=True, check=True
+    )
+    return float(done.stdout.split()[-1]) - spawned
 
 
 # ----------------------------------------------------------------------------------------------- the table
@@ -287,5 +373,9 @@ NOTES = """\
 - eval: --eval_rows rows of the task's validation split, --infer_tokens new tokens (greedy), --eval_batch rows per
   batch; generation stops early when every row has ended, so the variants may generate slightly different numbers
   of tokens (the DePT offsets of generated tokens differ between our loop and transformers' generate).
-- startup: from spawning the process to the start of its first step (imports, backbone, data, engine).
+- startup: from spawning the process to the start of its first step (imports, backbone, data, engine); the plain
+  script (the floor: import torch and transformers, load the tokenizer and the model) to the moment it has them.
+- several ranks: step = each rank's half of the global batch, the slowest rank's time; `replicate` is
+  `--sharding replicate` (the whole model on every rank, the trainable gradients averaged in one all-reduce); eval
+  is compared with rank 0 generating every row alone with the whole model (the others wait) in the same run.
 - ratio: the median over rounds of the variant's time / the reference's time in the same round."""
