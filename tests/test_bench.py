@@ -328,12 +328,13 @@ def test_data_tokenizer_trains_on_every_text_field_and_is_cached(tmp_path):
 @pytest.mark.slow
 def test_bench_speed_tiny_times_our_step_eval_and_startup_next_to_plain_loops(tmp_path):
     """#24: one run times `dept train`'s step (stage 0), a plain PyTorch loop and the ZeRO-3 engine on the same
-    batches (the same losses: the same computation), evaluation four ways, and the start-up of spawned jobs."""
+    batches (the same losses: the same computation), evaluation four ways, and the start-up of spawned jobs next to
+    the floor (a plain script that imports and loads the same model from its directory)."""
     out = tmp_path / "speed"
-    words = ["bench", "--mode", "speed", "--model", "random:tiny-llama", "--steps", "2", "--warmup", "0"]
+    words = ["bench", "--mode", "speed", "--model", "stories260K", "--steps", "2", "--warmup", "0"]
     words += ["--eval_rows", "4", "--eval_batch", "2", "--infer_repeats", "1", "--startup_runs", "1"]
     proc = run([*words, "--output_dir", str(out)], timeout=600)
-    result = json.loads((out / "bench.json").read_text())["models"]["random:tiny-llama"]
+    result = json.loads((out / "bench.json").read_text())["models"]["stories260K"]
     assert result["stage_choice"].startswith("ZeRO stage 0: one process")
     losses = result["step"]["losses"]
     assert losses["dept train (stage 0)"] == pytest.approx(losses["plain PyTorch loop"], rel=1e-6)
@@ -345,6 +346,26 @@ def test_bench_speed_tiny_times_our_step_eval_and_startup_next_to_plain_loops(tm
         "plain generate loop",
     }
     assert all(len(v) == 1 and v[0] > 0 for v in result["eval"]["seconds"].values())
-    assert all(len(v) == 1 and v[0] > 0 for v in result["startup"]["seconds"].values())
+    startup = result["startup"]
+    assert startup["reference"] == "plain script: import, load tokenizer and model" and len(startup["seconds"]) == 3
+    assert all(len(v) == 1 and v[0] > 0 for v in startup["seconds"].values())
     table = (out / "bench.md").read_text()
-    assert "| random:tiny-llama | step | dept train (stage 0) |" in table and "plain generate loop" in proc.stdout
+    assert "| stories260K | step | dept train (stage 0) |" in table and "plain generate loop" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_speed_on_two_ranks_times_zero3_against_replicate_and_one_rank_alone(tmp_path):
+    """#24 under the launcher: ZeRO-3's step vs `--sharding replicate`'s on the same halves of each global batch (the
+    same losses), and evaluation gathered once / per layer next to one rank generating every row alone."""
+    out = tmp_path / "speed2"
+    words = ["bench", "--mode", "speed", "--steps", "3", "--warmup", "0", "--eval_rows", "6", "--eval_batch", "2"]
+    run([*words, "--infer_repeats", "1", "--output_dir", str(out)], nproc=2, launcher="deepspeed", timeout=600)
+    result = json.loads((out / "bench.json").read_text())
+    assert result["world"] == 2
+    step = result["models"]["stories260K"]["step"]
+    losses = step["losses"]
+    assert len(losses["ZeRO-3 engine"]) == 3
+    assert losses["replicate (stage 0 on every rank)"] == pytest.approx(losses["ZeRO-3 engine"], rel=1e-4)
+    evals = result["models"]["stories260K"]["eval"]
+    assert evals["reference"] == "one rank alone: whole model, every row"
+    assert all(len(v) == 1 and v[0] > 0 for v in evals["seconds"].values()) and len(evals["seconds"]) == 3

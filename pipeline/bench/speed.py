@@ -255,7 +255,9 @@ class _PlainLoop:
 
     def __init__(self, model: DePTModel, args: SpeedArgs):
         self.module = model
-        self.optimizer = torch.optim.AdamW(model.prompt.param_groups(args.lr_prompt, args.lr_lowrank), eps=1e-6)
+        self.optimizer = torch.optim.AdamW(
+            model.prompt.param_groups(args.lr_prompt, args.lr_lowrank), eps=1e-6, weight_decay=0.0
+        )  # the engines' decay (AdamW's default 0.01 made the reference another computation)
 
     def train(self) -> None:
         self.module.train()
