@@ -105,7 +105,7 @@ def init_distributed(timeout_s: float = 1800, process_group: bool = False) -> tu
         torch.set_num_threads(int(threads))
     if distributed.world_size() == 1 and not process_group:
         return 0, 1
-    import deepspeed
+    deepspeed = load_deepspeed()
 
     logs.adopt("DeepSpeed")  # its logger prints to stdout on its own: through ours (console rules, job.log)
     if on_cpu():
@@ -170,6 +170,7 @@ def prepare_cpu_comm_op() -> None:
     a baton nobody holds open is stale and removed with a message, and the build itself announces itself on
     stderr (never stdout, which `dept predict`/`evaluate` keep for results).
     """
+    load_deepspeed()
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
 
@@ -224,12 +225,31 @@ def _unlink_shm_buffer() -> None:
         os.unlink(os.path.join("/dev/shm", name))
 
 
+def load_deepspeed():
+    """`import deepspeed`, without the `import mlflow` DeepSpeed's autotuner does when DeepSpeed is imported
+    (deepspeed/autotuning/autotuner.py: `try: import mlflow`, for `deepspeed --autotuning` only, which dept never
+    runs): 1.3 s of every rank's start on an idle 2-core machine, 4 s under load (#24). mlflow is hidden only while
+    DeepSpeed imports, so the autotuner records that it has none; dept's own tracking imports it as before."""
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError while this stands
+    try:
+        import deepspeed
+    finally:
+        if hide and sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def accelerator_name() -> str:
     """DeepSpeed's accelerator ('cpu', 'cuda', ...): `DS_ACCELERATOR` when set, else cuda when torch sees a GPU, else
     cpu, as DeepSpeed chooses; for cpu and cuda without importing DeepSpeed (a one-process job never needs it)."""
     chosen = os.environ.get("DS_ACCELERATOR", "").strip()
     if "deepspeed" not in sys.modules and chosen in ("", "cpu", "cuda"):
         return chosen or ("cuda" if torch.cuda.is_available() else "cpu")
+    load_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     return get_accelerator().device_name()
@@ -341,6 +361,7 @@ def sharded_construction(ds: dict | None):
     """
     global _hf_zero3_config
     if ds is not None and ds.get("zero_optimization", {}).get("stage") == 3:
+        load_deepspeed()  # before transformers' integration imports it
         from transformers.integrations import HfDeepSpeedConfig
 
         ensure_process_group()
@@ -374,7 +395,7 @@ def gathered(params, modify: bool = False):
     params = [p for p in params if p is not None]
     if not any(is_partitioned(p) for p in params):
         return contextlib.nullcontext()
-    import deepspeed
+    deepspeed = load_deepspeed()
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
@@ -411,6 +432,7 @@ def peak_memory_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     if name == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
+    load_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     return get_accelerator().max_memory_allocated() / 2**20
@@ -421,7 +443,7 @@ def inference_module(model: torch.nn.Module, ds: dict) -> torch.nn.Module:
     optimizer; its hooks gather each layer for its forward); at stage 0 the whole model on this rank's device."""
     if zero_stage(ds) != 3:
         return whole_on_device(model, dtype_of(ds)).eval()
-    import deepspeed
+    deepspeed = load_deepspeed()
 
     ensure_process_group()
     engine, *_ = deepspeed.initialize(model=model, config=ds)
@@ -492,6 +514,7 @@ def whole_for_inference(module: torch.nn.Module) -> Iterator[bool]:
     if not fits:
         yield False
         return
+    load_deepspeed()
     from deepspeed.runtime.zero import unwrap_model_for_generation
 
     with unwrap_model_for_generation(ds_engine):
@@ -506,6 +529,7 @@ def device() -> torch.device:
     if name == "cuda":
         torch.cuda.set_device(distributed.local_rank())
         return torch.device("cuda", distributed.local_rank())
+    load_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     return torch.device(get_accelerator().current_device_name())
@@ -553,7 +577,7 @@ class Engine:
     def __init__(
         self, model: torch.nn.Module, groups: list[dict], ds: dict, weight_decay: float, warmup: int, total_steps: int
     ):
-        import deepspeed
+        deepspeed = load_deepspeed()
 
         ensure_process_group()
         self.group_names = [g["name"] for g in groups]
@@ -593,6 +617,7 @@ class Engine:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Full fp32 copies of every trainable tensor and its AdamW moments (`param/`, `exp_avg/`, `exp_avg_sq/`
         + name). Collective: call on every rank. The frozen backbone is not part of it."""
+        load_deepspeed()
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         state = {}
@@ -604,6 +629,7 @@ class Engine:
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], step: int) -> None:
         """Restore `trainable_state()` (written on any number of ranks) and the optimizer/schedule position."""
+        load_deepspeed()
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         # AdamW's state over ZeRO-3's flat fp32 partitions exists only after a first step: create it as AdamW would.
