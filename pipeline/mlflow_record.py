@@ -328,6 +328,25 @@ class Outcome:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+def logged_records(result: dict) -> list[tuple[int, dict]]:
+    """The (step, record) pairs a job's training loop handed its callbacks, rebuilt from its results.json: the
+    training records (`history`), each validation (`eval_` + metric) and the test at the best step (`test_` +
+    metric). For a run created after its job ran (the tracking server did not answer when it started, #21)."""
+
+    def numeric(metrics: dict, prefix: str) -> dict:
+        return {
+            f"{prefix}{k}": v
+            for k, v in metrics.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+
+    records = [(int(r["step"]), r) for r in result.get("history") or []]
+    records += [(int(e["step"]), numeric(e, "eval_")) for e in result.get("evals") or []]
+    if result.get("test"):
+        records.append((int(result.get("best_step") or 0), numeric(result["test"], "test_")))
+    return records
+
+
 def outcome(job: Job, result: dict, run_id: str) -> Outcome:
     """After a job: the resolved params, the reported test score at the best step, the best step, curves.png,
     results.json, adapters (best_adapter only when its weights differ from the final adapter's) and a backbone

@@ -539,8 +539,15 @@ def _reuse(job: Job, tracker, recipe_key: str, name: str, say: bool = True) -> t
     if tracker.is_finished(child_key):
         return result, tracker.run_id_for(child_key)
     child = tracker.child(name, child_key, shown.job_params(job))
+    if child is None:  # tracking off, or its server does not answer
+        return result, None
     tracker.set_tags(tags, run_id=child)
     if distributed.rank() == 0:
+        # a job that ran while the tracking server did not answer has no curves there yet: from its results
+        # (points the run already holds are skipped, so a re-attached run gets only what it lacks)
+        replay = tracker.callback_for(child, invalid_curves=job.config.data.eval_mode == "generate")
+        for step, record in shown.logged_records(result):
+            replay(step, record)
         _log_outcome(tracker, job, child, result)
     tracker.finish(child)
     return result, child
@@ -568,6 +575,8 @@ def _execute(
             "finish? run the recipe from the start"
         )
     child = tracker.child(name, child_key, shown.job_params(job))
+    if child is None:  # tracking off, or its server does not answer: no run to log to (None means the parent)
+        return run_job(job.config, callbacks=[], on_data=None, title=title), None
     tracker.set_tags(tags, run_id=child)
     callback = tracker.callback_for(child, invalid_curves=job.config.data.eval_mode == "generate")
     result = run_job(

@@ -239,6 +239,7 @@ class Tracker:
         self._folders: dict[str, Path] = {}  # run id -> its output folder (tag dept.output_dir): where records wait
         self._kept: set[Path] = set()  # pending files this tracker wrote and has not sent yet
         self._finished: set[str] = set()  # run ids this tracker finished
+        self._without_run: set[str] = set()  # keys of jobs that started while the server did not answer
 
     # -- plumbing
 
@@ -454,6 +455,18 @@ class Tracker:
         def open_child():
             if self.parent_id is None:
                 raise RuntimeError("Tracker.child() called before Tracker.parent()")
+            if not self._outage.usable():  # a run cannot be created now: the job goes on without one (#21)
+                if key in self._without_run:  # said once per job (the summary looks at every job again)
+                    return None
+                self._without_run.add(key)
+                log.warning(
+                    "MLflow tracking server %s does not answer: job %s runs without its MLflow run; its results "
+                    "stay in its folder, and the next run of the same command creates the run from them once the "
+                    "server answers",
+                    self.uri,
+                    name,
+                )
+                return None
             return self._open_run(
                 key, name, {ROLE_TAG: "child", "dept.stage": name}, parent_id=self.parent_id, params=params
             )
@@ -467,6 +480,8 @@ class Tracker:
         def lookup():
             if key in self._keys:
                 return self._keys[key]
+            if not self._outage.usable():  # unknown while the server does not answer (lineage tags are skipped)
+                return None
             run = self._find(key, self.parent_id) or (self._find(key) if self.parent_id is None else None)
             return run.info.run_id if run else None
 
@@ -479,6 +494,8 @@ class Tracker:
         def lookup():
             if self._keys.get(key) in self._finished:  # finished here (maybe kept for later): no request. #21
                 return True
+            if not self._outage.usable():  # the caller then asks for the run, and goes on without one
+                return False
             run = self._find(key, self.parent_id) if self.parent_id else self._find(key)
             return bool(run and run.info.status == "FINISHED")
 

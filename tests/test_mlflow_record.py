@@ -14,6 +14,7 @@ from pipeline.mlflow_record import (
     job_params,
     job_tags,
     lineage_tags,
+    logged_records,
     outcome_params,
     run_names,
     ui_hint,
@@ -176,3 +177,20 @@ def test_params_and_inherited_dept_keys_follow_the_method_table(jobs):
         assert shown, job.key
         if job.config.method != "dept":  # the recipe's r: 2 is for its DePT stages
             assert job.config.dept.r in (None, 0), job.key
+
+
+def test_the_records_a_job_logged_are_rebuilt_from_its_results():
+    """What the training loop handed its callbacks, for a run created after its job ran (#21)."""
+    result = {
+        "history": [{"step": 1, "loss": 2.0, "lr_prompt": 0.3}, {"step": 2, "loss": 1.5, "lr_prompt": 0.2}],
+        "evals": [{"step": 2, "score": 50.0, "accuracy": 50.0, "n": 8, "invalid": 0}],
+        "test": {"score": 62.5, "accuracy": 62.5, "n": 16, "note": "text is not a metric"},
+        "best_step": 2,
+    }
+    assert logged_records(result) == [
+        (1, {"step": 1, "loss": 2.0, "lr_prompt": 0.3}),
+        (2, {"step": 2, "loss": 1.5, "lr_prompt": 0.2}),
+        (2, {"eval_score": 50.0, "eval_accuracy": 50.0, "eval_n": 8, "eval_invalid": 0}),
+        (2, {"test_score": 62.5, "test_accuracy": 62.5, "test_n": 16}),
+    ]
+    assert logged_records({"history": [], "evals": [], "test": None}) == []

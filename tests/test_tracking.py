@@ -80,6 +80,20 @@ def test_unreachable_http_refused_quickly_in_one_line():
         Tracker(uri, "exp").parent("recipe", "k")
 
 
+def test_a_job_starting_while_the_server_does_not_answer_goes_on_without_a_run(caplog):
+    """#21: the parent exists (the server answered when the recipe started), then the server went away: the next
+    job's run cannot be created, so the job runs without one (one warning) instead of waiting through MLflow's
+    retries and failing; lookups answer "unknown" without a request."""
+    tracker = Tracker(f"http://127.0.0.1:{free_port()}", "exp")  # nothing listens there
+    tracker.parent_id = "parent-run-id"  # as if created before the outage
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="pipeline.tracking"):
+        assert tracker.child("second job", "k2", {"lr": 0.1}) is None
+    assert time.monotonic() - start < 10
+    assert "job second job runs without its MLflow run" in caplog.text and "next run of the same command" in caplog.text
+    assert tracker.is_finished("k1") is False and tracker.run_id_for("k1") is None
+
+
 def test_sqlite_dir_created_and_must_be_writable(tmp_path):
     check_reachable(f"sqlite:///{tmp_path}/a/b/mlflow.db")
     assert (tmp_path / "a" / "b").is_dir()

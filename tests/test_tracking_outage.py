@@ -118,3 +118,54 @@ def test_the_tracking_server_goes_away_mid_run_and_the_history_ends_complete(tin
     print(
         f"steps/s with the server up {up_rate:.2f}, down {down_rate:.2f} (ratio {down_rate / max(up_rate, 1e-9):.2f})"
     )
+
+
+def test_a_job_that_starts_while_the_server_is_away_runs_and_gets_its_run_later(tiny_models, tmp_path):
+    """The server goes away during the first job and is still away when the second starts: the second job runs
+    without an MLflow run (one warning; it used to wait through MLflow's retries and fail), the recipe ends 0, and
+    the same command run again once the server is back creates the second job's run from its folder (the loss
+    curve, validation and test) and sends the first job's kept records."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path / "server"
+    root.mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    out = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    text = RECIPE.format(model=tiny_models["t5"], out=out, uri=uri)
+    recipe.write_text(text.replace("steps: 1200", "steps: 150").replace("steps: 100", "steps: 30"))
+    server = serve(root, port)
+    job = start(["run", str(recipe)], tmp_path, env={"DEPT_TRACKING_PROBE_S": "2"})
+    first = out / "first" / "metrics.jsonl"
+    try:
+        wait_for(lambda: logged_steps(first) >= 3, job)
+        stop(server)
+        stopped_at = logged_steps(first)
+        assert job.wait(timeout=600) == 0, (tmp_path / "out.txt").read_text()[-3000:]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    output = (tmp_path / "out.txt").read_text()
+    assert stopped_at < 150, "the first job ended before the server went away: the test proves nothing"
+    assert output.count("runs without its MLflow run") == 1 and "Traceback" not in output, output[-4000:]
+    assert (out / "second" / "results.json").exists() and not (out / "second" / PENDING_FILE).exists()
+
+    server = serve(root, port)
+    try:
+        again = run(["run", str(recipe)])
+        assert "runs without its MLflow run" not in again.stdout + again.stderr
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+        children = {r.data.tags["dept.stage"]: r for r in runs if r.data.tags.get("dept.role") == "child"}
+        assert set(children) == {"first", "second"}
+        assert all(r.info.status == "FINISHED" for r in runs), [(r.data.tags, r.info.status) for r in runs]
+        for name, steps in (("first", 150), ("second", 30)):
+            history = client.get_metric_history(children[name].info.run_id, "loss")
+            assert sorted(m.step for m in history) == list(range(1, steps + 1)), (name, sorted(m.step for m in history))
+        second = children["second"].data
+        result = json.loads((out / "second" / "results.json").read_text())
+        assert second.metrics["test_score"] == pytest.approx(result["test_score"], abs=1e-4)
+        assert any(key.startswith("eval_") for key in second.metrics), sorted(second.metrics)
+    finally:
+        stop(server)
