@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline import atomic
 from pipeline.dept import DeptConfig, DePTPrompt
@@ -54,7 +54,7 @@ def write_adapter(
         if not torch.isfinite(tensor).all():
             raise PipelineError(f"refusing to write adapter {path}: tensor {name} holds NaN/inf values")
     with atomic.replace_dir(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME))
+        atomic.save_tensors(tensors, tmp / WEIGHTS_NAME)
         digest = hashlib.sha256((tmp / WEIGHTS_NAME).read_bytes()).hexdigest()
         meta = {
             "format_version": FORMAT_VERSION,

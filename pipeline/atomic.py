@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -119,6 +120,31 @@ def disk_full_message(exc: OSError) -> str | None:
         f"{what} writing {path} ({free} on that file system): free space there (or choose another --output_dir) and "
         "run the same command to resume; the last complete checkpoint and finished results are intact"
     )
+
+
+@contextmanager
+def full_disk_as_oserror(path: str | os.PathLike):
+    """safetensors reports a full disk as its own error ("I/O error: No space left on device (os error 28)"), which
+    no `except OSError` catches, so a checkpoint written on a full disk ended in a traceback (found by a real full
+    tmpfs, tests/test_interrupts.py; #21). Inside, such an error is raised as OSError(ENOSPC or EDQUOT, path)."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if found and int(found.group(1)) in FULL:
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from exc
+        raise
+
+
+def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' `save_file` (contiguous copies), a full disk raised as OSError (`full_disk_as_oserror`)."""
+    from safetensors.torch import save_file
+
+    with full_disk_as_oserror(path):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
 @contextmanager

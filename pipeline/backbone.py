@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import logs
+from pipeline import atomic, logs
 from pipeline.engine import gathered, sharded_construction
 from pipeline.errors import PipelineError
 from pipeline.resources import MODEL_KINDS, model_location, shipped_model_hint
@@ -243,7 +243,8 @@ def materialized_random(model: str, seed: int, overrides: dict | None, cache_dir
     from safetensors.torch import save_model
 
     net.config.save_pretrained(work)
-    save_model(net, str(work / "model.safetensors"))
+    with atomic.full_disk_as_oserror(work / "model.safetensors"):
+        save_model(net, str(work / "model.safetensors"))
     tokenizer.save_pretrained(work)
     try:
         os.rename(work, target)

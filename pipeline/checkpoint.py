@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline import atomic, distributed
 from pipeline.errors import PipelineError
@@ -79,7 +79,7 @@ class Checkpoints:
                 "world_size": distributed.world_size(),
             }
             with atomic.explain_disk_full(), atomic.replace_dir(self.root / tag) as tmp:
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
+                atomic.save_tensors(tensors, tmp / TENSORS)
                 (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
                 return {name: _sha256(tmp / name) for name in (TENSORS, "state.json")}
 

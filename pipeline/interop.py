@@ -346,10 +346,8 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path, base_model_name_or
     peft_config = _peft_config(config, base, _task_type_for(base, meta, explicit=bool(base_model_name_or_path)))
     out = Path(out_dir)
     _check_out_dir(out, Path(adapter_dir))
-    from safetensors.torch import save_file
-
     with atomic.replace_dir(out) as tmp:
-        save_file({"prompt_embeddings": prompt.contiguous()}, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        atomic.save_tensors({"prompt_embeddings": prompt}, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
     return out
 

@@ -13,6 +13,7 @@ only to the job's log file (`<output_dir>/job.log`; a recipe's own lines to `<ou
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -166,6 +167,13 @@ class _FileOnceTheFolderExists(logging.Handler):
             else:
                 self.stream.write(line)
                 self.stream.flush()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                self.handleError(record)
+                return
+            # a full disk: say so once and keep logging to the console (a traceback per record otherwise, #21)
+            self.stream, self.emit = None, lambda record: None
+            print(f"warning: disk full writing {self.path}: the job's log goes on on the console only", file=sys.stderr)
         except Exception:  # noqa: BLE001 -- logging must never break the job
             self.handleError(record)
 

@@ -219,8 +219,6 @@ def save_adapter(
 ) -> None:
     """Gather on every rank; rank 0 writes PEFT's `adapter_config.json` + `adapter_model.safetensors` (what
     `PeftModel.from_pretrained` reads) and our `dept_adapter.json`, atomically."""
-    from safetensors.torch import save_file
-
     tensors = adapter_tensors(peft_model)
     if rank != 0:
         return
@@ -228,7 +226,7 @@ def save_adapter(
         if not torch.isfinite(tensor).all():
             raise PipelineError(f"refusing to write adapter {path}: tensor {name} holds NaN/inf values")
     with atomic.replace_dir(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        atomic.save_tensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         peft_model.peft_config[ADAPTER_NAME].save_pretrained(str(tmp))
         meta = {
             "method": "lora",

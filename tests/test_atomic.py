@@ -35,3 +35,21 @@ def test_a_swap_cut_between_its_two_renames_is_recovered(tmp_path):
     (old / "weights").write_bytes(b"1")
     atomic.recover_dir(target)
     assert (target / "weights").read_bytes() == b"1" and not old.exists()
+
+
+def test_a_full_disk_reported_by_safetensors_becomes_an_oserror_naming_the_path(tmp_path):
+    """safetensors raises its own error for a full disk (#21): inside `full_disk_as_oserror` it is the OSError every
+    `except OSError` (and the one-line `disk full` message) handles; other errors pass unchanged."""
+    import errno
+
+    import torch
+
+    target = tmp_path / "trainable.safetensors"
+    with pytest.raises(OSError) as full, atomic.full_disk_as_oserror(target):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert full.value.errno == errno.ENOSPC and full.value.filename == str(target)
+    assert atomic.disk_full_message(full.value).startswith(f"disk full writing {target}")
+    with pytest.raises(RuntimeError, match="os error 13"), atomic.full_disk_as_oserror(target):
+        raise RuntimeError("I/O error: Permission denied (os error 13)")
+    atomic.save_tensors({"a": torch.ones(2, 3).t()}, target)  # a non-contiguous tensor is fine
+    assert target.stat().st_size > 0

@@ -61,3 +61,30 @@ def test_a_long_loop_says_how_far_it_is_and_a_short_one_says_nothing(caplog, mon
     with caplog.at_level(logging.INFO, logger="pipeline.evaluation"):
         list(logs.progress(list(range(10)), "validation", rows=300))
     assert not caplog.records
+
+
+def test_a_full_disk_under_the_job_log_is_said_once_and_logging_goes_on(tmp_path, capsys):
+    """#21: a log file that cannot grow (ENOSPC) must not print a traceback for every record."""
+    import errno
+
+    from pipeline.logs import _FileOnceTheFolderExists
+
+    handler = _FileOnceTheFolderExists(tmp_path / "job.log")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "step %d", (1,), None)
+    handler.emit(record)
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    handler.stream = Full()
+    for _ in range(3):
+        handler.emit(record)
+    err = capsys.readouterr().err
+    assert err.count("disk full writing") == 1 and "Traceback" not in err and "Logging error" not in err
+    assert (tmp_path / "job.log").read_text() == "step 1\n"
+    handler.close()

@@ -1,6 +1,7 @@
 """Preemption from outside, as schedulers and users do it: SIGTERM to one rank of a 2-rank job (the others follow
 at the same step), SIGTERM to a recipe (its MLflow run KILLED, then continued by the re-run with one value per
-step), SIGKILL after a default job's first time-based checkpoint, a second launch on a running job's folder. #21"""
+step), SIGKILL after a default job's first time-based checkpoint, a second launch on a running job's folder, a real
+file system that fills up mid-run. #21"""
 
 from __future__ import annotations
 
@@ -184,3 +185,38 @@ def test_a_second_launch_on_a_running_jobs_folder_is_refused_and_a_killed_one_bl
     run(cmd, timeout=600)
     assert json.loads((out / "results.json").read_text())["history"][-1]["step"] == 60
     print(f"second launch refused in {refused_in:.1f} s")
+
+
+def test_a_real_full_disk_stops_the_job_in_one_line_and_the_rerun_resumes(tiny_models, toy_task, tmp_path):
+    """The output folder on a real 8 MiB tmpfs that fills up mid-run (tests/test_interrupts.py fakes ENOSPC with a
+    hook; this found what the hook could not: safetensors reports a full disk as its own error, and a checkpoint
+    written then ended in a traceback). One `error: disk full writing ...` line, exit 2, the last complete
+    checkpoint intact, and once there is room the same command resumes from it to a complete history."""
+    assert os.geteuid() == 0, "this test mounts a tmpfs: run it as root (CI does)"
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
+    try:
+        out = disk / "out"
+        cmd = tiny_job(tiny_models["t5"], toy_task, out, "--save_every", "20", steps=200)
+        job = start(cmd, tmp_path)
+        wait_for(lambda: logged_steps(out / "metrics.jsonl") >= 25, job)  # after the step-20 checkpoint
+        filler = disk / "filler"
+        with open(filler, "wb") as handle, pytest.raises(OSError, match="No space left"):
+            while True:
+                handle.write(b"\0" * 2**20)
+                handle.flush()
+        assert job.wait(timeout=300) == 2
+        output = (tmp_path / "out.txt").read_text()
+        errors = [line for line in output.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and errors[0].startswith("error: disk full writing "), output[-3000:]
+        assert "run the same command to resume" in errors[0] and "MiB free" in errors[0]
+        assert "Traceback" not in output and "Logging error" not in output, output[-3000:]
+        tag = (out / "checkpoints" / "latest").read_text().strip()
+        assert (out / "checkpoints" / tag / "complete").exists()
+        filler.unlink()
+        resumed = run(cmd)
+        assert f"resumed from step {int(tag.split('-')[1])}" in resumed.stdout + resumed.stderr
+        assert [h["step"] for h in read_results(out)["history"]] == list(range(1, 201))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
