@@ -244,3 +244,55 @@ def test_a_failing_worker_stops_the_run_in_one_line_naming_its_log(tmp_path):
         for pid in pids:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_worker_at_a_step_with_a_checkpoint_and_the_rerun_resumes(tmp_path):
+    """#21 under `--parallel 2`: SIGINT to the run's process group (what Ctrl-C in a terminal does) stops both
+    workers at a step boundary with a checkpoint and their one line, the run exits 130 and leaves no process, and the
+    same command resumes both jobs and finishes the run."""
+    import signal
+
+    recipe = write_recipe(tmp_path, "ctrlc", steps=200)
+    out = tmp_path / "ctrlc"
+    args = ["run", str(recipe), "--parallel=2", "--tracking.enabled=false"]
+    inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=REPO,
+        env={**inherited, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    sources = [out / "source", out / "source-pt"]
+
+    def steps_logged(job: Path) -> int:
+        path = job / "metrics.jsonl"
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    deadline = time.monotonic() + 300
+    while not all(steps_logged(job) >= 4 for job in sources):  # both past their first checkpoint (step 5)
+        assert launcher.poll() is None and time.monotonic() < deadline, "the source jobs did not start"
+        time.sleep(0.2)
+    os.killpg(launcher.pid, signal.SIGINT)
+    said = finish(launcher, timeout=120)
+    assert launcher.returncode == 130, said[-3000:]
+    stopped = {}
+    for log in sorted((out / "workers").glob("worker-*.log")):
+        lines = [line for line in log.read_text().splitlines() if line.startswith("interrupted at step ")]
+        assert len(lines) == 1 and "checkpoint written" in lines[0], (log, lines)
+        stopped[log.name] = int(lines[0].split()[3])
+    assert len(stopped) == 2 and all(5 <= step < 200 for step in stopped.values()), stopped
+    for pids in attempts(out).values():  # no worker left behind
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    resumed = run(args, timeout=900)
+    assert "error" not in resumed.stderr.lower(), resumed.stderr[-3000:]
+    for job in sources:
+        assert "resumed from step" in (job / "job.log").read_text()
+        history = json.loads((job / "results.json").read_text())["history"]
+        assert [h["step"] for h in history] == list(range(2, 201, 2))
+    assert (out / "summary.json").exists()
