@@ -31,9 +31,21 @@ train: {{batch_size: 8, warmup_steps: 2, log_every: 1}}
 data: {{eval_mode: score, max_eval_rows: 8}}
 tracking: {{uri: "{uri}", experiment: outage}}
 stages:
-  - {{name: first, tasks: [syn-source-animal], train: {{steps: 1200}}}}
-  - {{name: second, tasks: [syn-warm-animal], train: {{steps: 100}}}}
+  - {{name: first, tasks: [syn-source-animal], train: {{steps: {first}}}}}
+  - {{name: second, tasks: [syn-warm-animal], train: {{steps: {second}}}}}
 """
+
+
+def tracked_recipe(tiny_models, tmp_path: Path, first: int, second: int) -> tuple[Path, int, str, Path, Path]:
+    """The two-job recipe tracked on a free 127.0.0.1 port: (the server's folder, port, URI, output dir, recipe)."""
+    root = tmp_path / "server"
+    root.mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    out = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(model=tiny_models["t5"], out=out, uri=uri, first=first, second=second))
+    return root, port, uri, out, recipe
 
 
 def serve(root: Path, port: int) -> subprocess.Popen:
@@ -59,16 +71,23 @@ def stop(server: subprocess.Popen) -> None:
     server.wait(timeout=60)
 
 
-def test_the_tracking_server_goes_away_mid_run_and_the_history_ends_complete(tiny_models, tmp_path):
+def finished_children(uri: str, steps: dict[str, int]) -> dict:
+    """The recipe's child runs by stage, every run FINISHED and each child's loss logged once per step 1..steps."""
     from mlflow.tracking import MlflowClient
 
-    root = tmp_path / "server"
-    root.mkdir()
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    out = tmp_path / "run"
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE.format(model=tiny_models["t5"], out=out, uri=uri))
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+    children = {r.data.tags["dept.stage"]: r for r in runs if r.data.tags.get("dept.role") == "child"}
+    assert set(children) == set(steps)
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.data.tags, r.info.status) for r in runs]
+    for name, last in steps.items():
+        logged = sorted(m.step for m in client.get_metric_history(children[name].info.run_id, "loss"))
+        assert logged == list(range(1, last + 1)), (name, logged)
+    return children
+
+
+def test_the_tracking_server_goes_away_mid_run_and_the_history_ends_complete(tiny_models, tmp_path):
+    root, port, uri, out, recipe = tracked_recipe(tiny_models, tmp_path, first=1200, second=100)
     server = serve(root, port)
     job = start(["run", str(recipe)], tmp_path, env={"DEPT_TRACKING_PROBE_S": "2"})
     first, second = out / "first" / "metrics.jsonl", out / "second" / "metrics.jsonl"
@@ -106,13 +125,7 @@ def test_the_tracking_server_goes_away_mid_run_and_the_history_ends_complete(tin
     try:
         synced = run(["sync-tracking", str(out)])
         assert "sent" in synced.stdout and not (out / "second" / PENDING_FILE).exists()
-        client = MlflowClient(uri)
-        runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
-        children = {r.data.tags["dept.stage"]: r for r in runs if r.data.tags.get("dept.role") == "child"}
-        assert all(r.info.status == "FINISHED" for r in runs), [(r.data.tags, r.info.status) for r in runs]
-        for name, steps in (("first", 1200), ("second", 100)):
-            history = client.get_metric_history(children[name].info.run_id, "loss")
-            assert sorted(m.step for m in history) == list(range(1, steps + 1)), (name, sorted(m.step for m in history))
+        finished_children(uri, {"first": 1200, "second": 100})
     finally:
         stop(server)
     print(
@@ -125,16 +138,7 @@ def test_a_job_that_starts_while_the_server_is_away_runs_and_gets_its_run_later(
     without an MLflow run (one warning; it used to wait through MLflow's retries and fail), the recipe ends 0, and
     the same command run again once the server is back creates the second job's run from its folder (the loss
     curve, validation and test) and sends the first job's kept records."""
-    from mlflow.tracking import MlflowClient
-
-    root = tmp_path / "server"
-    root.mkdir()
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    out = tmp_path / "run"
-    recipe = tmp_path / "recipe.yaml"
-    text = RECIPE.format(model=tiny_models["t5"], out=out, uri=uri)
-    recipe.write_text(text.replace("steps: 1200", "steps: 150").replace("steps: 100", "steps: 30"))
+    root, port, uri, out, recipe = tracked_recipe(tiny_models, tmp_path, first=150, second=30)
     server = serve(root, port)
     job = start(["run", str(recipe)], tmp_path, env={"DEPT_TRACKING_PROBE_S": "2"})
     first = out / "first" / "metrics.jsonl"
@@ -155,15 +159,7 @@ def test_a_job_that_starts_while_the_server_is_away_runs_and_gets_its_run_later(
     try:
         again = run(["run", str(recipe)])
         assert "runs without its MLflow run" not in again.stdout + again.stderr
-        client = MlflowClient(uri)
-        runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
-        children = {r.data.tags["dept.stage"]: r for r in runs if r.data.tags.get("dept.role") == "child"}
-        assert set(children) == {"first", "second"}
-        assert all(r.info.status == "FINISHED" for r in runs), [(r.data.tags, r.info.status) for r in runs]
-        for name, steps in (("first", 150), ("second", 30)):
-            history = client.get_metric_history(children[name].info.run_id, "loss")
-            assert sorted(m.step for m in history) == list(range(1, steps + 1)), (name, sorted(m.step for m in history))
-        second = children["second"].data
+        second = finished_children(uri, {"first": 150, "second": 30})["second"].data
         result = json.loads((out / "second" / "results.json").read_text())
         assert second.metrics["test_score"] == pytest.approx(result["test_score"], abs=1e-4)
         assert any(key.startswith("eval_") for key in second.metrics), sorted(second.metrics)
