@@ -46,6 +46,16 @@ def local_rank() -> int:
     return int(value) if value.isdigit() else 0
 
 
+def local_world_size() -> int:
+    """How many ranks run on this node: LOCAL_WORLD_SIZE (torchrun), else LOCAL_SIZE (the deepspeed launcher, which
+    sets no LOCAL_WORLD_SIZE: a 2-rank node counted as 1 in memory checks), else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
 def _shared():
     """torch.distributed when answers must travel between ranks (a group of several ranks), else None."""
     dist = _group()

@@ -140,7 +140,7 @@ def cpu_threads(requested: int | None, backbone_params: int) -> int:
     if backbone_params < ONE_THREAD_BELOW_PARAMS:
         return 1
     cores = len(os.sched_getaffinity(0))
-    share = cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    share = cores // distributed.local_world_size()
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         share = int(os.environ["OMP_NUM_THREADS"])
     idle = round(cores - os.getloadavg()[0])
@@ -469,7 +469,7 @@ def free_memory_bytes() -> tuple[int, int]:
         return int(free), 1
     with open("/proc/meminfo") as info:
         kib = next(int(line.split()[1]) for line in info if line.startswith("MemAvailable:"))
-    return kib * 1024, max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return kib * 1024, distributed.local_world_size()
 
 
 def whole_model_fits(module: torch.nn.Module, fraction: float | None = None) -> tuple[bool, str]:

@@ -32,7 +32,16 @@ from pipeline.errors import PipelineError
 from pipeline.recipe import Job
 
 WORKERS_LOG = "workers.log"  # in each job folder: one line per attempt, which process ran it
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK")
+LAUNCH_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "LOCAL_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CROSS_RANK",
+)
 SMALL_BACKBONE_BYTES = 400_000_000  # ~100M fp32 parameters: engine.ONE_THREAD_BELOW_PARAMS, from the weights' size
 
 

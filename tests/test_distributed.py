@@ -77,3 +77,14 @@ def test_gradients_are_averaged_over_two_real_ranks_in_their_own_dtypes(tmp_path
         assert torch.equal(grads["fp32"], torch.tensor([1.5, 3.0, 4.5]))
         assert grads["bf16"].dtype == torch.bfloat16 and torch.equal(grads["bf16"].float(), torch.tensor([6.0, 12.0]))
         assert torch.equal(grads["unused"], torch.tensor([1.0, 2.0]))
+
+
+def test_the_ranks_on_this_node_come_from_torchrun_or_the_deepspeed_launcher(monkeypatch):
+    """torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE only (memory per rank was shared by 1)."""
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    assert distributed.local_world_size() == 1
+    monkeypatch.setenv("LOCAL_SIZE", "4")  # deepspeed.launcher.launch
+    assert distributed.local_world_size() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun
+    assert distributed.local_world_size() == 2
