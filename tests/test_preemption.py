@@ -151,7 +151,8 @@ def test_sigterm_to_a_recipe_marks_its_mlflow_run_killed_and_the_rerun_continues
 
 def test_a_default_job_killed_after_its_first_time_based_checkpoint_resumes_from_it(tiny_models, toy_task, tmp_path):
     out = tmp_path / "out"
-    cmd = tiny_job(tiny_models["t5"], toy_task, out, "--save_every_minutes", "0.01", steps=60)  # every 0.6 s
+    # a checkpoint every 0.6 s; 400 steps (60 ended before the first one on an idle machine: ~90 steps/s)
+    cmd = tiny_job(tiny_models["t5"], toy_task, out, "--save_every_minutes", "0.01", steps=400)
     job = start(cmd, tmp_path)
     latest = out / "checkpoints" / "latest"
     warmup_end = "step-00000002"
@@ -161,7 +162,7 @@ def test_a_default_job_killed_after_its_first_time_based_checkpoint_resumes_from
     step = int(latest.read_text().strip().split("-")[1])
     resumed = run(cmd)
     assert f"resumed from step {step}" in resumed.stdout + resumed.stderr
-    assert [h["step"] for h in read_results(out)["history"]] == list(range(1, 61))
+    assert [h["step"] for h in read_results(out)["history"]] == list(range(1, 401))
 
 
 def test_a_second_launch_on_a_running_jobs_folder_is_refused_and_a_killed_one_blocks_nothing(
