@@ -22,6 +22,21 @@ def _group():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
+# What a launcher (deepspeed, torchrun, engine.init_distributed for a bare python) sets to place a process in its
+# world: a process that starts a world of its own (a --parallel worker, a spawned job, a test's subprocess) drops them.
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "LOCAL_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+)
+
+
 def rank() -> int:
     """This process's global rank: the launcher's RANK (equal to the process group's), else the group's, else 0."""
     value = os.environ.get("RANK", "").strip()

@@ -28,20 +28,11 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import distributed
 from pipeline.errors import PipelineError
 from pipeline.recipe import Job
 
 WORKERS_LOG = "workers.log"  # in each job folder: one line per attempt, which process ran it
-LAUNCH_ENV = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "LOCAL_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "CROSS_RANK",
-)
 SMALL_BACKBONE_BYTES = 400_000_000  # ~100M fp32 parameters: engine.ONE_THREAD_BELOW_PARAMS, from the weights' size
 
 
@@ -126,7 +117,7 @@ def worker_count(value: object, jobs: list[Job], world_size: int, cores: int, gp
 
 def worker_env(index: int, count: int, cores: int, gpus: list[str]) -> dict[str, str]:
     """Worker `index` of `count`: its share of the machine, and no launcher variables (its own world)."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCHER_VARIABLES}
     env["OMP_NUM_THREADS"] = str(max(1, cores // count))
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.distributed import LAUNCHER_VARIABLES  # what a test's subprocess drops (tests import it from here)
+
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Task data: DEPT_DATA_DIR when set (CI: ../shared/data), else ../shared/data when it is there, else the few dozen
@@ -55,19 +57,6 @@ if "DEPT_DATA_DIR" not in os.environ:
 def _cache(tmp_path_factory):
     """One tokenizer cache for the whole session, shared with the subprocesses the tests launch."""
     os.environ.setdefault("DEPT_CACHE", str(tmp_path_factory.mktemp("dept-cache")))
-
-
-LAUNCHER_VARIABLES = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "LOCAL_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "CROSS_RANK",
-    "CROSS_SIZE",
-)
 
 
 def free_port() -> int:

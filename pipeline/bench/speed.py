@@ -282,7 +282,7 @@ def _startup(args: SpeedArgs, model: str) -> dict:
     if Path(location).is_dir():
         variants[FLOOR] = []
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for k in distributed.LAUNCHER_VARIABLES:
         env.pop(k, None)  # the child is a process of its own
     for run in range(args.startup_runs):
         names = list(variants)
