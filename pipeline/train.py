@@ -28,7 +28,7 @@ from pipeline.config import DEFAULT_M, DEFAULT_R, DEFAULT_S, JobConfig
 from pipeline.data import collate, global_batch, row_lengths, rows_at, training_rows
 from pipeline.dept import DeptConfig, rank_for_budget
 from pipeline.errors import PipelineError
-from pipeline.faults import fault, nan_at
+from pipeline.faults import fault, hold, nan_at
 from pipeline.interop import read_any_adapter
 from pipeline.model import DePTModel, init_dept_prompt
 
@@ -287,6 +287,7 @@ def train(
             fault("DEPT_FAULT_RAISE_AT_STEP", done, rank)
             fault("DEPT_FAULT_HANG_AT_STEP", done, rank)
             fault("DEPT_FAULT_SIGNAL_AT_STEP", done, rank)
+            hold(done, rank)
 
     if evaluator and not opts.eval_every:
         _validate(trainer.module, evaluator, opts.steps, state, out, save_adapter, callbacks)

@@ -45,6 +45,20 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
+def holds(tmp_path: Path, *steps: int) -> dict[str, str]:
+    """The environment that holds a job after each of `steps` until `release` (pipeline.faults.hold)."""
+    (tmp_path / "holds").mkdir(exist_ok=True)
+    return {"DEPT_FAULT_HOLD_AT_STEPS": ",".join(map(str, steps)), "DEPT_FAULT_HOLD_DIR": str(tmp_path / "holds")}
+
+
+def held_at(tmp_path: Path, step: int, proc: subprocess.Popen) -> None:
+    wait_for(lambda: (tmp_path / "holds" / f"held-{step}").exists(), proc)
+
+
+def release(tmp_path: Path, step: int) -> None:
+    (tmp_path / "holds" / f"release-{step}").touch()
+
+
 def logged_steps(metrics: Path) -> int:
     return len(metrics.read_text().splitlines()) if metrics.exists() else 0
 
@@ -127,10 +141,10 @@ def test_sigterm_to_a_recipe_marks_its_mlflow_run_killed_and_the_rerun_continues
     recipe = tmp_path / "recipe.yaml"
     db = tmp_path / "mlflow.db"
     recipe.write_text(RECIPE.format(model=tiny_models["t5"], out=tmp_path / "run", db=db))
-    metrics = tmp_path / "run" / "source" / "metrics.jsonl"
-    job = start(["run", str(recipe)], tmp_path)
-    wait_for(lambda: logged_steps(metrics) >= 3, job)
+    job = start(["run", str(recipe)], tmp_path, env=holds(tmp_path, 3))  # 16 steps last 0.2 s on an idle machine
+    held_at(tmp_path, 3, job)
     job.send_signal(signal.SIGTERM)
+    release(tmp_path, 3)
     finish(job, grace=60)
     output = (tmp_path / "out.txt").read_text()
     assert job.returncode == 143 and len(interrupted_lines(output)) == 1, output[-3000:]
@@ -200,13 +214,14 @@ def test_a_real_full_disk_stops_the_job_in_one_line_and_the_rerun_resumes(tiny_m
     try:
         out = disk / "out"
         cmd = tiny_job(tiny_models["t5"], toy_task, out, "--save_every", "20", steps=200)
-        job = start(cmd, tmp_path)
-        wait_for(lambda: logged_steps(out / "metrics.jsonl") >= 25, job)  # after the step-20 checkpoint
+        job = start(cmd, tmp_path, env=holds(tmp_path, 25))
+        held_at(tmp_path, 25, job)  # after the step-20 checkpoint
         filler = disk / "filler"
         with open(filler, "wb") as handle, pytest.raises(OSError, match="No space left"):
             while True:
                 handle.write(b"\0" * 2**20)
                 handle.flush()
+        release(tmp_path, 25)
         assert job.wait(timeout=300) == 2
         output = (tmp_path / "out.txt").read_text()
         errors = [line for line in output.splitlines() if line.startswith("error")]
