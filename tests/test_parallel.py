@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import LAUNCHER_VARIABLES, REPO, run
-from support import raises_one_line
+from support import holds, raises_one_line, release
 
 from pipeline import workers
 from pipeline.recipe import load_recipe, plan
@@ -260,7 +260,7 @@ def test_ctrl_c_stops_every_worker_at_a_step_with_a_checkpoint_and_the_rerun_res
     launcher = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", *args],
         cwd=REPO,
-        env={**inherited, "PYTHONUNBUFFERED": "1"},
+        env={**inherited, "PYTHONUNBUFFERED": "1", **holds(tmp_path, 10)},  # both wait after step 10 until released
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -277,6 +277,7 @@ def test_ctrl_c_stops_every_worker_at_a_step_with_a_checkpoint_and_the_rerun_res
         assert launcher.poll() is None and time.monotonic() < deadline, "the source jobs did not start"
         time.sleep(0.2)
     os.killpg(launcher.pid, signal.SIGINT)
+    release(tmp_path, 10)
     said = finish(launcher, timeout=120)
     assert launcher.returncode == 130, said[-3000:]
     stopped = {}

@@ -17,6 +17,7 @@ import psutil
 import pytest
 import torch
 from conftest import LAUNCHER_VARIABLES, REPO, free_port, read_results, run
+from support import held_at, holds, release
 from test_reliability import args as tiny_job  # the same tiny T5 job (with dropout) the reliability tests run
 
 from pipeline.adapters import read_adapter
@@ -43,20 +44,6 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
         assert proc.poll() is None, f"exited {proc.returncode} before the fault could be injected"
         assert time.monotonic() < deadline, "timed out waiting to inject the fault"
         time.sleep(0.05)
-
-
-def holds(tmp_path: Path, *steps: int) -> dict[str, str]:
-    """The environment that holds a job after each of `steps` until `release` (pipeline.faults.hold)."""
-    (tmp_path / "holds").mkdir(exist_ok=True)
-    return {"DEPT_FAULT_HOLD_AT_STEPS": ",".join(map(str, steps)), "DEPT_FAULT_HOLD_DIR": str(tmp_path / "holds")}
-
-
-def held_at(tmp_path: Path, step: int, proc: subprocess.Popen) -> None:
-    wait_for(lambda: (tmp_path / "holds" / f"held-{step}").exists(), proc)
-
-
-def release(tmp_path: Path, step: int) -> None:
-    (tmp_path / "holds" / f"release-{step}").touch()
 
 
 def logged_steps(metrics: Path) -> int:

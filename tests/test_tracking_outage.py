@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, run
-from test_preemption import held_at, holds, logged_steps, release, start, wait_for
+from support import held_at, holds, release
+from test_preemption import logged_steps, start, wait_for
 
 from pipeline.tracking import PENDING_FILE, check_reachable
 

@@ -12,6 +12,10 @@ Scripts (each also runs on its own; its docstring says how):
 
 from __future__ import annotations
 
+import subprocess
+import time
+from pathlib import Path
+
 import pytest
 
 from pipeline.errors import PipelineError
@@ -67,3 +71,23 @@ def job_results(jobs) -> dict:
             bonus = 10.0 if job.meta["start"] == "source" else 0.0
             results[job.key] = {"test_score": scores[job.meta["seed"]] + bonus + job.meta["k"]}
     return results
+
+
+def holds(tmp_path: Path, *steps: int) -> dict[str, str]:
+    """The environment that holds a job after each of `steps` until `release` (pipeline.faults.hold): the tests act
+    at a known step instead of racing a job that a fast machine finishes first."""
+    (tmp_path / "holds").mkdir(exist_ok=True)
+    return {"DEPT_FAULT_HOLD_AT_STEPS": ",".join(map(str, steps)), "DEPT_FAULT_HOLD_DIR": str(tmp_path / "holds")}
+
+
+def held_at(tmp_path: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until the job `proc` runs is held after `step`."""
+    deadline = time.monotonic() + timeout
+    while not (tmp_path / "holds" / f"held-{step}").exists():
+        assert proc.poll() is None, f"exited {proc.returncode} before step {step}"
+        assert time.monotonic() < deadline, f"not at step {step} within {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+def release(tmp_path: Path, step: int) -> None:
+    (tmp_path / "holds" / f"release-{step}").touch()
