@@ -13,13 +13,14 @@ only to the job's log file (`<output_dir>/job.log`; a recipe's own lines to `<ou
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
+
+from pipeline import atomic
 
 VERBOSE_ENV = "DEPT_VERBOSE"
 OURS = ("pipeline", "dept")
@@ -154,8 +155,11 @@ class _FileOnceTheFolderExists(logging.Handler):
     def __init__(self, path: Path):
         super().__init__(logging.INFO)
         self.path, self.pending, self.stream = path, [], None
+        self.disk_full = False  # said once; from then on the console alone has the job's lines
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.disk_full:
+            return
         try:
             line = self.format(record) + "\n"
             if self.stream is None and self.path.parent.is_dir():
@@ -168,11 +172,15 @@ class _FileOnceTheFolderExists(logging.Handler):
                 self.stream.write(line)
                 self.stream.flush()
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno not in atomic.FULL:
                 self.handleError(record)
                 return
             # a full disk: say so once and keep logging to the console (a traceback per record otherwise, #21)
-            self.stream, self.emit = None, lambda record: None
+            self.disk_full, self.pending = True, []
+            if self.stream is not None:
+                with contextlib.suppress(OSError):  # its buffer cannot be flushed either
+                    self.stream.close()
+                self.stream = None
             print(f"warning: disk full writing {self.path}: the job's log goes on on the console only", file=sys.stderr)
         except Exception:  # noqa: BLE001 -- logging must never break the job
             self.handleError(record)
