@@ -61,7 +61,7 @@ def run_speed(args: SpeedArgs) -> dict | None:
         if world == 1:
             results["models"][model] = _one_process(args, model)
         else:
-            results["models"][model] = _ranks(args, model, rank)
+            results["models"][model] = _ranks(args, model)
     if rank != 0:
         return None
     table = speed_table(results)
@@ -106,24 +106,7 @@ def _one_process(args: SpeedArgs, model: str) -> dict:
         ),
     }
     train_rows, eval_rows = _rows(args, backbone)
-    pad = backbone.tokenizer.pad_token_id
-    steps = {name: [] for name in trainers}
-    losses = {name: [] for name in trainers}
-    for round_ in range(args.warmup + args.steps):
-        ids = global_batch(len(train_rows), args.batch_size, round_, args.seed)
-        batch = collate([train_rows[i] for i in ids], pad, backbone.is_encoder_decoder)
-        names = list(trainers)
-        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-            trainer = trainers[name]
-            trainer.train()
-            tick = time.perf_counter()
-            loss = trainer.forward(batch)
-            trainer.backward(loss)
-            trainer.step()
-            seconds = time.perf_counter() - tick
-            if round_ >= args.warmup:
-                steps[name].append(seconds)
-                losses[name].append(loss.item())
+    steps, losses = _step_rounds(args, trainers, train_rows, backbone)
     modules = {
         "evaluator, stage 0": trainers["dept train (stage 0)"].module,
         "evaluator, ZeRO-3 gathered once": trainers["ZeRO-3 engine"].module,
@@ -138,6 +121,33 @@ def _one_process(args: SpeedArgs, model: str) -> dict:
         "eval": {"reference": "plain generate loop", "seconds": evals, "rows": len(eval_rows)},
         "startup": {"reference": FLOOR if FLOOR in startup else "dept train (stage 0)", "seconds": startup},
     }
+
+
+def _step_rounds(args: SpeedArgs, trainers: dict, train_rows: list[dict], backbone) -> tuple[dict, dict]:
+    """({trainer: step seconds}, {trainer: losses}) over --steps rounds after --warmup, the trainers in a rotating
+    order each round, all on the same global batch, each rank its share of it; a step's time is the slowest
+    rank's and its loss the mean over the ranks (on one process: its own)."""
+    pad = backbone.tokenizer.pad_token_id
+    rank, world = distributed.rank(), distributed.world_size()
+    steps = {name: [] for name in trainers}
+    losses = {name: [] for name in trainers}
+    for round_ in range(args.warmup + args.steps):
+        ids = global_batch(len(train_rows), args.batch_size, round_, args.seed)[rank::world]
+        batch = collate([train_rows[i] for i in ids], pad, backbone.is_encoder_decoder)
+        names = list(trainers)
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            trainer = trainers[name]
+            trainer.train()
+            distributed.barrier()
+            tick = time.perf_counter()
+            loss = trainer.forward(batch)
+            trainer.backward(loss)
+            trainer.step()
+            seconds = _slowest_rank(time.perf_counter() - tick)
+            if round_ >= args.warmup:
+                steps[name].append(seconds)
+                losses[name].append(distributed.mean_over_ranks(loss.item()))
+    return steps, losses
 
 
 def _eval_rounds(args: SpeedArgs, modules: dict, rows: list[dict], backbone) -> dict:
@@ -188,7 +198,7 @@ def _slowest_rank(seconds: float) -> float:
     return max(distributed.gather_objects([seconds]))
 
 
-def _ranks(args: SpeedArgs, model: str, rank: int) -> dict:
+def _ranks(args: SpeedArgs, model: str) -> dict:
     """Several ranks: the step of ZeRO-3 vs `--sharding replicate`; evaluation on the backbone built sharded,
     gathered once vs per layer."""
     world = distributed.world_size()
@@ -201,25 +211,7 @@ def _ranks(args: SpeedArgs, model: str, rank: int) -> dict:
         trainers[name] = engine.training_engine(net, groups, ds, 0.0, 0, 10**9)
     torch.set_num_threads(engine.cpu_threads(None, engine.count_params(backbone.model)[1]))
     train_rows, eval_rows = _rows(args, backbone)
-    pad = backbone.tokenizer.pad_token_id
-    steps = {name: [] for name in trainers}
-    losses = {name: [] for name in trainers}
-    for round_ in range(args.warmup + args.steps):
-        ids = global_batch(len(train_rows), args.batch_size, round_, args.seed)[rank::world]  # this rank's half
-        batch = collate([train_rows[i] for i in ids], pad, backbone.is_encoder_decoder)
-        names = list(trainers)
-        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-            trainer = trainers[name]
-            trainer.train()
-            distributed.barrier()
-            tick = time.perf_counter()
-            loss = trainer.forward(batch)
-            trainer.backward(loss)
-            trainer.step()
-            seconds = _slowest_rank(time.perf_counter() - tick)
-            if round_ >= args.warmup:
-                steps[name].append(seconds)
-                losses[name].append(distributed.mean_over_ranks(loss.item()))
+    steps, losses = _step_rounds(args, trainers, train_rows, backbone)
     module = trainers["ZeRO-3 engine"].module
     modules = {
         "evaluator, ZeRO-3 gathered once": module,
