@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import LAUNCHER_VARIABLES, REPO, run
-from support import holds, raises_one_line, release
+from support import holds, logged_steps, raises_one_line, release
 
 from pipeline import workers
 from pipeline.recipe import load_recipe, plan
@@ -268,12 +268,9 @@ def test_ctrl_c_stops_every_worker_at_a_step_with_a_checkpoint_and_the_rerun_res
     )
     sources = [out / "source", out / "source-pt"]
 
-    def steps_logged(job: Path) -> int:
-        path = job / "metrics.jsonl"
-        return len(path.read_text().splitlines()) if path.exists() else 0
-
     deadline = time.monotonic() + 300
-    while not all(steps_logged(job) >= 4 for job in sources):  # both past their first checkpoint (step 5)
+    # both past their first checkpoint (step 5), and neither past step 10 (held there)
+    while not all(logged_steps(job / "metrics.jsonl") >= 4 for job in sources):
         assert launcher.poll() is None and time.monotonic() < deadline, "the source jobs did not start"
         time.sleep(0.2)
     os.killpg(launcher.pid, signal.SIGINT)

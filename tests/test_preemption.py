@@ -17,7 +17,7 @@ import psutil
 import pytest
 import torch
 from conftest import LAUNCHER_VARIABLES, REPO, free_port, read_results, run
-from support import held_at, holds, release
+from support import held_at, holds, logged_steps, release
 from test_reliability import args as tiny_job  # the same tiny T5 job (with dropout) the reliability tests run
 
 from pipeline.adapters import read_adapter
@@ -44,10 +44,6 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
         assert proc.poll() is None, f"exited {proc.returncode} before the fault could be injected"
         assert time.monotonic() < deadline, "timed out waiting to inject the fault"
         time.sleep(0.05)
-
-
-def logged_steps(metrics: Path) -> int:
-    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
 
 
 def finish(proc: subprocess.Popen, grace: float) -> float:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, run
-from support import held_at, holds, release
-from test_preemption import logged_steps, start, wait_for
+from support import held_at, holds, logged_steps, release
+from test_preemption import start, wait_for
 
 from pipeline.tracking import PENDING_FILE, check_reachable
 

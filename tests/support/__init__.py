@@ -73,6 +73,11 @@ def job_results(jobs) -> dict:
     return results
 
 
+def logged_steps(metrics: Path) -> int:
+    """How many records a job's metrics.jsonl holds so far (0 before it exists)."""
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
 def holds(tmp_path: Path, *steps: int) -> dict[str, str]:
     """The environment that holds a job after each of `steps` until `release` (pipeline.faults.hold): the tests act
     at a known step instead of racing a job that a fast machine finishes first."""
